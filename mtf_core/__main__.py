@@ -1,0 +1,3 @@
+from mtf_core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""`python -m mtf_core ...`: generate, import, validate, info, train, evaluate, compare, bench (DESIGN §6).
+
+Bad input raises LogError, which becomes one line on stderr and its exit code, never a traceback.
+With --json, stdout holds one JSON document and nothing else; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mtf_core.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_UNUSABLE, LogError
+
+__all__ = ["main", "build_parser"]
+
+
+def _progress_bar(desc: str, enabled: bool = True) -> tuple[Callable[[float], None], Callable[[], None]]:
+    """A tqdm bar on stderr driven by fractions in [0, 1]."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, file=sys.stderr, disable=not enabled or not sys.stderr.isatty(),
+               bar_format="{l_bar}{bar}| {elapsed}")
+
+    def update(fraction: float) -> None:
+        bar.n = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        bar.refresh()
+
+    return update, bar.close
+
+
+def _emit(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mtf_core.simulate import SimConfig, generate
+
+    if args.users < 1 or args.candidates < 2 or not 1 <= args.shown <= args.candidates:
+        raise LogError("generate: need --users >= 1, --candidates >= 2 and 1 <= --shown <= --candidates")
+    config = SimConfig(n_users=args.users, seed=args.seed, n_candidates=args.candidates, n_shown=args.shown,
+                       logging_concentration=args.concentration)
+    update, close = _progress_bar("simulating")
+    start = time.perf_counter()
+    try:
+        out = generate(config, args.out, force=args.force, progress=update)
+    finally:
+        close()
+    from mtf_core.store import log_info
+
+    info = log_info(out)
+    tables = info["tables"]
+    print(f"wrote {out}: {tables['requests']} requests, {tables['impressions']} impressions, "  # type: ignore[index]
+          f"{tables['users']} users in {time.perf_counter() - start:.1f}s")  # type: ignore[index]
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from mtf_core.schema import validate
+    from mtf_core.store import import_log, open_log, read_mapping
+
+    sources = {t: getattr(args, t) for t in ("users", "requests", "impressions", "items", "sessions")
+               if getattr(args, t)}
+    out = import_log(sources, args.out, read_mapping(args.mapping), args.tasks, force=args.force)
+    con = open_log(out)
+    try:
+        problems = validate(con)
+    finally:
+        con.close()
+    print(f"wrote {out}")
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from mtf_core.schema import validate
+    from mtf_core.store import open_log
+
+    con = open_log(args.log)
+    try:
+        problems = validate(con)
+    except duckdb.Error as exc:
+        raise LogError(f"{args.log}: cannot be validated ({str(exc).splitlines()[0]})") from exc
+    finally:
+        con.close()
+    if args.json:
+        _emit({"log": args.log, "ok": not problems, "problems": [
+            {"table": p.table, "column": p.column, "kind": p.kind, "message": p.message, "examples": list(p.examples)}
+            for p in problems]})
+    elif problems:
+        print(f"{args.log}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        print(f"{args.log}: valid")
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from mtf_core.store import log_info
+
+    info = log_info(args.log)
+    if args.json:
+        _emit(info)
+        return EXIT_OK
+    print(f"log: {args.log}")
+    for table, n in info["tables"].items():  # type: ignore[attr-defined]
+        print(f"  {table:<12} {n:>10} rows")
+    for key in ("tasks", "segments", "time_range"):
+        if key in info:
+            print(f"{key}: {info[key]}")
+    meta = info.get("meta", {})
+    if meta:
+        print(f"source: {meta.get('source')}  created: {meta.get('created_at')}")  # type: ignore[union-attr]
+    return EXIT_OK
+
+
+def _evaluation_inputs(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from mtf_core.evaluate import check_log_for_evaluation, prepare
+    from mtf_core.reward import load_reward_spec
+    from mtf_core.store import load_log
+
+    log = load_log(args.log)
+    check_log_for_evaluation(log)
+    spec = load_reward_spec(args.reward, log.task_names)
+    return log, prepare(log, spec)
+
+
+def _evaluate_one(ctx, text: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from mtf_core.evaluate import evaluate_policy, policy_for_truth, target_actions
+    from mtf_core.policies.resolve import resolve_policy
+
+    policy, label = resolve_policy(text, ctx.log, args.runs)
+    stochastic = not getattr(args, "deterministic", False)
+    actions = target_actions(policy, ctx.log, label, stochastic=stochastic, seed=args.seed)
+    truth_fn = None if policy is None else policy_for_truth(policy, actions.stochastic)
+    return evaluate_policy(ctx, actions, k=args.k, n_boot=args.n_boot, seed=args.seed, truth_policy=truth_fn)
+
+
+def _ci(row: dict[str, object]) -> str:
+    v, lo, hi = row.get("value"), row.get("ci_low"), row.get("ci_high")
+    if v is None:
+        return "n/a"
+    return f"{v:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else f"{v:.4f}"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _, ctx = _evaluation_inputs(args)
+    result = _evaluate_one(ctx, args.policy, args)
+    if args.json:
+        _emit(result.to_json())
+        return EXIT_OK
+    print(f"policy {result.policy} on {result.log} ({result.n_requests} requests)")
+    if result.ground_truth:
+        print(f"  simulator truth      {_ci(result.ground_truth)}")
+    for row in result.ope:
+        if row["segment"] is None:
+            ess = f"  ess={row['ess']:.0f}" if row.get("ess") is not None else ""
+            print(f"  {row['estimator']:<20} {_ci(row)}{ess}")
+    for row in result.metrics:
+        if row["segment"] is None:
+            name = f"{row['name']} {row['task'] or 'reward'}"
+            print(f"  {name:<20} {_ci(row)}")
+    if result.bandwidth is not None:
+        print(f"  kernel bandwidth {result.bandwidth:.4f} (deterministic target, kernelised ratios)")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return EXIT_OK
+
+
+def _headline(result) -> dict[str, dict[str, object]]:  # type: ignore[no-untyped-def]
+    rows = {f"truth": result.ground_truth} if result.ground_truth else {}
+    rows.update({r["estimator"]: r for r in result.ope if r["segment"] is None})
+    rows.update({f"{r['name']}:{r['task'] or 'reward'}": r for r in result.metrics
+                 if r["segment"] is None and r["name"].startswith("ndcg")})
+    return rows
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mtf_core.runs import RunStore
+
+    _, ctx = _evaluation_inputs(args)
+    policies = list(args.policy or [])
+    if not policies:
+        policies = ["logging"] + [f"run:{r.run_id}" for r in RunStore(args.runs).list_runs()
+                                  if r.status == "finished" and r.data_fingerprint == ctx.log.fingerprint]
+    results = [_evaluate_one(ctx, p, args) for p in policies]
+    table = [{"policy": r.policy, "figures": _headline(r)} for r in results]
+    base = table[0]["figures"]
+    for row in table:
+        for name, fig in row["figures"].items():
+            ref = base.get(name)
+            if ref and ref.get("value") and fig.get("value") is not None:
+                fig["lift"] = fig["value"] / ref["value"] - 1.0
+                fig["separated"] = bool(fig["ci_low"] is not None and ref["ci_high"] is not None and (
+                    fig["ci_low"] > ref["ci_high"] or fig["ci_high"] < ref["ci_low"]))
+    if args.json:
+        _emit({"log": args.log, "baseline": table[0]["policy"], "policies": table,
+               "results": [r.to_json() for r in results]})
+        return EXIT_OK
+    names = list(base)
+    print(f"{'figure':<22}" + "".join(f"{row['policy'][:34]:>36}" for row in table))
+    for name in names:
+        cells = []
+        for row in table:
+            fig = row["figures"].get(name, {})
+            if fig.get("value") is None:
+                cells.append(f"{'n/a':>36}")
+                continue
+            lift = f" {fig.get('lift', 0):+.1%}{'*' if fig.get('separated') else ''}" if row is not table[0] else ""
+            cells.append(f"{fig['value']:>10.4f} [{fig['ci_low']:.3f},{fig['ci_high']:.3f}]{lift:>9}")
+        print(f"{name:<22}" + "".join(f"{c:>36}" for c in cells))
+    print("lift: over the first policy; * = the 95% intervals do not overlap")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mtf_core", description="MTF Lab: multi-task fusion policies")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="simulate a session log (the embedded default data)")
+    p.add_argument("--out", required=True, help="DuckDB file to write")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--candidates", type=int, default=20, help="candidates per request (N)")
+    p.add_argument("--shown", type=int, default=6, help="items shown per request (L)")
+    p.add_argument("--concentration", type=float, default=40.0, help="logging Dirichlet concentration")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("import", help="build a log from CSV/Parquet files, one per table")
+    for table in ("users", "requests", "impressions"):
+        p.add_argument(f"--{table}", required=True, help=f"CSV or Parquet file for the {table} table")
+    for table in ("items", "sessions", "tasks"):
+        p.add_argument(f"--{table}", help=f"optional CSV or Parquet file for the {table} table")
+    p.add_argument("--mapping", help="JSON column mapping {'tables': {...}, 'tasks': [...]}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("validate", help="check a log; exit 0 clean, 1 problems, 2 unusable")
+    p.add_argument("log")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("info", help="tables, row counts, tasks, segments, time range")
+    p.add_argument("log")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    for name, func, helptext in (("evaluate", cmd_evaluate, "metrics, off-policy estimates and truth"),
+                                 ("compare", cmd_compare, "policies side by side")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("log")
+        if name == "evaluate":
+            p.add_argument("--policy", required=True, help="logging | static:TASK=W,... | run:RUN_ID")
+        else:
+            p.add_argument("--policy", action="append", help="repeat; default: logging and every finished run")
+        p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
+        p.add_argument("--runs", default="runs", help="run store folder")
+        p.add_argument("--k", type=int, default=None, help="NDCG cut-off (default: items shown)")
+        p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--deterministic", action="store_true",
+                       help="evaluate a stochastic policy's mean weights (kernelised ratios)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    _add_later_commands(sub)
+    return parser
+
+
+def _add_later_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    try:
+        from mtf_core.cli_train import add_commands
+    except ImportError:
+        return
+    add_commands(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE

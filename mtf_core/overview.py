@@ -1,0 +1,59 @@
+"""Summary tables of a log for the Data page: feedback per segment and position, sessions, scores."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+
+from mtf_core.schema import quote_ident, read_tasks
+from mtf_core.store import open_log
+
+__all__ = ["LogOverview", "log_overview"]
+
+_SCORE_SAMPLE = 20_000
+
+
+@dataclass(frozen=True)
+class LogOverview:
+    """Long-format frames ready for the plot builders."""
+
+    feedback_by_segment_position: pd.DataFrame  # segment, position, task, rate
+    session_lengths: pd.DataFrame  # segment, n_requests, n_sessions
+    score_sample: pd.DataFrame  # task, score (a uniform sample of candidates)
+    label_correlation: pd.DataFrame  # task x task Pearson correlation of labels on shown items
+    segment_sizes: pd.DataFrame  # segment, n_users, n_requests
+
+
+def log_overview(path: str | os.PathLike[str], seed: int = 0) -> LogOverview:
+    """Aggregate a log with DuckDB (one pass per figure; nothing loops over rows in Python)."""
+    con = open_log(path)
+    try:
+        tasks = [t.name for t in read_tasks(con)]
+        y = [quote_ident("y_" + t) for t in tasks]
+        rates = ", ".join(f"avg({c}) AS {quote_ident(t)}" for c, t in zip(y, tasks))
+        fb = con.execute(
+            f"SELECT u.segment, i.position, {rates} FROM impressions i JOIN requests r ON i.request_id = r.request_id "
+            f"JOIN users u ON u.user_id = r.user_id WHERE i.position IS NOT NULL GROUP BY ALL ORDER BY ALL"
+        ).df()
+        feedback = fb.melt(id_vars=["segment", "position"], var_name="task", value_name="rate")
+        lengths = con.execute(
+            "SELECT u.segment, s.n_requests, count(*) AS n_sessions FROM sessions s JOIN users u "
+            "ON u.user_id = s.user_id GROUP BY ALL ORDER BY ALL"
+        ).df()
+        s_cols = ", ".join(f"{quote_ident('s_' + t)} AS {quote_ident(t)}" for t in tasks)
+        scores = con.execute(
+            f"SELECT {s_cols} FROM impressions USING SAMPLE reservoir({_SCORE_SAMPLE} ROWS) REPEATABLE ({int(seed)})"
+        ).df().melt(var_name="task", value_name="score")
+        labels = con.execute(
+            f"SELECT {', '.join(f'{c} AS {quote_ident(t)}' for c, t in zip(y, tasks))} FROM impressions "
+            f"WHERE position IS NOT NULL USING SAMPLE reservoir(200000 ROWS) REPEATABLE ({int(seed)})"
+        ).df()
+        sizes = con.execute(
+            "SELECT u.segment, count(DISTINCT u.user_id) AS n_users, count(r.request_id) AS n_requests "
+            "FROM users u LEFT JOIN requests r ON r.user_id = u.user_id GROUP BY ALL ORDER BY ALL"
+        ).df()
+    finally:
+        con.close()
+    return LogOverview(feedback, lengths, scores, labels.astype(float).corr(), sizes)

@@ -1,0 +1,171 @@
+"""Plotly figure builders: data in, `go.Figure` out. One colour per task and per policy across the app."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+__all__ = [
+    "task_colour",
+    "policy_colour",
+    "feedback_by_position",
+    "session_length_histogram",
+    "score_distributions",
+    "correlation_heatmap",
+    "segment_sizes",
+    "forest_plot",
+    "reward_distribution",
+    "reward_shares",
+    "training_curves",
+    "segment_mean_weights",
+    "beta_marginals",
+    "ternary_density",
+    "weights_vs_feature",
+    "estimator_vs_truth",
+    "ratio_histogram",
+]
+
+_TASK_PALETTE = px.colors.qualitative.Set2
+_POLICY_PALETTE = px.colors.qualitative.D3
+_TEMPLATE = "plotly_white"
+
+
+def task_colour(task: str, tasks: Sequence[str]) -> str:
+    """The same colour for a task on every page (its index in the log's task order)."""
+    return _TASK_PALETTE[list(tasks).index(task) % len(_TASK_PALETTE)] if task in tasks else "#888888"
+
+
+def policy_colour(index: int) -> str:
+    return _POLICY_PALETTE[index % len(_POLICY_PALETTE)]
+
+
+def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
+    fig.update_layout(title=title, template=_TEMPLATE, height=height, margin=dict(l=40, r=20, t=60, b=40),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0))
+    return fig
+
+
+def feedback_by_position(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
+    """Feedback rate per shown position, one panel per segment, one line per task."""
+    fig = px.line(df, x="position", y="rate", color="task", facet_col="segment", markers=True,
+                  color_discrete_map={t: task_colour(t, tasks) for t in tasks})
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    return _layout(fig, "How often users respond, by position shown and segment", 360)
+
+
+def session_length_histogram(df: pd.DataFrame) -> go.Figure:
+    fig = px.bar(df, x="n_requests", y="n_sessions", color="segment", barmode="group")
+    fig.update_xaxes(title="requests per session")
+    fig.update_yaxes(title="sessions")
+    return _layout(fig, "Session lengths by segment")
+
+
+def score_distributions(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
+    fig = px.histogram(df, x="score", color="task", facet_col="task", facet_col_wrap=5, nbins=40,
+                       color_discrete_map={t: task_colour(t, tasks) for t in tasks})
+    fig.update_xaxes(matches=None)
+    fig.update_yaxes(matches=None)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    fig.update_layout(showlegend=False)
+    return _layout(fig, "What the MTL model predicts, per task (sample of candidates)", 320)
+
+
+def correlation_heatmap(corr: pd.DataFrame) -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=corr.values, x=list(corr.columns), y=list(corr.index), zmin=-1, zmax=1,
+                               colorscale="RdBu", text=np.round(corr.values, 2), texttemplate="%{text}"))
+    return _layout(fig, "How the feedback signals move together (shown items)", 360)
+
+
+def segment_sizes(df: pd.DataFrame) -> go.Figure:
+    fig = px.bar(df, x="segment", y=["n_users", "n_requests"], barmode="group")
+    return _layout(fig, "Users and requests per segment", 300)
+
+
+def forest_plot(rows: pd.DataFrame, label: str, title: str) -> go.Figure:
+    """Point estimates with 95% intervals; rows need `label`, value, ci_low, ci_high and `policy`."""
+    fig = go.Figure()
+    for i, (policy, part) in enumerate(rows.groupby("policy", sort=False)):
+        fig.add_trace(go.Scatter(
+            x=part["value"], y=part[label], mode="markers", name=str(policy),
+            marker=dict(color=policy_colour(i), size=9),
+            error_x=dict(type="data", symmetric=False, array=(part["ci_high"] - part["value"]).fillna(0),
+                         arrayminus=(part["value"] - part["ci_low"]).fillna(0)),
+        ))
+    fig.update_layout(scattermode="group")
+    return _layout(fig, title, max(300, 40 * rows[label].nunique() + 120))
+
+
+def reward_distribution(df: pd.DataFrame) -> go.Figure:
+    """Per-request composite reward per segment (columns segment, reward)."""
+    fig = px.violin(df, x="segment", y="reward", color="segment", box=True, points=False)
+    fig.update_layout(showlegend=False)
+    return _layout(fig, "Composite reward per request, by segment (logged actions)")
+
+
+def reward_shares(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
+    """Each signal's share of the immediate reward per segment (columns segment, task, share)."""
+    fig = px.bar(df, x="segment", y="share", color="task", barmode="stack",
+                 color_discrete_map={t: task_colour(t, tasks) for t in tasks})
+    fig.update_yaxes(tickformat=".0%")
+    return _layout(fig, "Which signals the reward is made of, by segment")
+
+
+def training_curves(history: pd.DataFrame, names: Sequence[str] | None = None) -> go.Figure:
+    """One small panel per metric (columns step, name, value)."""
+    df = history if names is None else history[history["name"].isin(list(names))]
+    if df.empty:
+        return _layout(go.Figure(), "Training curves (no data yet)", 260)
+    fig = px.line(df, x="step", y="value", facet_col="name", facet_col_wrap=4)
+    fig.update_yaxes(matches=None)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    return _layout(fig, "Training curves", 260 * ((df["name"].nunique() + 3) // 4))
+
+
+def segment_mean_weights(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
+    """Mean weight per task and segment with spread across users (columns policy, segment, task, mean, std)."""
+    fig = px.bar(df, x="segment", y="mean", color="task", error_y="std", barmode="group", facet_row="policy",
+                 color_discrete_map={t: task_colour(t, tasks) for t in tasks})
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    return _layout(fig, "Mean fusion weight per segment (bars: ±1 sd across users)", 300 * df["policy"].nunique())
+
+
+def beta_marginals(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
+    """Marginal Beta densities (columns segment, task, x, density)."""
+    fig = px.line(df, x="x", y="density", color="task", facet_col="segment",
+                  color_discrete_map={t: task_colour(t, tasks) for t in tasks})
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    fig.update_xaxes(title="weight")
+    return _layout(fig, "Distribution of each task's weight (Dirichlet marginals)", 340)
+
+
+def ternary_density(samples: np.ndarray, names: Sequence[str], title: str) -> go.Figure:
+    """Samples `[M,3]` of three renormalised weights as a ternary scatter."""
+    fig = go.Figure(go.Scatterternary(a=samples[:, 0], b=samples[:, 1], c=samples[:, 2], mode="markers",
+                                      marker=dict(size=3, opacity=0.35, color="#1f77b4")))
+    fig.update_layout(ternary=dict(aaxis_title=names[0], baxis_title=names[1], caxis_title=names[2]))
+    return _layout(fig, title, 420)
+
+
+def weights_vs_feature(df: pd.DataFrame, feature: str, tasks: Sequence[str]) -> go.Figure:
+    """Mean weight per task over bins of a user feature (columns bin_mid, task, weight)."""
+    fig = px.line(df, x="bin_mid", y="weight", color="task", markers=True,
+                  color_discrete_map={t: task_colour(t, tasks) for t in tasks})
+    fig.update_xaxes(title=feature)
+    return _layout(fig, f"How the weights move with {feature}")
+
+
+def estimator_vs_truth(df: pd.DataFrame) -> go.Figure:
+    """Each estimator's value and CI per policy against the simulator's truth (columns policy, estimator, ...)."""
+    return forest_plot(df.rename(columns={"estimator": "label"}), "label",
+                       "Off-policy estimates against the simulator's truth")
+
+
+def ratio_histogram(ratios: np.ndarray, title: str = "Importance ratios (log10)") -> go.Figure:
+    r = np.log10(np.clip(ratios[np.isfinite(ratios)], 1e-12, None))
+    fig = go.Figure(go.Histogram(x=r, nbinsx=60))
+    fig.update_xaxes(title="log10 ratio")
+    return _layout(fig, title, 300)

@@ -1,0 +1,475 @@
+"""The embedded default: a seeded user simulator that writes session logs and evaluates policies online.
+
+Model (all vectorised over sessions; the only Python loop runs over the steps of a session):
+- users belong to segments (new, casual, core, power) that differ in latent taste, in how strongly item
+  relevance drives each task, and in what satisfies them (`satisfaction` weights per task), so the best
+  fusion weights differ by segment, and by user through the latent taste that `uf_f*` features reveal;
+- each request draws N candidates; the true probability of each event given an examination is
+  click: sigmoid(a + g * <u, v_click>), then like/finish/share conditional on a click, and watch time
+  (minutes) after a click; the MTL scores are noisy, biased predictions of those per-impression rates;
+- the top L of the fused ranking are shown; examination falls with position as (1 + p) ** -decay;
+- a session continues with a probability that rises with an exponential average of recent satisfaction,
+  and its `returned` flag depends on the session's mean satisfaction (long-term != myopic);
+- the logging policy draws the weights from a Dirichlet around per-segment base weights.
+
+Common random numbers: every random draw of (session, step) comes from a generator keyed by
+(seed, step) and is drawn for all sessions, active or not, so any policy run online meets the same users,
+candidates, prediction noise and feedback uniforms as the log. `run_online(config, policy)` is the ground
+truth; run with the logging policy it reproduces the log exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mtf_core.fusion import fuse, rank_positions
+from mtf_core.policies.base import StateBatch, context_features
+from mtf_core.schema import Task
+
+__all__ = [
+    "SimConfig",
+    "SimTables",
+    "OnlineOutcome",
+    "SIM_TASKS",
+    "simulate",
+    "run_online",
+    "logging_policy_fn",
+    "position_curve",
+    "PolicyFn",
+]
+
+SIM_TASKS = (
+    Task("click", "binary", "opened the item"),
+    Task("like", "binary", "liked the item"),
+    Task("finish", "binary", "watched to the end (long view)"),
+    Task("share", "binary", "shared the item"),
+    Task("watch_time", "continuous", "minutes watched"),
+)
+_K = len(SIM_TASKS)
+
+PolicyFn = Callable[[StateBatch], torch.Tensor]
+
+
+def _t(rows: list[list[float]]) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in r) for r in rows)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything that defines a simulated log; stored as JSON in `meta.simulator_config` for replay."""
+
+    n_users: int = 2000
+    n_items: int = 5000
+    sessions_per_user: int = 6
+    n_candidates: int = 20
+    n_shown: int = 6
+    max_steps: int = 30
+    seed: int = 0
+    latent_dim: int = 8
+    logging_concentration: float = 40.0
+    """Total Dirichlet concentration of the logging policy: higher explores less."""
+    position_decay: float = 0.8
+    segment_names: tuple[str, ...] = ("new", "casual", "core", "power")
+    segment_shares: tuple[float, ...] = (0.2, 0.35, 0.3, 0.15)
+    logging_weights: tuple[tuple[float, ...], ...] = _t([[0.6, 0.08, 0.07, 0.05, 0.2]] * 4)
+    """Per segment, the logging policy's mean weights (click, like, finish, share, watch_time): a legacy,
+    click- and watch-time-heavy blend, as production systems often start from."""
+    satisfaction: tuple[tuple[float, ...], ...] = _t(
+        [[1.0, 0.3, 1.0, 0.5, 0.2], [0.8, 0.5, 0.8, 1.0, 0.3], [0.3, 1.0, 1.2, 1.5, 0.5], [0.2, 1.5, 0.8, 3.0, 0.5]]
+    )
+    """Per segment, how much each observed signal satisfies the user (drives continuation and return)."""
+    task_gain: tuple[tuple[float, ...], ...] = _t(
+        [[1.6, 0.6, 1.4, 0.4, 1.0], [1.2, 1.0, 1.0, 1.0, 1.0], [0.8, 1.4, 1.2, 1.4, 1.2], [0.6, 1.6, 1.0, 2.0, 1.2]]
+    )
+    """Per segment, how strongly user-item relevance moves each task's logit."""
+    task_offset: tuple[tuple[float, ...], ...] = _t(
+        [[-1.6, -2.2, -1.0, -4.0, 0.0], [-1.2, -1.8, -0.8, -3.4, 0.0], [-1.0, -1.4, -0.6, -3.0, 0.0], [-0.8, -1.2, -0.6, -2.6, 0.0]]
+    )
+    score_noise: tuple[float, ...] = (0.35, 0.6, 0.45, 0.8, 0.4)
+    """Per task, the MTL prediction noise (std in logit space, or log space for watch time)."""
+    score_bias: tuple[float, ...] = (0.1, -0.2, 0.0, 0.3, -0.1)
+    continue_base: tuple[float, ...] = (-0.65, 0.05, 0.0, -0.3)
+    continue_slope: float = 0.5
+    return_base: tuple[float, ...] = (-2.2, -1.8, -1.6, -1.5)
+    return_slope: float = 0.6
+    start: str = "2026-01-05T00:00:00"
+
+    def __post_init__(self) -> None:
+        s = len(self.segment_names)
+        checks = {
+            "n_users": self.n_users >= 1, "n_items": self.n_items >= self.n_candidates,
+            "sessions_per_user": self.sessions_per_user >= 1, "n_candidates": self.n_candidates >= 2,
+            "n_shown": 1 <= self.n_shown <= self.n_candidates, "max_steps": self.max_steps >= 1,
+            "logging_concentration": self.logging_concentration > 0,
+            "segment tables": all(len(t) == s for t in (self.segment_shares, self.logging_weights, self.satisfaction,
+                                                          self.task_gain, self.task_offset, self.continue_base,
+                                                          self.return_base)),
+            "task tables": all(len(r) == _K for r in (*self.logging_weights, *self.satisfaction, *self.task_gain,
+                                                       *self.task_offset, self.score_noise, self.score_bias)),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid simulator config: {', '.join(bad)}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SimConfig":
+        raw = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"simulator config has unknown fields: {sorted(unknown)}")
+        def freeze(v: object) -> object:
+            return tuple(freeze(x) for x in v) if isinstance(v, list) else v
+        return cls(**{k: freeze(v) for k, v in raw.items()})
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t.name for t in SIM_TASKS)
+
+    @property
+    def sorted_segments(self) -> tuple[str, ...]:
+        return tuple(sorted(self.segment_names))
+
+
+def position_curve(config: SimConfig, n_positions: int | None = None) -> np.ndarray:
+    """Examination probability per 0-based position: (1 + p) ** -decay."""
+    n = config.n_shown if n_positions is None else n_positions
+    return (1.0 + np.arange(n)) ** (-config.position_decay)
+
+
+@dataclass(frozen=True)
+class _World:
+    """The static part of the simulation: users and items."""
+
+    user_segment: np.ndarray  # (U,) index into config.segment_names
+    user_latent: np.ndarray  # (U, D)
+    user_features: dict[str, np.ndarray]
+    item_latent: np.ndarray  # (I, K, D) task-specific item directions
+    item_bias: np.ndarray  # (I, K)
+    item_length: np.ndarray  # (I,) mean watch minutes
+    item_features: dict[str, np.ndarray]
+    session_user: np.ndarray  # (S,)
+    session_start: np.ndarray  # (S,) seconds after config.start
+
+
+def _build_world(config: SimConfig) -> _World:
+    rng = np.random.default_rng([config.seed, 0])
+    n_seg, d = len(config.segment_names), config.latent_dim
+    shares = np.asarray(config.segment_shares) / np.sum(config.segment_shares)
+    segment = rng.choice(n_seg, size=config.n_users, p=shares)
+    seg_centre = rng.normal(0.0, 0.7, size=(n_seg, d))
+    latent = seg_centre[segment] + rng.normal(0.0, 1.0, size=(config.n_users, d))
+    projection = rng.normal(0.0, 1.0 / np.sqrt(d), size=(d, 4))
+    seg_rank = segment / max(n_seg - 1, 1)
+    user_features = {
+        "activity": seg_rank * 2.0 + rng.normal(0.0, 0.5, config.n_users),
+        "tenure_days": np.round(np.exp(1.0 + 4.0 * seg_rank + rng.normal(0.0, 0.6, config.n_users))),
+        **{f"f{j}": latent @ projection[:, j] + rng.normal(0.0, 0.3, config.n_users) for j in range(4)},
+    }
+    base = rng.normal(0.0, 1.0, size=(config.n_items, d))
+    item_latent = base[:, None, :] * 0.5 + rng.normal(0.0, 0.85, size=(config.n_items, _K, d))
+    # Clickbait: items that draw clicks but fewer likes, finishes and shares, so click-heavy fusion costs.
+    clickbait = rng.normal(0.0, 1.0, config.n_items)
+    item_bias = rng.normal(0.0, 0.5, size=(config.n_items, _K)) + np.outer(clickbait, [1.0, -0.9, -1.1, -0.9, 0.0])
+    item_length = np.exp(rng.normal(0.0, 0.5, config.n_items))
+    item_projection = rng.normal(0.0, 1.0 / np.sqrt(d), size=(d, 2))
+    item_features = {
+        "length": item_length,
+        "popularity": item_bias.mean(1) + rng.normal(0.0, 0.2, config.n_items),
+        "f0": base @ item_projection[:, 0],
+        "f1": base @ item_projection[:, 1],
+    }
+    session_user = np.repeat(np.arange(config.n_users), config.sessions_per_user)
+    day = np.tile(np.arange(config.sessions_per_user), config.n_users)
+    session_start = day * 86400.0 + rng.uniform(6 * 3600, 23 * 3600, size=session_user.shape[0])
+    return _World(segment, latent, user_features, item_latent, item_bias, item_length, item_features,
+                  session_user, session_start)
+
+
+@dataclass
+class _StepDraws:
+    """Common random numbers of one step, drawn for every session."""
+
+    cand_base: np.ndarray
+    cand_stride: np.ndarray
+    score_noise: np.ndarray  # (S, N, K)
+    feedback_u: np.ndarray  # (S, N, 4) click, like, finish, share
+    watch_z: np.ndarray  # (S, N)
+    continue_u: np.ndarray  # (S,)
+    logging_gamma_u: np.ndarray  # (S, K) uniforms turned into Gamma draws by inverse CDF
+
+
+def _draws(config: SimConfig, n_sessions: int, step: int) -> _StepDraws:
+    rng = np.random.default_rng([config.seed, 1, step])
+    n, k = config.n_candidates, _K
+    strides = _coprime_strides(config.n_items)
+    return _StepDraws(
+        cand_base=rng.integers(0, config.n_items, n_sessions),
+        cand_stride=strides[rng.integers(0, len(strides), n_sessions)],
+        score_noise=rng.standard_normal((n_sessions, n, k), dtype=np.float32),
+        feedback_u=rng.random((n_sessions, n, 4), dtype=np.float32),
+        watch_z=rng.standard_normal((n_sessions, n), dtype=np.float32),
+        continue_u=rng.random(n_sessions),
+        logging_gamma_u=rng.random((n_sessions, k)),
+    )
+
+
+def _coprime_strides(n_items: int) -> np.ndarray:
+    cand = np.arange(1, min(n_items, 4000))
+    return cand[np.gcd(cand, n_items) == 1]
+
+
+def _return_uniforms(config: SimConfig, n_sessions: int) -> np.ndarray:
+    return np.random.default_rng([config.seed, 2]).random(n_sessions)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _conditional_probs(config: SimConfig, world: _World, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """`(A, N, K)`: P(click | examined), then P(like | click), P(finish | click), P(share | click), unused."""
+    seg = world.user_segment[users]
+    u = world.user_latent[users]  # (A, D)
+    relevance = np.einsum("ad,ankd->ank", u, world.item_latent[items]) / np.sqrt(config.latent_dim)
+    gain = np.asarray(config.task_gain)[seg][:, None, :]
+    offset = np.asarray(config.task_offset)[seg][:, None, :]
+    return _sigmoid(offset + gain * relevance + world.item_bias[items])
+
+
+def _true_rates(world: _World, items: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-impression expected signal given examination, `(A, N, K)`: click, like, finish, share, watch."""
+    click = p[..., 0]
+    watch = click * world.item_length[items] * (0.35 + 0.65 * p[..., 2]) * np.exp(0.045)
+    return np.stack([click, click * p[..., 1], click * p[..., 2], click * p[..., 3], watch], axis=-1)
+
+
+def _mtl_scores(config: SimConfig, rates: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Noisy, biased predictions of `rates`: logit-space noise for binary tasks, log-space for watch time."""
+    sigma, bias = np.asarray(config.score_noise), np.asarray(config.score_bias)
+    binary = np.clip(rates[..., :4], 1e-6, 1 - 1e-6)
+    logits = np.log(binary) - np.log1p(-binary) + bias[:4] + sigma[:4] * noise[..., :4]
+    watch = rates[..., 4] * np.exp(bias[4] + sigma[4] * noise[..., 4] - 0.5 * sigma[4] ** 2)
+    return np.concatenate([_sigmoid(logits), watch[..., None]], axis=-1).astype(np.float32)
+
+
+def _feedback(config: SimConfig, world: _World, items: np.ndarray, p: np.ndarray, positions: np.ndarray,
+              draws_u: np.ndarray, watch_z: np.ndarray) -> np.ndarray:
+    """Observed feedback `(A, N, K)` of shown candidates (NaN where not shown)."""
+    shown = positions < config.n_shown
+    exam = np.where(shown, (1.0 + positions) ** (-config.position_decay), 0.0)
+    click = draws_u[..., 0] < exam * p[..., 0]
+    like = click & (draws_u[..., 1] < p[..., 1])
+    finish = click & (draws_u[..., 2] < p[..., 2])
+    share = click & (draws_u[..., 3] < p[..., 3])
+    watch = click * world.item_length[items] * (0.35 + 0.65 * finish) * np.exp(0.3 * watch_z)
+    y = np.stack([click, like, finish, share, watch], axis=-1).astype(np.float32)
+    y[~shown] = np.nan
+    return y
+
+
+def _dirichlet_from_uniforms(alpha: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Dirichlet draws by inverse-CDF Gamma draws, so a draw depends only on its own uniforms."""
+    from scipy.special import gammaincinv
+
+    g = gammaincinv(alpha, np.clip(u, 1e-12, 1 - 1e-12))
+    return g / g.sum(-1, keepdims=True)
+
+
+def logging_alpha(config: SimConfig) -> np.ndarray:
+    """Dirichlet concentration of the logging policy per segment (config order), `(S, K)`."""
+    return np.asarray(config.logging_weights) * config.logging_concentration
+
+
+def logging_policy_fn(config: SimConfig) -> Callable[[StateBatch, np.ndarray], np.ndarray]:
+    """The logging policy as used inside `run_online`: a Dirichlet draw from the step's uniforms."""
+    alpha_by_sorted = logging_alpha(config)[np.argsort(config.segment_names)]
+
+    def act(state: StateBatch, uniforms: np.ndarray) -> np.ndarray:
+        return _dirichlet_from_uniforms(alpha_by_sorted[state.segment.numpy()], uniforms)
+
+    return act
+
+
+@dataclass
+class SimTables:
+    """A simulated log as column arrays, ready for `store.write_log`."""
+
+    config: SimConfig
+    users: dict[str, np.ndarray]
+    items: dict[str, np.ndarray]
+    requests: dict[str, np.ndarray]
+    impressions: dict[str, np.ndarray]
+    sessions: dict[str, np.ndarray]
+
+
+@dataclass
+class OnlineOutcome:
+    """What a policy did online: per request (session-major order) and per session."""
+
+    session: np.ndarray  # (R,) session index
+    step: np.ndarray  # (R,)
+    segment: np.ndarray  # (R,) index into config.sorted_segments
+    weights: np.ndarray  # (R, K) or (R, N, K)
+    feedback_sum: np.ndarray  # (R, K) sum over shown items of y_k
+    expected_sum: np.ndarray  # (R, K) sum over shown of curve[p] * s_k (the direct-method view)
+    continued: np.ndarray  # (R,) bool
+    last: np.ndarray  # (R,) bool
+    returned: np.ndarray  # (R,) bool, the request's session flag
+    detail: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _state(config: SimConfig, world: _World, users: np.ndarray, step: int, prev: np.ndarray,
+           scores: np.ndarray, items: np.ndarray) -> StateBatch:
+    sorted_index = np.argsort(np.argsort(config.segment_names))
+    uf = np.stack([world.user_features[k][users] for k in world.user_features], axis=1).astype(np.float32)
+    itf = np.stack([world.item_features[k][items] for k in world.item_features], axis=-1).astype(np.float32)
+    ctx = context_features(np.full(users.shape[0], step), prev)
+    return StateBatch(
+        user_features=torch.from_numpy(uf),
+        segment=torch.from_numpy(sorted_index[world.user_segment[users]].astype(np.int64)),
+        context=torch.from_numpy(ctx),
+        scores=torch.from_numpy(scores),
+        mask=torch.ones(scores.shape[:2], dtype=torch.bool),
+        item_features=torch.from_numpy(itf),
+        segments=config.sorted_segments,
+    )
+
+
+def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
+         keep_detail: bool = False, progress: Callable[[float], None] | None = None,
+         bias: torch.Tensor | None = None) -> tuple[_World, OnlineOutcome]:
+    """Step all sessions in lockstep. `policy=None` means the logging policy with its CRN draws."""
+    world = _build_world(config)
+    n_sessions = world.session_user.shape[0]
+    active = np.ones(n_sessions, dtype=bool)
+    prev = np.zeros((n_sessions, _K), dtype=np.float32)
+    ema = np.zeros(n_sessions)
+    sat_total = np.zeros(n_sessions)
+    n_req = np.zeros(n_sessions, dtype=np.int64)
+    curve = position_curve(config, config.n_candidates)
+    sat_w, cont_b = np.asarray(config.satisfaction), np.asarray(config.continue_base)
+    logging_act = logging_policy_fn(config)
+    chunks: list[dict[str, np.ndarray]] = []
+    for step in range(config.max_steps):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        d = _draws(config, n_sessions, step)
+        users = world.session_user[idx]
+        items = (d.cand_base[idx, None] + d.cand_stride[idx, None] * np.arange(config.n_candidates)) % config.n_items
+        probs = _conditional_probs(config, world, users, items)
+        scores = _mtl_scores(config, _true_rates(world, items, probs), d.score_noise[idx])
+        state = _state(config, world, users, step, prev[idx], scores, items)
+        if policy is None:
+            weights = logging_act(state, d.logging_gamma_u[idx])
+        else:
+            with torch.no_grad():
+                weights = policy(state).double().numpy()
+        fused = fuse(torch.from_numpy(scores).double(), torch.from_numpy(weights).double(), form, bias=bias)
+        positions = rank_positions(fused).numpy()
+        y = _feedback(config, world, items, probs, positions, d.feedback_u[idx], d.watch_z[idx])
+        shown = positions < config.n_shown
+        y0 = np.nan_to_num(y)
+        feedback_sum = y0.sum(1)
+        expected_sum = (np.where(shown, curve[np.minimum(positions, config.n_candidates - 1)], 0.0)[..., None]
+                        * scores).sum(1)
+        seg = world.user_segment[users]
+        sat = (feedback_sum * sat_w[seg]).sum(1)
+        ema[idx] = np.where(step == 0, sat, 0.5 * ema[idx] + 0.5 * sat)
+        sat_total[idx] += sat
+        n_req[idx] += 1
+        p_cont = _sigmoid(cont_b[seg] + config.continue_slope * ema[idx])
+        cont = (d.continue_u[idx] < p_cont) & (step + 1 < config.max_steps)
+        prev[idx] = (feedback_sum / config.n_shown).astype(np.float32)
+        chunk = {"session": idx, "step": np.full(idx.size, step), "segment": state.segment.numpy(),
+                 "weights": weights, "feedback_sum": feedback_sum, "expected_sum": expected_sum, "continued": cont}
+        if keep_detail:
+            chunk.update({"items": items, "scores": scores, "labels": y, "positions": positions,
+                          "context": state.context.numpy()})
+        chunks.append(chunk)
+        active[idx] = cont
+        if progress is not None:
+            progress(min(1.0, (step + 1) / config.max_steps))
+    returned_u = _return_uniforms(config, n_sessions)
+    seg_s = world.user_segment[world.session_user]
+    mean_sat = sat_total / np.maximum(n_req, 1)
+    returned = returned_u < _sigmoid(np.asarray(config.return_base)[seg_s] + config.return_slope * mean_sat)
+    cat = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    order = np.lexsort((cat["step"], cat["session"]))  # session-major, step-minor
+    cat = {k: v[order] for k, v in cat.items()}
+    outcome = OnlineOutcome(
+        session=cat.pop("session"), step=cat.pop("step"), segment=cat.pop("segment"), weights=cat.pop("weights"),
+        feedback_sum=cat.pop("feedback_sum"), expected_sum=cat.pop("expected_sum"), continued=cat["continued"],
+        last=~cat.pop("continued"), returned=np.zeros(0, dtype=bool), detail=cat,
+    )
+    outcome.returned = returned[outcome.session]
+    outcome.detail["session_returned"] = returned
+    outcome.detail["session_n_requests"] = n_req
+    return world, outcome
+
+
+def run_online(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
+               bias: torch.Tensor | None = None,
+               progress: Callable[[float], None] | None = None) -> OnlineOutcome:
+    """Ground truth: run `policy` (None = the logging policy) in the simulator with the log's random numbers."""
+    return _run(config, policy, form, keep_detail=False, progress=progress, bias=bias)[1]
+
+
+def simulate(config: SimConfig, progress: Callable[[float], None] | None = None) -> SimTables:
+    """Generate a log under the logging policy: column arrays for every table of DESIGN §2."""
+    world, out = _run(config, None, keep_detail=True, progress=progress)
+    det = out.detail
+    n_req, n_cand = out.session.shape[0], config.n_candidates
+    request_id = np.arange(1, n_req + 1, dtype=np.int64)
+    alpha = logging_alpha(config)[np.argsort(config.segment_names)][out.segment]
+    logp = torch.distributions.Dirichlet(torch.from_numpy(alpha)).log_prob(torch.from_numpy(out.weights)).numpy()
+    start = np.datetime64(datetime.fromisoformat(config.start))
+    ts = start + (world.session_start[out.session] * 1e6).astype("timedelta64[us]") + (
+        out.step * 45_000_000).astype("timedelta64[us]")
+    requests = {
+        "request_id": request_id, "session_id": out.session.astype(np.int64) + 1,
+        "user_id": world.session_user[out.session].astype(np.int64) + 1, "step": out.step.astype(np.int32),
+        "ts": ts, **{f"w_{t}": out.weights[:, j] for j, t in enumerate(config.tasks)},
+        "logging_logp": logp, "logging_policy": np.full(n_req, f"dirichlet(c={config.logging_concentration:g})"),
+    }
+    positions = det["positions"].reshape(-1)
+    shown = positions < config.n_shown
+    impressions = {
+        "request_id": np.repeat(request_id, n_cand),
+        "item_id": det["items"].reshape(-1).astype(np.int64) + 1,
+        "position": np.where(shown, positions, -1).astype(np.int32),
+        **{f"s_{t}": det["scores"][..., j].reshape(-1).astype(np.float64) for j, t in enumerate(config.tasks)},
+        **{f"y_{t}": det["labels"][..., j].reshape(-1).astype(np.float64) for j, t in enumerate(config.tasks)},
+    }
+    users = {"user_id": np.arange(1, config.n_users + 1, dtype=np.int64),
+             "segment": np.asarray(config.segment_names, dtype=object)[world.user_segment],
+             **{f"uf_{k}": v.astype(np.float64) for k, v in world.user_features.items()}}
+    items = {"item_id": np.arange(1, config.n_items + 1, dtype=np.int64),
+             **{f"if_{k}": v.astype(np.float64) for k, v in world.item_features.items()}}
+    n_s = world.session_user.shape[0]
+    sessions = {"session_id": np.arange(1, n_s + 1, dtype=np.int64),
+                "user_id": world.session_user.astype(np.int64) + 1,
+                "n_requests": det["session_n_requests"].astype(np.int32),
+                "returned": det["session_returned"]}
+    return SimTables(config, users, items, requests, impressions, sessions)
+
+
+def generate(config: SimConfig, out: str, force: bool = False,
+             progress: Callable[[float], None] | None = None) -> str:
+    """Simulate a log and write it atomically to `out` (a DuckDB file) with its config in `meta`."""
+    from mtf_core.store import simulator_tables, write_log
+
+    tables = simulate(config, progress)
+    meta = {"source": "simulator", "simulator_config": config.to_json()}
+    return str(write_log(out, simulator_tables(tables), SIM_TASKS, meta, force=force))

@@ -1,0 +1,635 @@
+"""Open, create and import DuckDB session logs; load them into dense numpy batches (no per-row Python).
+
+Logs are opened read-only everywhere except in `write_log`/`import_log`, which build a new file under a
+temporary name and rename it into place, so a reader never sees a half-written log and a killed writer
+leaves nothing in place of the requested file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mtf_core.errors import EXIT_PROBLEMS, EXIT_UNUSABLE, LogError
+from mtf_core.policies.base import StateBatch, context_features
+from mtf_core.schema import (
+    IDENTIFIER,
+    SCHEMA_VERSION,
+    TABLES,
+    Task,
+    check_identifier,
+    create_table_sql,
+    quote_ident,
+    read_tasks,
+    table_columns,
+    validate,
+)
+
+__all__ = [
+    "LogData",
+    "open_log",
+    "load_log",
+    "write_log",
+    "log_info",
+    "fingerprint",
+    "import_log",
+    "read_mapping",
+    "temporary_path",
+]
+
+
+def temporary_path(path: Path) -> Path:
+    """A sibling name for building `path` before an atomic rename."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def open_log(path: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
+    """Open a log read-only; a missing file or a file that is not a DuckDB database raises LogError(exit 2)."""
+    p = Path(path)
+    if not p.exists():
+        raise LogError(f"{p}: no such file", EXIT_UNUSABLE)
+    if p.is_dir():
+        raise LogError(f"{p}: is a directory, not a DuckDB log", EXIT_UNUSABLE)
+    try:
+        con = duckdb.connect(str(p), read_only=True)
+        con.execute("SET enable_progress_bar = false")
+        return con
+    except duckdb.Error as exc:
+        first = str(exc).splitlines()[0]
+        raise LogError(f"{p}: not a readable DuckDB database ({first})", EXIT_UNUSABLE) from exc
+
+
+@dataclass(frozen=True)
+class LogData:
+    """A log as dense arrays. R requests (ordered by request_id), N candidate slots, K tasks.
+
+    Candidates of a request fill slots in shown order first, then the unshown ones; `mask` marks real
+    candidates, `positions` holds the shown rank or -1.
+    """
+
+    path: str
+    tasks: tuple[Task, ...]
+    segments: tuple[str, ...]  # sorted names
+    user_feature_names: tuple[str, ...]
+    item_feature_names: tuple[str, ...]
+    request_id: np.ndarray  # (R,) int64
+    session_id: np.ndarray  # (R,) int64
+    user_id: np.ndarray  # (R,) int64
+    step: np.ndarray  # (R,) int64
+    ts: np.ndarray  # (R,) datetime64[us]
+    segment: np.ndarray  # (R,) int64 index into segments
+    user_features: np.ndarray  # (R, F) float32
+    context: np.ndarray  # (R, 1+K) float32
+    weights: np.ndarray  # (R, K) float64, the logged action
+    logging_logp: np.ndarray  # (R,) float64, NaN where unknown
+    scores: np.ndarray  # (R, N, K) float32
+    labels: np.ndarray  # (R, N, K) float32, NaN where not shown
+    positions: np.ndarray  # (R, N) int32, -1 where not shown or padding
+    mask: np.ndarray  # (R, N) bool
+    item_features: np.ndarray  # (R, N, Fi) float32
+    continued: np.ndarray  # (R,) bool: the session has a later request
+    returned: np.ndarray  # (R,) float64: the session's flag, NaN where unknown
+    meta: Mapping[str, str]
+    fingerprint: str
+
+    @property
+    def n_requests(self) -> int:
+        return int(self.request_id.shape[0])
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    @property
+    def shown(self) -> np.ndarray:
+        return self.positions >= 0
+
+    @property
+    def last(self) -> np.ndarray:
+        return ~self.continued
+
+    @property
+    def n_shown(self) -> int:
+        return int(self.positions.max()) + 1 if self.positions.size else 0
+
+    @property
+    def is_simulated(self) -> bool:
+        return self.meta.get("source") == "simulator" and "simulator_config" in self.meta
+
+    def state(self, rows: np.ndarray | slice | None = None) -> StateBatch:
+        """The requests' states as torch tensors (zero-copy views where dtypes allow)."""
+        r = slice(None) if rows is None else rows
+        return StateBatch(
+            user_features=torch.from_numpy(np.ascontiguousarray(self.user_features[r])),
+            segment=torch.from_numpy(np.ascontiguousarray(self.segment[r])),
+            context=torch.from_numpy(np.ascontiguousarray(self.context[r])),
+            scores=torch.from_numpy(np.ascontiguousarray(self.scores[r])),
+            mask=torch.from_numpy(np.ascontiguousarray(self.mask[r])),
+            item_features=torch.from_numpy(np.ascontiguousarray(self.item_features[r])),
+            segments=self.segments,
+        )
+
+    def subset(self, rows: np.ndarray) -> "LogData":
+        """The log restricted to some requests (e.g. a validation split); per-request arrays are indexed."""
+        per_request = {
+            name: getattr(self, name)[rows]
+            for name in ("request_id", "session_id", "user_id", "step", "ts", "segment", "user_features", "context",
+                         "weights", "logging_logp", "scores", "labels", "positions", "mask", "item_features",
+                         "continued", "returned")
+        }
+        return LogData(path=self.path, tasks=self.tasks, segments=self.segments,
+                       user_feature_names=self.user_feature_names, item_feature_names=self.item_feature_names,
+                       meta=self.meta, fingerprint=self.fingerprint, **per_request)
+
+
+def _columns_with_prefix(columns: dict[str, str], prefix: str) -> list[str]:
+    return [c for c in columns if c.startswith(prefix) and IDENTIFIER.match(c)]
+
+
+def fingerprint(con: duckdb.DuckDBPyConnection) -> str:
+    """A short content hash of a log: meta, row counts and order-free hashes of keys and actions."""
+    h = hashlib.sha256()
+    for k, v in con.execute("SELECT key, value FROM meta ORDER BY key").fetchall():
+        if k != "created_at":
+            h.update(f"{k}={v};".encode())
+    for table in ("requests", "impressions", "users"):
+        h.update(str(con.execute(f"SELECT count(*) FROM {quote_ident(table)}").fetchone()).encode())
+    h.update(str(con.execute("SELECT sum(hash(request_id, session_id, user_id)) FROM requests").fetchone()).encode())
+    h.update(str(con.execute("SELECT sum(hash(request_id, item_id, position)) FROM impressions").fetchone()).encode())
+    return h.hexdigest()[:12]
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in con.execute(sql, params or []).fetchnumpy().items()}
+
+
+def _float(a: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """Masked/NULL numeric columns from fetchnumpy -> floats with NaN."""
+    if isinstance(a, np.ma.MaskedArray):
+        return a.astype(dtype).filled(np.nan)
+    return np.asarray(a, dtype=dtype)
+
+
+def _load_requests(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], uf: list[str]) -> dict[str, np.ndarray]:
+    w_cols = ", ".join(f"r.{quote_ident('w_' + t.name)}" for t in tasks)
+    uf_cols = "".join(f", coalesce(u.{quote_ident(c)}, 0)::DOUBLE AS {quote_ident(c)}" for c in uf)
+    prev = ", ".join(
+        f"coalesce(lag(f.{quote_ident('m_' + t.name)}) OVER w, 0) AS {quote_ident('p_' + t.name)}" for t in tasks
+    )
+    means = ", ".join(
+        f"avg({quote_ident('y_' + t.name)}) AS {quote_ident('m_' + t.name)}" for t in tasks
+    )
+    sql = f"""
+        WITH f AS (SELECT request_id, {means} FROM impressions WHERE position IS NOT NULL GROUP BY request_id)
+        SELECT r.request_id, r.session_id, r.user_id, coalesce(r.step, 0)::BIGINT AS step, r.ts, {w_cols},
+               coalesce(r.logging_logp, 'NaN'::DOUBLE) AS logging_logp, u.segment {uf_cols}, {prev},
+               (lead(r.step) OVER w) IS NOT NULL AS continued,
+               coalesce(s.returned::DOUBLE, 'NaN'::DOUBLE) AS returned
+        FROM requests r JOIN users u ON r.user_id = u.user_id
+        LEFT JOIN f ON f.request_id = r.request_id
+        LEFT JOIN sessions s ON s.session_id = r.session_id
+        WINDOW w AS (PARTITION BY r.session_id ORDER BY r.step, r.request_id)
+        ORDER BY r.request_id
+    """
+    return _fetch(con, sql)
+
+
+def _load_candidates(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], itf: list[str],
+                     request_id: np.ndarray) -> dict[str, np.ndarray]:
+    s_cols = ", ".join(f"i.{quote_ident('s_' + t.name)}" for t in tasks)
+    y_cols = ", ".join(f"i.{quote_ident('y_' + t.name)}" for t in tasks)
+    join = "LEFT JOIN items it ON it.item_id = i.item_id" if itf else ""
+    f_cols = "".join(f", coalesce(it.{quote_ident(c)}, 0)::DOUBLE AS {quote_ident(c)}" for c in itf)
+    sql = (f"SELECT i.request_id, coalesce(i.position, -1) AS position, {s_cols}, {y_cols}{f_cols} "
+           f"FROM impressions i {join} ORDER BY i.request_id, i.position NULLS LAST, i.item_id")
+    raw = _fetch(con, sql)
+    rid = np.asarray(raw["request_id"], dtype=np.int64)
+    row = np.searchsorted(request_id, rid)
+    row = np.minimum(row, max(len(request_id) - 1, 0))
+    known = request_id[row] == rid if len(request_id) else np.zeros(len(rid), dtype=bool)
+    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]]) if len(rid) else np.zeros(0, dtype=np.int64)
+    counts = np.diff(np.r_[starts, len(rid)])
+    slot = np.arange(len(rid)) - np.repeat(starts, counts)
+    raw["row"], raw["slot"], raw["known"] = row, slot, known
+    return raw
+
+
+def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | None = None) -> LogData:
+    """Read a whole log into dense arrays. Raises LogError when the log is too broken to use."""
+    con = open_log(path)
+    try:
+        columns = table_columns(con)
+        missing = [t for t in ("tasks", "users", "requests", "impressions") if t not in columns]
+        if missing:
+            raise LogError(f"{path}: not an MTF log, missing tables {missing} (run `validate` for details)")
+        tasks = tuple(read_tasks(con))
+        problems = [p for p in validate_structure_only(con) if p.kind in ("missing_column", "wrong_type")]
+        if problems:
+            raise LogError(f"{path}: cannot load: " + "; ".join(str(p) for p in problems[:5]), EXIT_PROBLEMS)
+        uf = _columns_with_prefix(columns["users"], "uf_")
+        itf = _columns_with_prefix(columns.get("items", {}), "if_")
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall()) if "meta" in columns else {}
+        req = _load_requests(con, tasks, uf)
+        if progress:
+            progress(0.4)
+        request_id = np.asarray(req["request_id"], dtype=np.int64)
+        cand = _load_candidates(con, tasks, itf, request_id)
+        if progress:
+            progress(0.8)
+        fp = fingerprint(con) if "meta" in columns else "unknown"
+    except duckdb.Error as exc:
+        raise LogError(f"{path}: cannot load ({str(exc).splitlines()[0]})", EXIT_PROBLEMS) from exc
+    finally:
+        con.close()
+    return _assemble(str(path), tasks, uf, itf, meta, fp, req, cand)
+
+
+def validate_structure_only(con: duckdb.DuckDBPyConnection) -> list:  # type: ignore[type-arg]
+    from mtf_core.schema import _check_structure
+
+    return _check_structure(con, table_columns(con), read_tasks(con))
+
+
+def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str], meta: dict[str, str], fp: str,
+              req: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> LogData:
+    r, k = len(req["request_id"]), len(tasks)
+    n = int(cand["slot"].max()) + 1 if len(cand["slot"]) else 1
+    keep = cand["known"]
+    row, slot = cand["row"][keep], cand["slot"][keep]
+    scores = np.zeros((r, n, k), dtype=np.float32)
+    labels = np.full((r, n, k), np.nan, dtype=np.float32)
+    for j, t in enumerate(tasks):
+        scores[row, slot, j] = _float(cand["s_" + t.name][keep], np.float32)
+        labels[row, slot, j] = _float(cand["y_" + t.name][keep], np.float32)
+    scores = np.nan_to_num(scores, nan=0.0)
+    positions = np.full((r, n), -1, dtype=np.int32)
+    positions[row, slot] = np.asarray(cand["position"], dtype=np.int32)[keep]
+    labels[positions < 0] = np.nan
+    mask = np.zeros((r, n), dtype=bool)
+    mask[row, slot] = True
+    item_features = np.zeros((r, n, len(itf)), dtype=np.float32)
+    for j, c in enumerate(itf):
+        item_features[row, slot, j] = _float(cand[c][keep], np.float32)
+    segment_names = np.asarray(req["segment"]).astype(str)
+    segments, segment = np.unique(segment_names, return_inverse=True)
+    prev = np.stack([_float(req["p_" + t.name]) for t in tasks], axis=1) if k else np.zeros((r, 0))
+    step = np.asarray(req["step"], dtype=np.int64)
+    ts = req["ts"]
+    ts = ts.filled(np.datetime64("NaT")) if isinstance(ts, np.ma.MaskedArray) else ts
+    return LogData(
+        path=path, tasks=tasks, segments=tuple(str(s) for s in segments),
+        user_feature_names=tuple(c[3:] for c in uf), item_feature_names=tuple(c[3:] for c in itf),
+        request_id=np.asarray(req["request_id"], dtype=np.int64), session_id=np.asarray(req["session_id"], dtype=np.int64),
+        user_id=np.asarray(req["user_id"], dtype=np.int64), step=step, ts=np.asarray(ts).astype("datetime64[us]"),
+        segment=segment.astype(np.int64),
+        user_features=(np.stack([_float(req[c], np.float32) for c in uf], axis=1) if uf
+                       else np.zeros((r, 0), dtype=np.float32)),
+        context=context_features(step, np.nan_to_num(prev)),
+        weights=np.stack([_float(req["w_" + t.name]) for t in tasks], axis=1),
+        logging_logp=_float(req["logging_logp"]), scores=scores, labels=labels, positions=positions, mask=mask,
+        item_features=item_features, continued=np.asarray(req["continued"], dtype=bool),
+        returned=_float(req["returned"]), meta=meta, fingerprint=fp,
+    )
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def _arrow_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    arrays = {}
+    for name, values in columns.items():
+        if name == "position":
+            arrays[name] = pa.array(values, type=pa.int32(), mask=values < 0)
+        elif values.dtype.kind == "f":
+            arrays[name] = pa.array(values, mask=np.isnan(values))
+        elif values.dtype.kind == "O":
+            arrays[name] = pa.array(values.astype(str))
+        else:
+            arrays[name] = pa.array(values)
+    return pa.table(arrays)
+
+
+def write_log(
+    path: str | os.PathLike[str],
+    tables: Mapping[str, dict[str, np.ndarray]],
+    tasks: tuple[Task, ...],
+    meta: Mapping[str, str],
+    force: bool = False,
+) -> Path:
+    """Write a log atomically: build `.name.tmp-PID`, then rename over `path` (only with `force`)."""
+    out = Path(path)
+    if out.exists() and not force:
+        raise LogError(f"{out}: already exists; pass --force to replace it", EXIT_UNUSABLE)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(out)
+    tmp.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            _write_tables(con, tables, tasks, meta)
+        finally:
+            con.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+    return out
+
+
+def _write_tables(con: duckdb.DuckDBPyConnection, tables: Mapping[str, dict[str, np.ndarray]],
+                  tasks: tuple[Task, ...], meta: Mapping[str, str]) -> None:
+    uf = [c[3:] for c in tables["users"] if c.startswith("uf_")]
+    itf = [c[3:] for c in tables.get("items", {}) if c.startswith("if_")]
+    full_meta = {"schema_version": SCHEMA_VERSION, "created_at": datetime.now(timezone.utc).isoformat(), **meta}
+    con.execute("BEGIN")
+    for table in TABLES:
+        if table == "items" and "items" not in tables:
+            continue
+        con.execute(create_table_sql(table, list(tasks), uf, itf))
+    con.executemany("INSERT INTO meta VALUES (?, ?)", list(full_meta.items()))
+    con.executemany("INSERT INTO tasks VALUES (?, ?, ?)", [(t.name, t.kind, t.description) for t in tasks])
+    for table, cols in tables.items():
+        arrow = _arrow_table(cols)  # noqa: F841 (read by DuckDB's replacement scan below)
+        names = ", ".join(quote_ident(c) for c in cols)
+        con.execute(f"INSERT INTO {quote_ident(table)} ({names}) SELECT {names} FROM arrow")
+    con.execute("COMMIT")
+
+
+def log_info(path: str | os.PathLike[str]) -> dict[str, object]:
+    """Tables with row counts, tasks, segments with user/request counts, time range, source."""
+    con = open_log(path)
+    try:
+        columns = table_columns(con)
+        counts = {t: con.execute(f"SELECT count(*) FROM {quote_ident(t)}").fetchone()[0] for t in columns}  # type: ignore[index]
+        info: dict[str, object] = {"path": str(path), "tables": counts}
+        if "meta" in columns:
+            meta = dict(con.execute("SELECT key, value FROM meta WHERE key <> 'simulator_config'").fetchall())
+            info["meta"] = meta
+        if "tasks" in columns:
+            info["tasks"] = [{"name": t.name, "kind": t.kind, "description": t.description} for t in read_tasks(con)]
+        if "users" in columns and "segment" in columns["users"]:
+            seg_sql = "SELECT segment, count(*) FROM users GROUP BY segment ORDER BY segment"
+            info["segments"] = {str(s): int(n) for s, n in con.execute(seg_sql).fetchall()}
+        if "requests" in columns and "ts" in columns["requests"]:
+            lo, hi = con.execute("SELECT min(ts), max(ts) FROM requests").fetchone()  # type: ignore[misc]
+            info["time_range"] = [str(lo), str(hi)]
+        return info
+    except duckdb.Error as exc:
+        raise LogError(f"{path}: cannot read ({str(exc).splitlines()[0]})", EXIT_PROBLEMS) from exc
+    finally:
+        con.close()
+
+
+# --------------------------------------------------------------------------------------------- import
+
+_SOURCE_READERS = {".csv": "read_csv", ".tsv": "read_csv", ".txt": "read_csv", ".parquet": "read_parquet",
+                   ".pq": "read_parquet"}
+_REQUIRED_SOURCE = {
+    "users": ("user_id",),
+    "requests": ("request_id", "session_id", "user_id"),
+    "impressions": ("request_id", "item_id", "position"),
+    "items": ("item_id",),
+    "sessions": ("session_id",),
+}
+
+
+def read_mapping(path: str | os.PathLike[str] | None) -> dict[str, object]:
+    """Load and shape-check a JSON column mapping (DESIGN §2)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise LogError(f"{p}: mapping file not found") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LogError(f"{p}: mapping is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("tables", {}), dict):
+        raise LogError(f"{p}: mapping must be an object with a 'tables' object")
+    for table, renames in raw.get("tables", {}).items():
+        if table not in TABLES or not isinstance(renames, dict):
+            raise LogError(f"{p}: mapping names unknown table {table!r} or is not an object of renames")
+        for src, dst in renames.items():
+            if not isinstance(src, str) or not isinstance(dst, str) or not IDENTIFIER.match(dst):
+                raise LogError(f"{p}: mapping for {table}: target column {dst!r} is not a lowercase identifier")
+    tasks = raw.get("tasks", [])
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and "name" in t for t in tasks):
+        raise LogError(f"{p}: 'tasks' must be a list of objects with 'name' and 'kind'")
+    return raw
+
+
+def _read_source(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> list[str]:
+    """Load one source file into `raw_<table>` (all VARCHAR for CSV, so casts can be checked per row)."""
+    if not path.exists():
+        raise LogError(f"{path}: no such file (given for table {table})")
+    reader = _SOURCE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise LogError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .parquet")
+    if path.stat().st_size == 0:
+        raise LogError(f"{path}: the file is empty (table {table})")
+    args = "header = true, all_varchar = true" if reader == "read_csv" else ""
+    sep = ", " if args else ""
+    try:
+        con.execute(
+            f"CREATE TABLE {quote_ident('raw_' + table)} AS SELECT row_number() OVER () AS __row, * "
+            f"FROM {reader}(?{sep}{args})", [str(path)]
+        )
+    except duckdb.Error as exc:
+        raise LogError(f"{path}: cannot be read as {reader[5:]} ({str(exc).splitlines()[0]})") from exc
+    cols = [r[0] for r in con.execute(f"DESCRIBE {quote_ident('raw_' + table)}").fetchall()][1:]
+    n = con.execute(f"SELECT count(*) FROM {quote_ident('raw_' + table)}").fetchone()[0]  # type: ignore[index]
+    if n == 0:
+        raise LogError(f"{path}: has a header but no rows (table {table})")
+    return cols
+
+
+def _source_columns(table: str, path: Path, raw_cols: list[str], renames: dict[str, str]) -> dict[str, str]:
+    """Target column -> source column for one table, checking the mapping against the file's header."""
+    lowered = [c.lower() for c in raw_cols]
+    dupes = sorted({c for c in lowered if lowered.count(c) > 1})
+    if dupes:
+        raise LogError(f"{path}: duplicate column names {dupes}")
+    for src in renames:
+        if src not in raw_cols:
+            raise LogError(f"{path}: the mapping names column {src!r}, which the file does not have "
+                           f"(columns: {', '.join(raw_cols[:20])})")
+    target = {renames.get(c, c): c for c in raw_cols}
+    return {t: s for t, s in target.items() if IDENTIFIER.match(t)}
+
+
+def _cast_column(con: duckdb.DuckDBPyConnection, table: str, path: Path, src: str, dtype: str) -> str:
+    """SQL expression casting a raw column, after checking that every non-empty value casts."""
+    raw, col = quote_ident("raw_" + table), quote_ident(src)
+    base = f"nullif(trim({col}::VARCHAR), '')"
+    bad_sql = f"SELECT __row, {col} FROM {raw} WHERE {base} IS NOT NULL AND TRY_CAST({base} AS {dtype}) IS NULL"
+    bad = con.execute(bad_sql + " LIMIT 5").fetchall()
+    if bad:
+        rows = ", ".join(f"row {r} ({v!r})" for r, v in bad)
+        raise LogError(f"{path}: column {src!r} must be {dtype}: {rows}")
+    if dtype == "DOUBLE":
+        inf_sql = f"SELECT __row FROM {raw} WHERE isinf(TRY_CAST({base} AS DOUBLE)) OR isnan(TRY_CAST({base} AS DOUBLE))"
+        bad_inf = [r[0] for r in con.execute(inf_sql + " LIMIT 5").fetchall()]
+        if bad_inf:
+            raise LogError(f"{path}: column {src!r} holds NaN or infinite values at rows {bad_inf}")
+    return f"TRY_CAST({base} AS {dtype})"
+
+
+def _infer_tasks(imp_cols: dict[str, str], declared: list[dict[str, object]], path: Path) -> list[Task]:
+    if declared:
+        tasks = [Task(str(t["name"]), str(t.get("kind", "binary")), str(t.get("description", ""))) for t in declared]
+    else:
+        tasks = [Task(c[2:], "binary") for c in imp_cols if c.startswith("s_")]
+    for t in tasks:
+        check_task = IDENTIFIER.match(t.name) and t.kind in ("binary", "continuous")
+        if not check_task:
+            raise LogError(f"task {t.name!r} ({t.kind!r}): names must be lowercase identifiers and kinds "
+                           "'binary' or 'continuous'")
+    if not tasks:
+        raise LogError(f"{path}: no tasks: declare them in the mapping or name score columns s_<task>")
+    return tasks
+
+
+def _tasks_from_file(path: Path | None) -> list[dict[str, object]]:
+    if path is None:
+        return []
+    con = duckdb.connect()
+    try:
+        _read_source(con, "tasks", path)
+        return [{"name": n, "kind": k or "binary", "description": d or ""} for n, k, d in con.execute(
+            "SELECT name, kind, description FROM (SELECT * FROM raw_tasks) "
+        ).fetchall()]
+    except duckdb.Error as exc:
+        raise LogError(f"{path}: tasks file needs columns name, kind, description ({exc})") from exc
+    finally:
+        con.close()
+
+
+def import_log(
+    sources: Mapping[str, str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    mapping: Mapping[str, object] | None = None,
+    tasks_file: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Build a new log from CSV/Parquet files (one per table) through DuckDB's readers; sources are only read."""
+    mapping = dict(mapping or {})
+    for table in ("users", "requests", "impressions"):
+        if table not in sources:
+            raise LogError(f"import needs a file for table {table!r}")
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise LogError(f"{out_path}: already exists; pass --force to replace it")
+    tmp = temporary_path(out_path)
+    tmp.unlink(missing_ok=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            _import_into(con, {t: Path(p) for t, p in sources.items()}, mapping,
+                         Path(tasks_file) if tasks_file else None)
+        finally:
+            con.close()
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+    return out_path
+
+
+def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mapping: dict[str, object],
+                 tasks_file: Path | None) -> None:
+    renames_all: dict[str, dict[str, str]] = mapping.get("tables", {})  # type: ignore[assignment]
+    targets: dict[str, dict[str, str]] = {}
+    for table, path in sources.items():
+        if table not in TABLES or table in ("meta", "tasks"):
+            raise LogError(f"{path}: cannot import table {table!r}")
+        raw_cols = _read_source(con, table, path)
+        targets[table] = _source_columns(table, path, raw_cols, renames_all.get(table, {}))
+        for required in _REQUIRED_SOURCE[table]:
+            if required not in targets[table]:
+                raise LogError(f"{path}: missing required column {required!r} for table {table}")
+    declared = list(mapping.get("tasks", [])) or _tasks_from_file(tasks_file)  # type: ignore[arg-type]
+    tasks = _infer_tasks(targets["impressions"], declared, sources["impressions"])
+    needed = {"impressions": [f"{p}{t.name}" for t in tasks for p in ("s_", "y_")],
+              "requests": [f"w_{t.name}" for t in tasks]}
+    for table, cols in needed.items():
+        missing = [c for c in cols if c not in targets[table]]
+        if missing:
+            raise LogError(f"{sources[table]}: missing columns {missing} for the declared tasks")
+    uf = [c[3:] for c in targets["users"] if c.startswith("uf_")]
+    itf = [c[3:] for c in targets.get("items", {}) if c.startswith("if_")]
+    con.execute("BEGIN")
+    for table in TABLES:
+        if table == "items" and "items" not in sources:
+            continue
+        con.execute(create_table_sql(table, tasks, uf, itf))
+    for table, cols in targets.items():
+        _insert_table(con, table, sources[table], cols)
+    if "sessions" not in sources:
+        con.execute(
+            "INSERT INTO sessions SELECT session_id, any_value(user_id), count(*)::INTEGER, NULL::BOOLEAN "
+            "FROM requests WHERE session_id IS NOT NULL GROUP BY session_id"
+        )
+    if "step" not in targets["requests"]:
+        con.execute(
+            "UPDATE requests SET step = s.k FROM (SELECT request_id, (row_number() OVER (PARTITION BY session_id "
+            "ORDER BY ts, request_id) - 1)::INTEGER AS k FROM requests) s WHERE requests.request_id = s.request_id"
+        )
+    meta = {"schema_version": SCHEMA_VERSION, "created_at": datetime.now(timezone.utc).isoformat(),
+            "source": "import: " + ", ".join(f"{t}={p.name}" for t, p in sources.items()),
+            "mapping": json.dumps(mapping)}
+    con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
+    con.executemany("INSERT INTO tasks VALUES (?, ?, ?)", [(t.name, t.kind, t.description) for t in tasks])
+    con.execute("COMMIT")
+    for table in targets:
+        con.execute(f"DROP TABLE {quote_ident('raw_' + table)}")
+
+
+def _insert_table(con: duckdb.DuckDBPyConnection, table: str, path: Path, cols: dict[str, str]) -> None:
+    schema_cols = table_columns(con)[table]
+    exprs, names = [], []
+    for target, dtype in schema_cols.items():
+        if target in cols:
+            kind = "VARCHAR" if dtype == "VARCHAR" else ("TIMESTAMP" if dtype.startswith("TIMESTAMP") else dtype)
+            exprs.append(_cast_column(con, table, path, cols[target], kind) if kind != "VARCHAR"
+                         else f"{quote_ident(cols[target])}::VARCHAR")
+            names.append(quote_ident(target))
+    if table == "users" and "segment" not in cols:
+        exprs.append("'all'")
+        names.append(quote_ident("segment"))
+    if table == "requests" and "logging_policy" not in cols:
+        exprs.append("'unknown'")
+        names.append(quote_ident("logging_policy"))
+    try:
+        con.execute(f"INSERT INTO {quote_ident(table)} ({', '.join(names)}) "
+                    f"SELECT {', '.join(exprs)} FROM {quote_ident('raw_' + table)}")
+    except duckdb.ConstraintException as exc:
+        raise LogError(f"{path}: {str(exc).splitlines()[0]} (duplicate or NULL key in table {table})") from exc
+
+
+def iter_chunks(n: int, chunk: int) -> Iterator[slice]:
+    """Consecutive slices of size `chunk` over `range(n)`."""
+    for start in range(0, n, chunk):
+        yield slice(start, min(n, start + chunk))
+
+
+def simulator_tables(sim: object) -> dict[str, dict[str, np.ndarray]]:
+    """The column dicts of a `simulate.SimTables`, keyed by table name."""
+    return {t: getattr(sim, t) for t in ("users", "items", "requests", "impressions", "sessions")}
+
+
+def check_column(log_columns: Mapping[str, str], name: str, what: str) -> str:
+    """Check a user-given column name against a log's columns before it reaches SQL."""
+    if name not in log_columns:
+        raise LogError(f"unknown {what} {name!r}; known: {', '.join(sorted(log_columns))}")
+    return check_identifier(name, what)

@@ -1,0 +1,88 @@
+"""The CLI as a user runs it: exit codes, messages without tracebacks, JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+PY = [sys.executable, "-m", "mtf_core"]
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PY, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "g.duckdb"
+    proc = run("generate", "--out", str(path), "--users", "60", "--seed", "7")
+    assert proc.returncode == 0, proc.stderr
+    return path
+
+
+def test_generate_then_validate_exits_zero(generated):
+    proc = run("validate", str(generated))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "valid" in proc.stdout
+
+
+def test_generate_refuses_to_overwrite(generated):
+    proc = run("generate", "--out", str(generated), "--users", "10")
+    assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corrupted_log_exits_one_naming_the_problem(generated, tmp_path):
+    path = tmp_path / "bad.duckdb"
+    shutil.copy(generated, path)
+    con = duckdb.connect(str(path))
+    con.execute("UPDATE impressions SET s_share = 3.0 WHERE request_id = 1")
+    con.close()
+    proc = run("validate", str(path))
+    assert proc.returncode == 1
+    assert "impressions.s_share" in proc.stdout and "Traceback" not in proc.stderr
+    proc = run("validate", str(path), "--json")
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 1 and doc["problems"][0]["column"] == "s_share"
+
+
+@pytest.mark.parametrize("content", [b"hello, not a database\n", b""])
+def test_not_a_database_exits_two(tmp_path, content):
+    path = tmp_path / "x.duckdb"
+    path.write_bytes(content)
+    proc = run("validate", str(path))
+    assert proc.returncode == 2 and str(path) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_file_exits_two(tmp_path):
+    proc = run("validate", str(tmp_path / "nope.duckdb"))
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_info_json(generated):
+    proc = run("info", str(generated), "--json")
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["tables"]["users"] == 60 and len(doc["tasks"]) == 5
+
+
+def test_evaluate_json_matches_the_documented_shape(generated):
+    proc = run("evaluate", str(generated), "--policy", "static:click=0.3,like=0.3,finish=0.2,share=0.2",
+               "--json", "--n-boot", "100")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert {"log", "policy", "reward", "n_requests", "metrics", "ope", "ground_truth"} <= set(doc)
+    segments = {m["segment"] for m in doc["metrics"]}
+    assert None in segments and len(segments) >= 4
+    snips = [o for o in doc["ope"] if o["estimator"] == "snips" and o["segment"] is None][0]
+    assert snips["ci_low"] <= snips["value"] <= snips["ci_high"] and snips["ess"] > 0
+    assert doc["ground_truth"]["ci_low"] <= doc["ground_truth"]["value"] <= doc["ground_truth"]["ci_high"]
+
+
+def test_help_for_every_command():
+    for command in ("generate", "import", "validate", "info", "evaluate", "compare"):
+        proc = run(command, "--help")
+        assert proc.returncode == 0 and "usage" in proc.stdout
