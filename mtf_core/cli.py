@@ -137,7 +137,7 @@ def _evaluate_one(ctx, text: str, args: argparse.Namespace):  # type: ignore[no-
     from mtf_core.policies.resolve import resolve_policy
 
     policy, label = resolve_policy(text, ctx.log, args.runs)
-    stochastic = not getattr(args, "deterministic", False)
+    stochastic = bool(getattr(args, "stochastic", False))
     actions = target_actions(policy, ctx.log, label, stochastic=stochastic, seed=args.seed)
     truth_fn = None if policy is None else policy_for_truth(policy, actions.stochastic)
     return evaluate_policy(ctx, actions, k=args.k, n_boot=args.n_boot, seed=args.seed, truth_policy=truth_fn)
@@ -267,21 +267,75 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--k", type=int, default=None, help="NDCG cut-off (default: items shown)")
         p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--deterministic", action="store_true",
-                       help="evaluate a stochastic policy's mean weights (kernelised ratios)")
+        p.add_argument("--stochastic", action="store_true",
+                       help="evaluate a stochastic policy's full distribution (exact density ratios) instead of "
+                            "the mean weights it would serve (kernelised ratios)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 
-    _add_later_commands(sub)
+    p = sub.add_parser("train", help="train a fusion policy into the run store")
+    p.add_argument("log")
+    p.add_argument("--algo", required=True, help="static | cem | grade | batchrl | integrated | enhanced")
+    p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
+    p.add_argument("--steps", type=int, help="training steps (the algorithm's main loop length)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an algorithm setting, e.g. --set group_size=16 (repeat)")
+    p.add_argument("--name", help="a name for the run")
+    p.add_argument("--runs", default="runs", help="run store folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
-def _add_later_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+_STEP_FIELD = {"cem": "iterations"}
+
+
+def _train_params(args: argparse.Namespace) -> dict[str, object]:
+    params: dict[str, object] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LogError(f"--set {item!r}: expected KEY=VALUE")
+        params[key.strip()] = value.strip()
+    if args.steps is not None:
+        if args.algo == "static":
+            raise LogError("--steps does not apply to --algo static (it has one step)")
+        params[_STEP_FIELD.get(args.algo, "steps")] = args.steps
+    return params
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtf_core.policies.train import TrainConfig, train
+    from mtf_core.reward import load_reward_spec
+    from mtf_core.runs import RunStore
+    from mtf_core.store import load_log
+
+    config = TrainConfig(args.algo, args.seed, _train_params(args))
+    log = load_log(args.log)
+    spec = load_reward_spec(args.reward, log.task_names)
+    store = RunStore(args.runs)
+    run_id = store.create_run(args.algo, config.to_dict(), spec, log, args.name)
+    update, close = _progress_bar(f"train {args.algo} {run_id}")
     try:
-        from mtf_core.cli_train import add_commands
-    except ImportError:
-        return
-    add_commands(sub)
+        result = train(config, log, spec, on_step=lambda info: update((info.step + 1) / info.n_steps))
+    except KeyboardInterrupt:
+        store.mark(run_id, "cancelled")
+        raise
+    except BaseException:
+        store.mark(run_id, "failed")
+        raise
+    finally:
+        close()
+    summary = {"final": result.history[-1][1] if result.history else {}}
+    store.finish_run(run_id, result.policy, result.history, result.status, result.seconds, summary)
+    if args.json:
+        _emit({"run_id": run_id, "algo": args.algo, "status": result.status, "seconds": result.seconds,
+               "config": config.to_dict(), "final_metrics": summary["final"]})
+    else:
+        print(f"run {run_id} {result.status}: {args.algo} in {result.seconds:.1f}s "
+              f"(evaluate with --policy run:{run_id})")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

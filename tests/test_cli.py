@@ -86,3 +86,25 @@ def test_help_for_every_command():
     for command in ("generate", "import", "validate", "info", "evaluate", "compare"):
         proc = run(command, "--help")
         assert proc.returncode == 0 and "usage" in proc.stdout
+
+
+def test_train_then_evaluate_the_run(generated, tmp_path):
+    runs = tmp_path / "runs"
+    proc = run("train", str(generated), "--algo", "grade", "--steps", "20", "--set", "warm_start_steps=5",
+               "--set", "batch_size=128", "--runs", str(runs), "--json")
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(proc.stdout)["run_id"]
+    proc = run("evaluate", str(generated), "--policy", f"run:{run_id}", "--runs", str(runs), "--json", "--n-boot", "50")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["policy"] == f"run:{run_id}" and doc["ground_truth"]["value"] > 0
+
+
+def test_train_rejects_a_bad_setting_without_traceback(generated, tmp_path):
+    proc = run("train", str(generated), "--algo", "grade", "--set", "group_size=many", "--runs", str(tmp_path))
+    assert proc.returncode == 2 and "group_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_run_is_a_clear_error(generated, tmp_path):
+    proc = run("evaluate", str(generated), "--policy", "run:deadbeef", "--runs", str(tmp_path))
+    assert proc.returncode == 2 and "no run 'deadbeef'" in proc.stderr

@@ -4,13 +4,13 @@
   so its density equals `logging_logp` exactly; on imported logs they are fitted per segment by the
   method of moments on the logged weights.
 - `StaticPolicy`: one weight vector per segment (the same row for a global vector); deterministic.
-- `cem_search`: the cross-entropy method over the simplex against a counterfactual objective, globally
-  or per segment (the industry baseline; lab's choice of population 64, elite 8, 15 iterations).
+The cross-entropy search over static weights lives in `policies.cem`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,7 +18,10 @@ import torch
 from mtf_core.errors import LogError
 from mtf_core.policies.base import FusionPolicy, StateBatch, simplex_normalise
 
-__all__ = ["LoggingPolicy", "StaticPolicy", "parse_static", "cem_search", "fit_dirichlet_moments"]
+if TYPE_CHECKING:
+    from mtf_core.policies.objective import TrainingData
+
+__all__ = ["LoggingPolicy", "StaticPolicy", "parse_static", "fit_dirichlet_moments", "StaticConfig", "StaticTrainer"]
 
 
 def fit_dirichlet_moments(weights: np.ndarray) -> np.ndarray:
@@ -102,27 +105,28 @@ def parse_static(text: str, tasks: tuple[str, ...], segments: tuple[str, ...]) -
     return StaticPolicy(tasks, segments, np.tile(w, (len(segments), 1)), label=label)
 
 
-def cem_search(objective: Callable[[np.ndarray], np.ndarray], n_tasks: int, start: np.ndarray,
-               rng: np.random.Generator, n_iterations: int = 15, population: int = 64, n_elite: int = 8,
-               concentration: float = 20.0,
-               on_iteration: Callable[[int, float], bool] | None = None) -> tuple[np.ndarray, list[float]]:
-    """Cross-entropy method on the simplex: sample Dirichlet(c * mean), keep the elite, refit the mean.
+@dataclass(frozen=True)
+class StaticConfig:
+    """`--algo static`: the logging policy's mean weights per segment, as one fixed vector each."""
 
-    `objective` maps candidates `[P,K]` to values `[P]`. Returns the best weights and the best value per
-    iteration. `on_iteration(i, best)` returning False stops early (cancellation).
-    """
-    mean = simplex_normalise(torch.as_tensor(start, dtype=torch.float64)).numpy()
-    best_w, best_v, history = mean.copy(), float(objective(mean[None])[0]), []
-    for i in range(n_iterations):
-        alpha = np.maximum(mean * concentration, 1e-2)
-        candidates = np.vstack([rng.dirichlet(alpha, size=population - 1), mean[None]])
-        values = objective(candidates)
-        elite = candidates[np.argsort(values)[-n_elite:]]
-        if values.max() > best_v:
-            best_v, best_w = float(values.max()), candidates[int(np.argmax(values))]
-        mean = elite.mean(0)
-        concentration *= 1.25
-        history.append(best_v)
-        if on_iteration is not None and on_iteration(i, best_v) is False:
-            break
-    return best_w, history
+    per_segment: bool = True
+    """One vector per segment (else one global vector)."""
+
+
+class StaticTrainer:
+    """One step: average the logged weights (per segment or overall)."""
+
+    n_steps = 1
+
+    def __init__(self, config: StaticConfig, data: "TrainingData", seed: int) -> None:
+        self.config, self.log = config, data.log
+        self.policy = StaticPolicy(self.log.task_names, self.log.segments, label="static-mean")
+
+    def step(self, step: int) -> dict[str, float]:
+        log = self.log
+        overall = log.weights.mean(0)
+        rows = [log.weights[log.segment == s].mean(0) if self.config.per_segment and np.any(log.segment == s)
+                else overall for s in range(len(log.segments))]
+        with torch.no_grad():
+            self.policy.weights.copy_(torch.as_tensor(np.stack(rows)))
+        return {"charts/max_weight": float(np.max(rows))}
