@@ -644,3 +644,21 @@ def check_log_for_evaluation(log: LogData) -> None:
         raise LogError(f"{log.path}: the log has no requests")
     if not log.shown.any():
         raise LogError(f"{log.path}: no candidate was shown (all positions are NULL)")
+
+
+def reward_preview(ctx: EvalContext) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """The logged composite reward per request by segment, and each signal's share of the immediate reward."""
+    import pandas as pd
+
+    log = ctx.log
+    names = np.asarray(log.segments)[log.segment]
+    per_request = pd.DataFrame({"segment": names, "reward": ctx.logged.total, "immediate": ctx.logged.immediate,
+                                "session": ctx.logged.session, "penalty": ctx.logged.penalty})
+    contrib = np.nan_to_num(log.labels).sum(1) * ctx.resolved.coefficients  # (R, K)
+    rows = []
+    for s, name in enumerate(log.segments):
+        totals = contrib[log.segment == s].sum(0)
+        denom = np.abs(totals).sum()
+        for task, value in zip(log.task_names, totals):
+            rows.append({"segment": name, "task": task, "share": float(value / denom) if denom > 0 else 0.0})
+    return per_request, pd.DataFrame(rows)

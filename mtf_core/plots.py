@@ -44,8 +44,8 @@ def policy_colour(index: int) -> str:
 
 
 def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
-    fig.update_layout(title=title, template=_TEMPLATE, height=height, margin=dict(l=40, r=20, t=60, b=40),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0))
+    fig.update_layout(title=title, template=_TEMPLATE, height=height, margin=dict(l=40, r=20, t=60, b=70),
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
     return fig
 
 

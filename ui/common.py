@@ -11,17 +11,20 @@ from pathlib import Path
 import streamlit as st
 
 from mtf_core.errors import LogError
+from mtf_core.evaluate import EvaluationResult
+from mtf_core.reward import RewardSpec
+from mtf_core.runs import RunStore
 from mtf_core.store import LogData, load_log
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PATH = ROOT / "data" / "demo.duckdb"
-RUNS_DIR = Path(os.environ.get("MTF_RUNS_DIR", ROOT / "runs"))
 
 # Session-state keys, defined once.
 KEY_LOG = "mtf_log_path"  # str: the log every page works on
 KEY_REWARD = "mtf_reward_spec"  # RewardSpec JSON text chosen on the Reward page
 KEY_LAST_RUN = "mtf_last_run"  # str: id of the run trained last in this session
 KEY_COMPARISON = "mtf_comparison"  # list of EvaluationResult from the Compare page
+KEY_REPORT_HTML = "mtf_report_html"  # str: the last HTML report built on the Report page
 
 
 @st.cache_resource(show_spinner="Generating the demo log (first start only)...")
@@ -72,3 +75,61 @@ def page_setup() -> None:
 def show_error(exc: Exception) -> None:
     """A user-facing error: the message, what to fix, no traceback."""
     st.error(f"{exc}")
+
+
+def runs_dir() -> Path:
+    """The run store folder: $MTF_RUNS_DIR, else runs/ beside app.py."""
+    return Path(os.environ.get("MTF_RUNS_DIR", ROOT / "runs"))
+
+
+def run_store() -> RunStore:
+    return RunStore(runs_dir())
+
+
+def current_reward(log: LogData) -> RewardSpec:
+    """The RewardSpec chosen on the Reward page, or the default; a spec that does not fit the log is reset."""
+    text = st.session_state.get(KEY_REWARD)
+    if text:
+        try:
+            spec = RewardSpec.from_json(text)
+            spec.check_tasks(log.task_names)
+            return spec
+        except LogError as exc:
+            st.warning(f"The saved reward does not fit this log ({exc}); using the default.")
+    return RewardSpec.default(log.task_names)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_evaluation(path: str, mtime: float, policy_ref: str, reward_json: str, runs: str, n_boot: int,
+                      stochastic: bool) -> EvaluationResult:
+    """Evaluate one policy (cached per log version, policy, reward and settings)."""
+    from mtf_core.evaluate import evaluate_policy, policy_for_truth, prepare, target_actions
+    from mtf_core.policies.resolve import resolve_policy
+
+    log = _cached_log(path, mtime)
+    ctx = _cached_context(path, mtime, reward_json)
+    policy, label = resolve_policy(policy_ref, log, runs)
+    actions = target_actions(policy, log, label, stochastic=stochastic)
+    truth = None if policy is None else policy_for_truth(policy, actions.stochastic)
+    return evaluate_policy(ctx, actions, n_boot=n_boot, truth_policy=truth)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _cached_context(path: str, mtime: float, reward_json: str):  # type: ignore[no-untyped-def]
+    from mtf_core.evaluate import prepare
+
+    return prepare(_cached_log(path, mtime), RewardSpec.from_json(reward_json))
+
+
+def log_version() -> tuple[str, float]:
+    path = current_log_path()
+    return path, _mtime(path)
+
+
+def policy_choices(log: LogData) -> dict[str, str]:
+    """Label -> policy reference for every finished run on this log, after the logging policy."""
+    choices = {"logging policy": "logging"}
+    for run in run_store().list_runs():
+        if run.status in ("finished", "cancelled") and run.data_fingerprint == log.fingerprint:
+            choices[f"{run.name} ({run.algo}, {run.run_id})"] = f"run:{run.run_id}"
+    return choices

@@ -1,0 +1,82 @@
+"""Side-by-side views of several evaluations: long tables for forest plots, lifts, and the HTML report."""
+
+from __future__ import annotations
+
+import html
+import json
+from datetime import datetime, timezone
+from typing import Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from mtf_core.evaluate import EvaluationResult
+
+__all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_frame", "build_report"]
+
+
+def ope_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
+    """policy, estimator, segment, value, ci_low, ci_high, ess; the truth as estimator 'truth'."""
+    rows = [{"policy": r.policy, **o} for r in results for o in r.ope]
+    for r in results:
+        if r.ground_truth:
+            rows.append({"policy": r.policy, "estimator": "truth", "segment": None,
+                         **{k: r.ground_truth[k] for k in ("value", "ci_low", "ci_high")}})
+            for s in r.ground_truth.get("segments", []):  # type: ignore[union-attr]
+                rows.append({"policy": r.policy, "estimator": "truth", **s})
+    return pd.DataFrame(rows)
+
+
+def metric_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
+    """policy, metric (name:task), segment, value, ci_low, ci_high."""
+    rows = [{"policy": r.policy, "metric": f"{m['name']}:{m['task'] or 'reward'}", **m} for r in results
+            for m in r.metrics]
+    return pd.DataFrame(rows)
+
+
+def truth_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
+    frame = ope_frame(results)
+    return frame[frame["estimator"] == "truth"] if len(frame) else frame
+
+
+def lift_frame(frame: pd.DataFrame, key: str, baseline: str) -> pd.DataFrame:
+    """Relative lift of every policy over `baseline` per (key, segment), and whether the CIs separate."""
+    if frame.empty:
+        return frame
+    base = frame[frame["policy"] == baseline].set_index([key, "segment"], drop=False)
+    out = []
+    for _, row in frame.iterrows():
+        ref = base.loc[(row[key], row["segment"])] if (row[key], row["segment"]) in base.index else None
+        if ref is None or not ref["value"] or row["value"] is None:
+            continue
+        separated = bool(row["ci_low"] > ref["ci_high"] or row["ci_high"] < ref["ci_low"])
+        out.append({"policy": row["policy"], key: row[key], "segment": row["segment"], "value": row["value"],
+                    "lift": row["value"] / ref["value"] - 1.0, "separated": separated})
+    return pd.DataFrame(out)
+
+
+def build_report(title: str, results: Sequence[EvaluationResult], figures: Sequence[tuple[str, go.Figure]],
+                 reward_spec: dict[str, object], fingerprint: str, run_configs: dict[str, object]) -> str:
+    """A self-contained HTML page: plotly.js inlined once, every figure embedded, tables and configs."""
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Log fingerprint "
+             f"<code>{html.escape(fingerprint)}</code>; policies: "
+             f"{', '.join(html.escape(r.policy) for r in results)}.</p>"]
+    summary = ope_frame(results)
+    if not summary.empty:
+        overall = summary[summary["segment"].isna()].pivot_table(index="estimator", columns="policy", values="value")
+        parts.append("<h2>Policy value (mean composite reward per request)</h2>" + overall.round(4).to_html())
+    for i, (caption, fig) in enumerate(figures):
+        parts.append(f"<h2>{html.escape(caption)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False,
+                                 default_height=fig.layout.height or 420))
+    parts.append("<h2>Reward specification</h2><pre>" + html.escape(json.dumps(reward_spec, indent=2)) + "</pre>")
+    parts.append("<h2>Run configurations</h2><pre>" + html.escape(json.dumps(run_configs, indent=2, default=str))
+                 + "</pre>")
+    notes = sorted({n for r in results for n in r.notes})
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")

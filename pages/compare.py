@@ -1,0 +1,78 @@
+"""Compare: runs and baselines side by side, with confidence intervals, per segment, against the truth."""
+
+import pandas as pd
+import streamlit as st
+
+from mtf_core import plots
+from mtf_core.compare import lift_frame, metric_frame, ope_frame
+from mtf_core.errors import LogError
+from ui.common import (KEY_COMPARISON, cached_evaluation, current_log, current_reward, log_version, page_setup,
+                       policy_choices, runs_dir, show_error)
+
+page_setup()
+st.title("Compare")
+st.caption("Every figure is the mean composite reward per request under the current reward, with a 95% "
+           "bootstrap interval (users resampled). On simulated logs the truth is each policy run online.")
+
+log = current_log()
+spec = current_reward(log)
+choices = policy_choices(log)
+with st.form("compare_form"):
+    picked = st.multiselect("Policies", list(choices), default=list(choices)[:3])
+    static = st.text_input("Also a fixed weight vector (optional)", placeholder="click=0.3,like=0.3,share=0.4")
+    n_boot = st.select_slider("Bootstrap resamples", [100, 200, 500, 1000], value=200)
+    stochastic = st.checkbox("Evaluate stochastic policies as distributions (exact density ratios)", False,
+                             help="Off: each policy is evaluated at the mean weights it would serve")
+    go = st.form_submit_button("Compare", type="primary")
+
+if go:
+    refs = [choices[p] for p in picked] + ([f"static:{static}"] if static.strip() else [])
+    if not refs:
+        st.warning("Pick at least one policy.")
+        st.stop()
+    path, mtime = log_version()
+    results = []
+    bar = st.progress(0.0, text="Evaluating...")
+    try:
+        for i, ref in enumerate(refs):
+            bar.progress(i / len(refs), text=f"Evaluating {ref} ({i + 1} of {len(refs)})...")
+            results.append(cached_evaluation(path, mtime, ref, spec.to_json(), str(runs_dir()), n_boot, stochastic))
+    except LogError as exc:
+        show_error(exc)
+        st.stop()
+    bar.progress(1.0, text="Done")
+    st.session_state[KEY_COMPARISON] = results
+
+results = st.session_state.get(KEY_COMPARISON)
+if not results:
+    st.info("Pick policies and press Compare.")
+    st.stop()
+
+ope = ope_frame(results)
+metrics = metric_frame(results)
+overall = ope[ope["segment"].isna()]
+st.plotly_chart(plots.forest_plot(overall.rename(columns={"estimator": "label"}), "label",
+                                  "Policy value: off-policy estimates and the simulator's truth"), width="stretch")
+baseline = st.selectbox("Baseline for lifts", [r.policy for r in results])
+lifts = lift_frame(overall, "estimator", baseline)
+if not lifts.empty:
+    st.dataframe(lifts.pivot_table(index="estimator", columns="policy", values="lift").style.format("{:+.1%}"),
+                 width="stretch")
+    st.caption("Lift over the baseline; look for separated intervals in the plot above before trusting a lift.")
+
+estimator = st.selectbox("Per segment: estimator", sorted(ope["estimator"].unique(), key=lambda e: e != "truth"))
+per_segment = ope[(ope["estimator"] == estimator) & ope["segment"].notna()]
+st.plotly_chart(plots.forest_plot(per_segment, "segment", f"{estimator} by segment"), width="stretch")
+
+metric_names = sorted(metrics["metric"].unique())
+chosen = st.multiselect("Ranking metrics", metric_names, default=[m for m in metric_names if m.endswith("reward")])
+shown = metrics[metrics["metric"].isin(chosen) & metrics["segment"].isna()]
+if not shown.empty:
+    st.plotly_chart(plots.forest_plot(shown, "metric", "Counterfactual ranking metrics"), width="stretch")
+
+for r in results:
+    for note in r.notes:
+        st.info(f"{r.policy}: {note}")
+with st.expander("All figures as a table"):
+    st.dataframe(pd.concat([ope.assign(kind="value"), metrics.assign(kind="metric")], ignore_index=True),
+                 width="stretch")

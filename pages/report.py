@@ -1,0 +1,42 @@
+"""Report: one self-contained HTML page of the chosen comparison, to download and send."""
+
+import json
+
+import streamlit as st
+
+from mtf_core import plots
+from mtf_core.compare import build_report, metric_frame, ope_frame
+from ui.common import KEY_COMPARISON, KEY_REPORT_HTML, current_log, current_reward, page_setup, run_store
+
+page_setup()
+st.title("Report")
+log = current_log()
+results = st.session_state.get(KEY_COMPARISON)
+if not results:
+    st.info("Run a comparison on the Compare page first; the report is built from it.")
+    st.stop()
+
+title = st.text_input("Title", value="Fusion policy comparison")
+ope, metrics = ope_frame(results), metric_frame(results)
+figures = [
+    ("Policy value with 95% intervals", plots.forest_plot(ope[ope["segment"].isna()].rename(
+        columns={"estimator": "label"}), "label", "Policy value: estimates and truth")),
+    ("Truth by segment" if (ope["estimator"] == "truth").any() else "DR by segment",
+     plots.forest_plot(ope[(ope["estimator"] == ("truth" if (ope["estimator"] == "truth").any() else "dm"))
+                           & ope["segment"].notna()], "segment", "Value by segment")),
+    ("Ranking metrics", plots.forest_plot(metrics[metrics["segment"].isna() & metrics["metric"].str.startswith(
+        "ndcg")], "metric", "NDCG on the logged candidates")),
+]
+store = run_store()
+configs = {}
+for r in results:
+    if r.policy.startswith("run:"):
+        run = store.get(r.policy[4:])
+        configs[r.policy] = {"name": run.name, "algo": run.algo, "config": run.config, "seconds": run.seconds}
+html = build_report(title, results, figures, json.loads(current_reward(log).to_json()), log.fingerprint, configs)
+st.session_state[KEY_REPORT_HTML] = html
+st.download_button("Download the report (HTML)", html, file_name="mtf_report.html", mime="text/html",
+                   type="primary")
+st.caption(f"{len(figures)} figures, {len(html) / 1e6:.1f} MB, plotly embedded: opens offline in any browser.")
+for caption, fig in figures:
+    st.plotly_chart(fig, width="stretch")

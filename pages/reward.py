@@ -1,0 +1,70 @@
+"""Reward: compose the reward from feedback signals and see its distribution before training."""
+
+import streamlit as st
+
+from mtf_core import plots
+from mtf_core.errors import LogError
+from mtf_core.evaluate import reward_preview
+from mtf_core.reward import RewardSpec
+from ui.common import KEY_REWARD, _cached_context, current_log, current_reward, log_version, page_setup, show_error
+
+page_setup()
+st.title("Reward")
+st.caption("What the policies optimise: a coefficient per signal, session terms for the long term, and "
+           "GRADE's penalties against reward hacking. Changes apply to training and comparison at once.")
+
+log = current_log()
+spec = current_reward(log)
+
+with st.sidebar.expander("Load or save a reward spec"):
+    uploaded = st.file_uploader("Load a RewardSpec JSON", type=["json"])
+    if uploaded is not None:
+        try:
+            loaded = RewardSpec.from_json(uploaded.getvalue().decode("utf-8", errors="replace"), uploaded.name)
+            loaded.check_tasks(log.task_names, uploaded.name)
+            st.session_state[KEY_REWARD] = loaded.to_json()
+            spec = loaded
+            st.success(f"Loaded {uploaded.name}")
+        except LogError as exc:
+            show_error(exc)
+    st.download_button("Download this spec", spec.to_json(), file_name="reward.json", mime="application/json")
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Signals")
+    coefficients = {t: st.slider(t, 0.0, 5.0, float(spec.coefficients.get(t, 0.0)), 0.1, key=f"coef_{t}",
+                                 help=f"Reward per unit of {t} summed over the items shown") for t in log.task_names}
+    normalize = st.checkbox("Divide each signal by its standard deviation in the log", spec.normalize,
+                            help="Puts rare signals (shares) and frequent ones (clicks) on one scale")
+    clip_on = st.checkbox("Clip the immediate reward", spec.clip is not None)
+    clip = st.number_input("Clip at", 0.1, 1e4, float(spec.clip or 50.0)) if clip_on else None
+with right:
+    st.subheader("Long term (stickiness, activeness)")
+    continuation = st.slider("Per request after which the session goes on", 0.0, 5.0, float(spec.continuation), 0.1)
+    session_length = st.slider("Per request served", 0.0, 5.0, float(spec.session_length), 0.1)
+    returned = st.slider("When the user comes back the next day", 0.0, 10.0, float(spec.returned), 0.1)
+    st.subheader("Against reward hacking")
+    share_penalty = st.slider("Penalty when a signal's share drifts from the logging policy's", 0.0, 20.0,
+                              float(spec.share_penalty), 0.5)
+    share_tolerance = st.slider("Drift tolerated", 0.0, 0.5, float(spec.share_tolerance), 0.01)
+    vertex_penalty = st.slider("Penalty when the weights collapse onto one task", 0.0, 20.0,
+                               float(spec.vertex_penalty), 0.5)
+    vertex_threshold = st.slider("Largest weight tolerated", 0.3, 0.99, float(spec.vertex_threshold), 0.01)
+
+try:
+    new_spec = RewardSpec(coefficients, normalize, clip, continuation, session_length, returned, share_penalty,
+                          share_tolerance, vertex_penalty, vertex_threshold)
+except LogError as exc:
+    show_error(exc)
+    st.stop()
+st.session_state[KEY_REWARD] = new_spec.to_json()
+
+path, mtime = log_version()
+ctx = _cached_context(path, mtime, new_spec.to_json())
+per_request, shares = reward_preview(ctx)
+st.metric("Mean composite reward per request (logged actions)", f"{per_request['reward'].mean():.3f}")
+a, b = st.columns(2)
+a.plotly_chart(plots.reward_distribution(per_request), width="stretch")
+b.plotly_chart(plots.reward_shares(shares, log.task_names), width="stretch")
+with st.expander("Resolved coefficients (after normalisation)"):
+    st.json(ctx.resolved.to_dict())

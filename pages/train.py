@@ -1,0 +1,99 @@
+"""Train: pick an algorithm and its settings, watch it learn, keep the run; manage the runs."""
+
+import pandas as pd
+import streamlit as st
+
+from mtf_core import plots
+from mtf_core.errors import LogError
+from mtf_core.policies.train import ALGORITHMS, TrainConfig, config_fields, train
+from ui.common import KEY_LAST_RUN, current_log, current_reward, page_setup, run_store, show_error
+
+page_setup()
+st.title("Train")
+st.caption("Training reads the log and the reward chosen on the Reward page; the run lands in the run store.")
+
+log = current_log()
+spec = current_reward(log)
+store = run_store()
+
+algo = st.selectbox("Algorithm", list(ALGORITHMS), index=list(ALGORITHMS).index("grade"),
+                    help="static: logging mean weights; cem: cross-entropy search; grade: GRPO with Dirichlet "
+                         "exploration; batchrl / integrated / enhanced: the other seed methods")
+with st.form("train_form"):
+    params = {}
+    columns = st.columns(3)
+    for i, (name, default, doc) in enumerate(config_fields(algo)):
+        col = columns[i % 3]
+        if isinstance(default, bool):
+            params[name] = col.checkbox(name, default, help=doc)
+        elif isinstance(default, int):
+            params[name] = col.number_input(name, value=default, step=1, help=doc)
+        elif isinstance(default, float):
+            params[name] = col.number_input(name, value=default, format="%.4g", help=doc)
+        else:
+            params[name] = col.text_input(name, value=str(default), help=doc)
+    seed = st.number_input("Seed", value=0, step=1, help="The same seed, settings and log give the same run")
+    name = st.text_input("Run name", value="", help="Optional; defaults to the algorithm and id")
+    submitted = st.form_submit_button("Train", type="primary")
+
+if submitted:
+    try:
+        config = TrainConfig(algo, int(seed), params)
+    except LogError as exc:
+        show_error(exc)
+        st.stop()
+    run_id = store.create_run(algo, config.to_dict(), spec, log, name or None)
+    st.button("Stop training", help="Stops after the current step; the run is kept as cancelled")
+    bar = st.progress(0.0, text=f"Training {algo} ({run_id})...")
+    chart = st.empty()
+    rows: list[dict] = []
+
+    def on_step(info):  # noqa: ANN001 - the loop's StepInfo
+        rows.extend({"step": info.step, "name": k, "value": v} for k, v in info.metrics.items())
+        bar.progress((info.step + 1) / info.n_steps,
+                     text=f"Step {info.step + 1} of {info.n_steps} ({info.elapsed:.0f}s)")
+        if info.step % max(1, info.n_steps // 15) == 0 or info.step + 1 == info.n_steps:
+            chart.plotly_chart(plots.training_curves(pd.DataFrame(rows)), width="stretch",
+                               key=f"live_{info.step}")
+
+    try:
+        result = train(config, log, spec, on_step)
+    except BaseException:
+        store.mark(run_id, "cancelled")  # a Stop click reruns the page, which ends this script mid-loop
+        raise
+    store.finish_run(run_id, result.policy, result.history, result.status, result.seconds,
+                     {"final": result.history[-1][1] if result.history else {}})
+    st.session_state[KEY_LAST_RUN] = run_id
+    st.success(f"Run {run_id} {result.status} in {result.seconds:.1f}s")
+
+st.subheader("Runs")
+runs = store.list_runs()
+if not runs:
+    st.info("No runs yet: train one above.")
+    st.stop()
+table = pd.DataFrame([{
+    "id": r.run_id, "name": r.name, "algorithm": r.algo, "status": r.status,
+    "started": r.created_at, "seconds": round(r.seconds or 0.0, 1),
+    "final reward": r.summary.get("final", {}).get("charts/reward"),
+    "same log": r.data_fingerprint == log.fingerprint,
+} for r in reversed(runs)])
+st.dataframe(table, width="stretch", hide_index=True)
+
+ids = [r.run_id for r in reversed(runs)]
+chosen = st.selectbox("Run", ids, index=ids.index(st.session_state.get(KEY_LAST_RUN, ids[0]))
+                      if st.session_state.get(KEY_LAST_RUN) in ids else 0,
+                      format_func=lambda i: f"{i} - {store.get(i).name}")
+history = store.history(chosen)
+if not history.empty:
+    st.plotly_chart(plots.training_curves(history), width="stretch")
+a, b = st.columns(2)
+with a.form("rename"):
+    new_name = st.text_input("New name", value=store.get(chosen).name)
+    if st.form_submit_button("Rename"):
+        store.rename(chosen, new_name)
+        st.rerun()
+with b.form("delete"):
+    confirm = st.checkbox("Yes, delete this run and its policy")
+    if st.form_submit_button("Delete") and confirm:
+        store.delete(chosen)
+        st.rerun()

@@ -1,0 +1,77 @@
+"""One real-browser smoke test: every page opened by its URL in headless Chromium on a fresh server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+PAGES = {"": "Data", "reward": "Reward", "train": "Train", "weights": "Weights by segment", "compare": "Compare",
+         "report": "Report"}
+WITH_CHARTS = {"", "reward", "weights"}
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = {**os.environ, "STREAMLIT_SERVER_HEADLESS": "true", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+           "MTF_RUNS_DIR": str(tmp_path_factory.mktemp("browser_runs"))}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
+                             str(port), "--server.address", "127.0.0.1"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not become healthy within 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_every_page_renders_in_chromium(server):
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install -y chromium (scripts/test.sh does)"
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1500})
+        for path, title in PAGES.items():
+            page.goto(f"{server}/{path}", timeout=120_000)
+            page.get_by_role("heading", name=title).first.wait_for(timeout=120_000)
+            page.wait_for_function("document.querySelector('[data-testid=\"stStatusWidget\"]') === null",
+                                   timeout=120_000)
+            if path in WITH_CHARTS:
+                page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+            page.wait_for_timeout(800)
+            name = path or "data"
+            page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+            assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
+            assert page.locator('[data-testid="stAlertContentError"]').count() == 0, f"error box on /{path}"
+        browser.close()
