@@ -167,6 +167,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if row["segment"] is None:
             name = f"{row['name']} {row['task'] or 'reward'}"
             print(f"  {name:<20} {_ci(row)}")
+    if result.diagnostics:
+        d = result.diagnostics
+        print(f"  overlap: {d['verdict']} (ess {d['ess']:.0f} = {d['ess_share']:.1%} of requests, max ratio "
+              f"{d['max_ratio']:.3g}, p99 {d['p99_ratio']:.3g}, clipped {d['clipped_share']:.1%}, support "
+              f"coverage {d['support_coverage']:.1%})")
     if result.bandwidth is not None:
         print(f"  kernel bandwidth {result.bandwidth:.4f} (deterministic target, kernelised ratios)")
     for note in result.notes:
@@ -186,11 +191,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from mtf_core.runs import RunStore
 
     _, ctx = _evaluation_inputs(args)
+    explicit = bool(args.policy)
     policies = list(args.policy or [])
-    if not policies:
+    if not explicit:
         policies = ["logging"] + [f"run:{r.run_id}" for r in RunStore(args.runs).list_runs()
                                   if r.status == "finished" and r.data_fingerprint == ctx.log.fingerprint]
-    results = [_evaluate_one(ctx, p, args) for p in policies]
+    results = []
+    for p in policies:
+        try:
+            results.append(_evaluate_one(ctx, p, args))
+        except LogError as exc:
+            if explicit:
+                raise
+            print(f"warning: skipping {p}: {exc}", file=sys.stderr)
     table = [{"policy": r.policy, "figures": _headline(r)} for r in results]
     base = table[0]["figures"]
     for row in table:
@@ -200,9 +213,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 fig["lift"] = fig["value"] / ref["value"] - 1.0
                 fig["separated"] = bool(fig["ci_low"] is not None and ref["ci_high"] is not None and (
                     fig["ci_low"] > ref["ci_high"] or fig["ci_high"] < ref["ci_low"]))
+    from mtf_core.selection import CRITERIA, regret, select
+
+    selection = select(results, args.select)
+    regrets = {c: regret(results, select(results, c)["chosen"]) for c in CRITERIA}
     if args.json:
         _emit({"log": args.log, "baseline": table[0]["policy"], "policies": table,
-               "results": [r.to_json() for r in results]})
+               "selection": {k: selection[k] for k in ("criterion", "chosen", "ranking", "reason")},
+               "regret": regrets, "results": [r.to_json() for r in results]})
         return EXIT_OK
     names = list(base)
     print(f"{'figure':<22}" + "".join(f"{row['policy'][:34]:>36}" for row in table))
@@ -217,6 +235,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
             cells.append(f"{fig['value']:>10.4f} [{fig['ci_low']:.3f},{fig['ci_high']:.3f}]{lift:>9}")
         print(f"{name:<22}" + "".join(f"{c:>36}" for c in cells))
     print("lift: over the first policy; * = the 95% intervals do not overlap")
+    for r in results:
+        if r.diagnostics:
+            d = r.diagnostics
+            print(f"overlap {r.policy}: {d['verdict']} (ess share {d['ess_share']:.3f}, support "
+                  f"{d['support_coverage']:.2f}, clipped {d['clipped_share']:.3f})")
+    print(f"choice by {args.select}: {selection['reason']}")
+    if any(v is not None for v in regrets.values()):
+        print("regret against the simulator's truth: " + ", ".join(
+            f"{c}={v:.4f}" for c, v in regrets.items() if v is not None))
     return EXIT_OK
 
 
@@ -262,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--policy", required=True, help="logging | static:TASK=W,... | run:RUN_ID")
         else:
             p.add_argument("--policy", action="append", help="repeat; default: logging and every finished run")
+            p.add_argument("--select", choices=["mean", "lower_bound", "cvar"], default="lower_bound",
+                           help="how to choose a policy: DR mean, lower 95%% bound, or CVaR of the worst 10%%")
         p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
         p.add_argument("--runs", default="runs", help="run store folder")
         p.add_argument("--k", type=int, default=None, help="NDCG cut-off (default: items shown)")
@@ -282,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an algorithm setting, e.g. --set group_size=16 (repeat)")
     p.add_argument("--name", help="a name for the run")
+    p.add_argument("--validation-share", type=float, default=0.2,
+                   help="share of the latest sessions held out for validation and early stopping (0 = none)")
+    p.add_argument("--patience", type=int, default=4,
+                   help="validation estimates without improvement before stopping (0 = never)")
     p.add_argument("--runs", default="runs", help="run store folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -311,7 +344,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mtf_core.runs import RunStore
     from mtf_core.store import load_log
 
-    config = TrainConfig(args.algo, args.seed, _train_params(args))
+    config = TrainConfig(args.algo, args.seed, _train_params(args), validation_share=args.validation_share,
+                         patience=args.patience)
     log = load_log(args.log)
     spec = load_reward_spec(args.reward, log.task_names)
     store = RunStore(args.runs)
@@ -327,13 +361,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     finally:
         close()
-    summary = {"final": result.history[-1][1] if result.history else {}}
+    summary = {"final": result.history[-1][1] if result.history else {}, "best_step": result.best_step,
+               "best_validation": result.best_value, "stopped_early": result.stopped_early}
     store.finish_run(run_id, result.policy, result.history, result.status, result.seconds, summary)
     if args.json:
         _emit({"run_id": run_id, "algo": args.algo, "status": result.status, "seconds": result.seconds,
-               "config": config.to_dict(), "final_metrics": summary["final"]})
+               "config": config.to_dict(), "final_metrics": summary["final"], "best_step": result.best_step,
+               "best_validation": result.best_value, "stopped_early": result.stopped_early})
     else:
-        print(f"run {run_id} {result.status}: {args.algo} in {result.seconds:.1f}s "
+        best = (f", best validation DR {result.best_value:.4f} at step {result.best_step}"
+                + (" (stopped early)" if result.stopped_early else "")) if result.best_step is not None else ""
+        print(f"run {run_id} {result.status}: {args.algo} in {result.seconds:.1f}s{best} "
               f"(evaluate with --policy run:{run_id})")
     return EXIT_OK
 

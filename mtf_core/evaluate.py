@@ -437,10 +437,14 @@ class EvaluationResult:
     notes: list[str] = field(default_factory=list)
     bandwidth: float | None = None
     ratios: np.ndarray | None = None
+    diagnostics: dict[str, object] | None = None
+    diagnostics_by_segment: list[dict[str, object]] = field(default_factory=list)
+    per_request_value: np.ndarray | None = None  # DR (or DM) term per request, for risk measures
 
     def to_json(self) -> dict[str, object]:
         return {"log": self.log, "policy": self.policy, "reward": self.reward, "n_requests": self.n_requests,
                 "metrics": self.metrics, "ope": self.ope, "ground_truth": self.ground_truth,
+                "diagnostics": self.diagnostics, "diagnostics_by_segment": self.diagnostics_by_segment,
                 "bandwidth": self.bandwidth, "notes": self.notes}
 
 
@@ -553,7 +557,8 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     figs.add({"name": f"dm_reward@{ctx.n_top}", "task": None}, *_per_unit(ctx, dm_top), useg, segs)
     metrics = figs.finish(n_boot, seed)
     report(0.5, "metrics done")
-    ope, bandwidth, ratio, notes = _off_policy(ctx, actions, expected, n_boot, seed)
+    ope, bandwidth, ratio, notes, per_request = _off_policy(ctx, actions, expected, n_boot, seed)
+    diagnostics, by_segment = _diagnostics(ctx, actions, ratio)
     report(0.7, "off-policy estimates done")
     truth = None
     if with_truth and ctx.sim_config is not None and truth_policy is not None:
@@ -562,11 +567,36 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
         truth = ground_truth(ctx, None, "sum", None, n_boot, seed)
     report(1.0, "done")
     return EvaluationResult(log.path, actions.label, ctx.resolved.to_dict(), log.n_requests, metrics, ope, truth,
-                            notes, bandwidth, ratio)
+                            notes, bandwidth, ratio, diagnostics, by_segment, per_request)
+
+
+def _diagnostics(ctx: EvalContext, actions: TargetActions, ratio: np.ndarray | None
+                 ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
+    """Overlap diagnostics overall and per segment (None where no importance ratio exists)."""
+    from mtf_core.diagnostics import overlap_diagnostics, support_coverage
+
+    if ratio is None:
+        return None, []
+    log = ctx.log
+    if actions.is_logging:
+        coverage: np.ndarray | None = np.ones(log.n_requests)
+    else:
+        from mtf_core.policies.resolve import logging_policy
+
+        logging = logging_policy(log)
+        draws = actions.samples if actions.samples is not None else actions.weights[None]
+        coverage = support_coverage(lambda rows: logging.distribution(log.state(rows)), draws, log.segment,
+                                    log.logging_logp, lambda: iter_chunks(log.n_requests, CHUNK))
+    clip = IPS().clip
+    overall = overlap_diagnostics(ratio, clip, coverage)
+    by_segment = [{"segment": name, **overlap_diagnostics(ratio[log.segment == s], clip,
+                                                          None if coverage is None else coverage[log.segment == s])}
+                  for s, name in enumerate(log.segments)]
+    return overall, by_segment
 
 
 def _off_policy(ctx: EvalContext, actions: TargetActions, expected: np.ndarray, n_boot: int, seed: int
-                ) -> tuple[list[dict[str, object]], float | None, np.ndarray | None, list[str]]:
+                ) -> tuple[list[dict[str, object]], float | None, np.ndarray | None, list[str], np.ndarray]:
     log = ctx.log
     notes: list[str] = []
     ratio, bandwidth = importance_ratio(ctx, actions)
@@ -586,6 +616,7 @@ def _off_policy(ctx: EvalContext, actions: TargetActions, expected: np.ndarray, 
         estimators = ESTIMATORS
         ratio_for_dm = ratio
     x = OPEInputs(reward, ratio_for_dm, q_logged, q_target)
+    per_request = (DR() if ratio is not None else DM()).terms(x).num
     for est in estimators:
         terms = est.terms(x)
         w = getattr(est, "weights", None)
@@ -601,7 +632,7 @@ def _off_policy(ctx: EvalContext, actions: TargetActions, expected: np.ndarray, 
         num_u = np.bincount(ctx.unit, weights=terms.num, minlength=len(ctx.unit_segment))
         den_u = np.bincount(ctx.unit, weights=terms.den, minlength=len(ctx.unit_segment))
         figs.add({"estimator": est.name}, num_u, den_u, ctx.unit_segment, log.segments, extra)
-    return figs.finish(n_boot, seed + 1), bandwidth, ratio, notes
+    return figs.finish(n_boot, seed + 1), bandwidth, ratio, notes, per_request
 
 
 def ground_truth(ctx: EvalContext, policy: Callable | None, form: str, bias: np.ndarray | None, n_boot: int,
@@ -662,3 +693,28 @@ def reward_preview(ctx: EvalContext) -> tuple["pd.DataFrame", "pd.DataFrame"]:
         for task, value in zip(log.task_names, totals):
             rows.append({"segment": name, "task": task, "share": float(value / denom) if denom > 0 else 0.0})
     return per_request, pd.DataFrame(rows)
+
+
+def point_value(ctx: EvalContext, actions: TargetActions) -> float:
+    """The DR estimate (DM where no importance ratio exists) without intervals: for validation during training."""
+    log = ctx.log
+    expected = np.concatenate([rerank_metrics(ctx, actions, rows, ctx.n_top).expected
+                               for rows in iter_chunks(log.n_requests, CHUNK)])
+    q_target = direct_value(ctx, expected, actions.weights) if actions.samples is None else _dm_of_samples(
+        ctx, actions.samples)
+    ratio, _ = importance_ratio(ctx, actions)
+    if ratio is None:
+        return float(q_target.mean())
+    q_logged = direct_value(ctx, ctx.logged_expected, log.weights)
+    return DR().terms(OPEInputs(ctx.logged.total, ratio, q_logged, q_target)).value
+
+
+def time_split(log: LogData, validation_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Request rows of the earlier and the later sessions (by session start): the last share validates."""
+    sessions, first = np.unique(log.session_id, return_index=True)
+    start = log.ts[first].astype("datetime64[us]").astype(np.int64)
+    order = np.argsort(start, kind="stable")
+    n_val = int(round(validation_share * len(sessions)))
+    val_sessions = sessions[order[len(sessions) - n_val:]] if n_val else sessions[:0]
+    is_val = np.isin(log.session_id, val_sessions)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)

@@ -27,6 +27,7 @@ __all__ = [
     "weights_vs_feature",
     "estimator_vs_truth",
     "ratio_histogram",
+    "validation_curve",
 ]
 
 _TASK_PALETTE = px.colors.qualitative.Set2
@@ -169,3 +170,14 @@ def ratio_histogram(ratios: np.ndarray, title: str = "Importance ratios (log10)"
     fig = go.Figure(go.Histogram(x=r, nbinsx=60))
     fig.update_xaxes(title="log10 ratio")
     return _layout(fig, title, 300)
+
+
+def validation_curve(df: pd.DataFrame, best_step: int | None) -> go.Figure:
+    """Validation DR estimate over training steps, with the kept checkpoint marked."""
+    fig = go.Figure(go.Scatter(x=df["step"], y=df["value"], mode="lines+markers", name="validation DR"))
+    if best_step is not None:
+        fig.add_vline(x=best_step, line_dash="dash", line_color="#2ca02c",
+                      annotation_text=f"kept: step {best_step}")
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="value per request")
+    return _layout(fig, "Held-out validation estimate (best checkpoint kept)", 320)

@@ -5,7 +5,9 @@ import streamlit as st
 
 from mtf_core import plots
 from mtf_core.compare import lift_frame, metric_frame, ope_frame
+from mtf_core.diagnostics import THRESHOLDS
 from mtf_core.errors import LogError
+from mtf_core.selection import CRITERIA, regret, select
 from ui.common import (KEY_COMPARISON, cached_evaluation, current_log, current_reward, log_version, page_setup,
                        policy_choices, runs_dir, show_error)
 
@@ -59,6 +61,31 @@ if not lifts.empty:
     st.dataframe(lifts.pivot_table(index="estimator", columns="policy", values="lift").style.format("{:+.1%}"),
                  width="stretch")
     st.caption("Lift over the baseline; look for separated intervals in the plot above before trusting a lift.")
+
+st.subheader("Can these estimates be trusted?")
+diag_rows = [{"policy": r.policy, **r.diagnostics} for r in results if r.diagnostics]
+if diag_rows:
+    st.dataframe(pd.DataFrame(diag_rows), width="stretch", hide_index=True)
+    t, n = THRESHOLDS["trustworthy"], THRESHOLDS["not_supported"]
+    st.caption(f"trustworthy: ESS share >= {t['ess_share_min']:.0%}, support coverage >= "
+               f"{t['support_coverage_min']:.0%}, clipped <= {t['clipped_share_max']:.0%}; not supported: ESS share < "
+               f"{n['ess_share_below']:.0%} or coverage < {n['support_coverage_below']:.0%}. Support coverage is the share "
+               "of the policy's actions where the logging policy acts at least at its own 1st-percentile density.")
+with_ratios = [r for r in results if r.ratios is not None and not r.policy == "logging"]
+if with_ratios:
+    which = st.selectbox("Importance ratios of", [r.policy for r in with_ratios])
+    st.plotly_chart(plots.ratio_histogram(next(r for r in with_ratios if r.policy == which).ratios,
+                                          f"Importance ratios of {which} (log10)"), width="stretch")
+
+st.subheader("Which policy to ship")
+choices_rows = []
+for criterion in CRITERIA:
+    choice = select(results, criterion)
+    choices_rows.append({"criterion": criterion, "chosen": choice["chosen"], "why": choice["reason"],
+                         "regret vs truth": regret(results, choice["chosen"])})
+st.dataframe(pd.DataFrame(choices_rows), width="stretch", hide_index=True)
+st.caption("mean: highest DR estimate; lower_bound: highest lower 95% bound; cvar: best value over the worst 10% "
+           "of requests. Regret (simulator logs): truth of the best policy minus truth of the choice.")
 
 estimator = st.selectbox("Per segment: estimator", sorted(ope["estimator"].unique(), key=lambda e: e != "truth"))
 per_segment = ope[(ope["estimator"] == estimator) & ope["segment"].notna()]

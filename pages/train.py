@@ -33,12 +33,19 @@ with st.form("train_form"):
         else:
             params[name] = col.text_input(name, value=str(default), help=doc)
     seed = st.number_input("Seed", value=0, step=1, help="The same seed, settings and log give the same run")
+    v1, v2 = st.columns(2)
+    validation_share = v1.number_input("Validation share", 0.0, 0.8, 0.2, 0.05,
+                                       help="Latest sessions held out: the validation DR estimate picks the best "
+                                            "checkpoint and stops training early")
+    patience = v2.number_input("Patience", 0, 100, 4, help="Validation estimates without improvement before "
+                                                          "stopping (0 = never stop early)")
     name = st.text_input("Run name", value="", help="Optional; defaults to the algorithm and id")
     submitted = st.form_submit_button("Train", type="primary")
 
 if submitted:
     try:
-        config = TrainConfig(algo, int(seed), params)
+        config = TrainConfig(algo, int(seed), params, validation_share=float(validation_share),
+                             patience=int(patience))
     except LogError as exc:
         show_error(exc)
         st.stop()
@@ -62,9 +69,12 @@ if submitted:
         store.mark(run_id, "cancelled")  # a Stop click reruns the page, which ends this script mid-loop
         raise
     store.finish_run(run_id, result.policy, result.history, result.status, result.seconds,
-                     {"final": result.history[-1][1] if result.history else {}})
+                     {"final": result.history[-1][1] if result.history else {}, "best_step": result.best_step,
+                      "best_validation": result.best_value, "stopped_early": result.stopped_early})
     st.session_state[KEY_LAST_RUN] = run_id
-    st.success(f"Run {run_id} {result.status} in {result.seconds:.1f}s")
+    best = (f"; kept the best checkpoint, step {result.best_step} (validation DR {result.best_value:.4f})"
+            + (", stopped early" if result.stopped_early else "")) if result.best_step is not None else ""
+    st.success(f"Run {run_id} {result.status} in {result.seconds:.1f}s{best}")
 
 st.subheader("Runs")
 runs = store.list_runs()
@@ -75,6 +85,7 @@ table = pd.DataFrame([{
     "id": r.run_id, "name": r.name, "algorithm": r.algo, "status": r.status,
     "started": r.created_at, "seconds": round(r.seconds or 0.0, 1),
     "final reward": r.summary.get("final", {}).get("charts/reward"),
+    "best step": r.summary.get("best_step"), "validation DR": r.summary.get("best_validation"),
     "same log": r.data_fingerprint == log.fingerprint,
 } for r in reversed(runs)])
 st.dataframe(table, width="stretch", hide_index=True)
@@ -85,7 +96,11 @@ chosen = st.selectbox("Run", ids, index=ids.index(st.session_state.get(KEY_LAST_
                       format_func=lambda i: f"{i} - {store.get(i).name}")
 history = store.history(chosen)
 if not history.empty:
-    st.plotly_chart(plots.training_curves(history), width="stretch")
+    validation = history[history["name"] == "validation/dr"]
+    if not validation.empty:
+        st.plotly_chart(plots.validation_curve(validation, store.get(chosen).summary.get("best_step")),
+                        width="stretch")
+    st.plotly_chart(plots.training_curves(history[history["name"] != "validation/dr"]), width="stretch")
 a, b = st.columns(2)
 with a.form("rename"):
     new_name = st.text_input("New name", value=store.get(chosen).name)

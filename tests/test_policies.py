@@ -59,8 +59,8 @@ def medium_log(tmp_path_factory):
 
 def test_grade_learns_segment_specific_weights(medium_log):
     spec = RewardSpec.default(medium_log.task_names)
-    result = train(TrainConfig("grade", 0, {"steps": 150, "warm_start_steps": 30, "batch_size": 512}),
-                   medium_log, spec)
+    result = train(TrainConfig("grade", 0, {"steps": 150, "warm_start_steps": 30, "batch_size": 512},
+                               validation_share=0.0), medium_log, spec)
     with torch.no_grad():
         w = result.policy.act(medium_log.state()).numpy()
     share = medium_log.task_names.index("share")
@@ -118,3 +118,35 @@ def test_bad_settings_are_refused():
 def test_config_fields_have_help_text():
     fields = config_fields("grade")
     assert ("group_size", 8, "Weight vectors sampled per state (G).") in fields
+
+
+def test_early_stopping_restores_the_best_checkpoint(medium_log):
+    from mtf_core.evaluate import point_value, prepare, target_actions, time_split
+
+    spec = RewardSpec.default(medium_log.task_names)
+    config = TrainConfig("grade", 0, {"steps": 120, "warm_start_steps": 10, "batch_size": 256, "lr": 0.05},
+                         validation_share=0.25, n_evaluations=12, patience=2)
+    result = train(config, medium_log, spec)
+    curve = [(step, m["validation/dr"]) for step, m in result.history if "validation/dr" in m]
+    assert len(curve) >= 3
+    best_step, best_value = max(curve, key=lambda x: x[1])
+    assert result.best_step == best_step and result.best_value == pytest.approx(best_value)
+    _, val_rows = time_split(medium_log, 0.25)
+    ctx = prepare(medium_log.subset(val_rows), spec)
+    with torch.no_grad():
+        restored = point_value(ctx, target_actions(result.policy, ctx.log, "v", stochastic=False))
+    assert restored == pytest.approx(best_value, rel=1e-6)
+    if result.stopped_early:
+        assert len(result.history) < 120 + 10
+
+
+def test_time_split_holds_out_the_latest_sessions(tiny_log):
+    from mtf_core.evaluate import time_split
+
+    train_rows, val_rows = time_split(tiny_log, 0.2)
+    assert len(np.intersect1d(train_rows, val_rows)) == 0 and len(train_rows) + len(val_rows) == tiny_log.n_requests
+    first_val = tiny_log.ts[val_rows][tiny_log.step[val_rows] == 0].min()
+    last_train = tiny_log.ts[train_rows][tiny_log.step[train_rows] == 0].max()
+    assert first_val >= last_train  # every held-out session starts after every training session
+    val_sessions = set(tiny_log.session_id[val_rows])
+    assert not val_sessions & set(tiny_log.session_id[train_rows])

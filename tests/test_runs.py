@@ -19,7 +19,7 @@ FAST = {"steps": 20, "warm_start_steps": 5, "batch_size": 128}
 def finished_run(tiny_log, tmp_path):
     store = RunStore(tmp_path / "runs")
     spec = RewardSpec.default(tiny_log.task_names)
-    config = TrainConfig("grade", 1, FAST)
+    config = TrainConfig("grade", 1, FAST, validation_share=0.0)
     run_id = store.create_run("grade", config.to_dict(), spec, tiny_log)
     result = train(config, tiny_log, spec)
     store.finish_run(run_id, result.policy, result.history, result.status, result.seconds)

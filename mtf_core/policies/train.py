@@ -6,6 +6,7 @@ step, the total and the step's metrics; returning False cancels the run cleanly 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from mtf_core.errors import LogError
+from mtf_core.evaluate import point_value, prepare, target_actions, time_split
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.policies.cem import CEMConfig, CEMTrainer
 from mtf_core.policies.grade import GradeConfig, GradeTrainer
@@ -61,14 +63,23 @@ class TrainConfig:
     algo: str
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    validation_share: float = 0.2
+    """The latest sessions held out to validate on (0 = train on everything, no early stopping)."""
+    n_evaluations: int = 10
+    """Validation estimates during training."""
+    patience: int = 4
+    """Stop after this many validation estimates without improvement (0 = never stop early)."""
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
             raise LogError(f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
+        if not 0.0 <= self.validation_share < 0.9 or self.n_evaluations < 1 or self.patience < 0:
+            raise LogError("need 0 <= validation_share < 0.9, n_evaluations >= 1 and patience >= 0")
         algorithm_config(self.algo, self.params)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"algo": self.algo, "seed": self.seed,
+        return {"algo": self.algo, "seed": self.seed, "validation_share": self.validation_share,
+                "n_evaluations": self.n_evaluations, "patience": self.patience,
                 "params": dataclasses.asdict(algorithm_config(self.algo, self.params))}
 
 
@@ -136,25 +147,73 @@ class TrainResult:
     seconds: float
     config: TrainConfig
     data: TrainingData
+    best_step: int | None = None
+    best_value: float | None = None
+    stopped_early: bool = False
+
+
+class _Validator:
+    """Validation estimates on held-out later sessions; keeps the best checkpoint."""
+
+    def __init__(self, log: LogData | None, reward: RewardSpec, n_steps: int, n_evaluations: int) -> None:
+        self.ctx = prepare(log, reward) if log is not None and log.n_requests else None
+        self.every = max(1, n_steps // n_evaluations)
+        self.n_steps = n_steps
+        self.best_value, self.best_step, self.best_state = -np.inf, None, None
+        self.bad = 0
+
+    def due(self, step: int) -> bool:
+        return self.ctx is not None and ((step + 1) % self.every == 0 or step + 1 == self.n_steps)
+
+    def evaluate(self, step: int, policy: FusionPolicy) -> float:
+        assert self.ctx is not None
+        with torch.no_grad():
+            value = point_value(self.ctx, target_actions(policy, self.ctx.log, "validation", stochastic=False))
+        if value > self.best_value:
+            self.best_value, self.best_step, self.bad = value, step, 0
+            self.best_state = copy.deepcopy(policy.state_dict())
+        else:
+            self.bad += 1
+        return value
 
 
 def train(config: TrainConfig, log: LogData, reward: RewardSpec,
           on_step: Callable[[StepInfo], bool | None] | None = None) -> TrainResult:
-    """Train `config.algo` on `log` against `reward`; the same config and log give the same policy."""
+    """Train `config.algo` on `log` against `reward`; the same config and log give the same policy.
+
+    With `validation_share > 0`, the latest sessions are held out; the validation DR estimate of the
+    policy's mean weights is recorded as `validation/dr` every n_steps / n_evaluations steps, training
+    stops after `patience` estimates without improvement, and the best checkpoint is restored.
+    """
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2**32))
     start = time.perf_counter()
-    data = build_training_data(log, reward)
+    train_rows, val_rows = time_split(log, config.validation_share)
+    train_log = log.subset(train_rows) if len(val_rows) else log
+    data = build_training_data(train_log, reward)
     config_cls, trainer_cls = ALGORITHMS[config.algo]
     trainer = trainer_cls(algorithm_config(config.algo, config.params), data, config.seed)
+    validator = _Validator(log.subset(val_rows) if len(val_rows) else None, reward, trainer.n_steps,
+                           config.n_evaluations)
     history: list[tuple[int, dict[str, float]]] = []
-    status = "finished"
+    status, stopped_early = "finished", False
     for step in range(trainer.n_steps):
         metrics = trainer.step(step)
+        if validator.due(step):
+            trainer.policy.eval()
+            metrics = {**metrics, "validation/dr": validator.evaluate(step, trainer.policy)}
+            trainer.policy.train()
         history.append((step, metrics))
         if on_step is not None and on_step(StepInfo(step, trainer.n_steps, metrics,
                                                     time.perf_counter() - start)) is False:
             status = "cancelled"
             break
+        if config.patience and validator.bad >= config.patience:
+            stopped_early = True
+            break
+    if validator.best_state is not None:
+        trainer.policy.load_state_dict(validator.best_state)
     trainer.policy.eval()
-    return TrainResult(trainer.policy, history, status, time.perf_counter() - start, config, data)
+    best = validator.best_value if validator.best_step is not None else None
+    return TrainResult(trainer.policy, history, status, time.perf_counter() - start, config, data,
+                       validator.best_step, best, stopped_early)

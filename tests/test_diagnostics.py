@@ -1,0 +1,76 @@
+"""Overlap diagnostics and risk-aware selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtf_core.diagnostics import NOT_SUPPORTED, TRUSTWORTHY, overlap_diagnostics
+from mtf_core.evaluate import EvaluationResult, evaluate_policy, prepare, target_actions
+from mtf_core.policies.static import LoggingPolicy, parse_static
+from mtf_core.reward import RewardSpec
+from mtf_core.selection import cvar, regret, select
+from mtf_core.simulate import SimConfig, logging_alpha
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_log):
+    return prepare(tiny_log, RewardSpec.default(tiny_log.task_names))
+
+
+def _diag(ctx, policy, stochastic=False):
+    result = evaluate_policy(ctx, target_actions(policy, ctx.log, "p", stochastic=stochastic), n_boot=20,
+                             with_truth=False)
+    return result.diagnostics
+
+
+def test_ess_equals_the_number_of_requests_for_the_logging_policy(ctx):
+    d = _diag(ctx, None)
+    assert d["ess"] == pytest.approx(ctx.log.n_requests) and d["verdict"] == TRUSTWORTHY
+
+
+def test_ess_falls_as_the_target_moves_away(ctx, tiny_log):
+    config = SimConfig.from_json(tiny_log.meta["simulator_config"])
+    alpha = logging_alpha(config)[np.argsort(config.segment_names)]
+    mean = alpha / alpha.sum(1, keepdims=True)
+    shares = []
+    for shift in (0.0, 0.05, 0.15):
+        moved = np.clip(mean + shift * np.array([-1, 0.25, 0.25, 0.25, 0.25]), 0.01, None)
+        policy = LoggingPolicy(tiny_log.task_names, tiny_log.segments,
+                               moved / moved.sum(1, keepdims=True) * alpha.sum(1, keepdims=True))
+        shares.append(_diag(ctx, policy, stochastic=True)["ess_share"])
+    assert shares[0] > 0.95 and shares[0] > shares[1] > shares[2]
+
+
+def test_verdict_is_not_supported_where_the_log_has_no_data(ctx, tiny_log):
+    policy = parse_static("share=1", tiny_log.task_names, tiny_log.segments)
+    d = _diag(ctx, policy)
+    assert d["verdict"] == NOT_SUPPORTED and d["support_coverage"] < 0.5
+
+
+def test_diagnostics_of_constructed_ratios():
+    d = overlap_diagnostics(np.array([1.0] * 98 + [500.0, 0.0]), clip=100.0, coverage=np.ones(100))
+    assert d["max_ratio"] == 500.0 and d["clipped_share"] == pytest.approx(0.01)
+    assert d["ess"] == pytest.approx(198.0**2 / (98 + 100.0**2))
+
+
+def _result(policy: str, value: float, low: float, high: float, per_request, truth: float | None = None):
+    return EvaluationResult("log", policy, {}, len(per_request), [], [
+        {"estimator": "dr", "segment": None, "value": value, "ci_low": low, "ci_high": high, "ess": 1.0}],
+        None if truth is None else {"value": truth, "ci_low": truth, "ci_high": truth},
+        per_request_value=np.asarray(per_request, dtype=float))
+
+
+def test_lower_bound_prefers_a_slightly_worse_but_surer_policy():
+    rng = np.random.default_rng(0)
+    risky = _result("risky", 10.2, 8.0, 12.4, rng.normal(10.2, 8, 1000), truth=9.0)
+    sure = _result("sure", 10.0, 9.8, 10.2, rng.normal(10.0, 0.5, 1000), truth=10.0)
+    assert select([risky, sure], "mean")["chosen"] == "risky"
+    choice = select([risky, sure], "lower_bound")
+    assert choice["chosen"] == "sure" and choice["ranking"][0] == {"policy": "sure", "score": 9.8}
+    assert select([risky, sure], "cvar")["chosen"] == "sure"
+    assert regret([risky, sure], "risky") == pytest.approx(1.0) and regret([risky, sure], "sure") == 0.0
+
+
+def test_cvar_is_the_mean_of_the_worst_tail():
+    assert cvar(np.arange(100.0), 0.1) == pytest.approx(4.5)
