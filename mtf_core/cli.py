@@ -187,12 +187,52 @@ def _headline(result) -> dict[str, dict[str, object]]:  # type: ignore[no-untype
     return rows
 
 
+def _train_all(args: argparse.Namespace, log, spec) -> tuple[list[str], dict[str, float]]:  # type: ignore[no-untyped-def]
+    """Train each algorithm of `--algo` with its defaults into the run store; (policy refs, seconds)."""
+    from mtf_core.policies.train import ALGORITHMS, TrainConfig, train
+    from mtf_core.runs import RunStore
+
+    algos = list(ALGORITHMS) if args.algo == "all" else [a.strip() for a in args.algo.split(",") if a.strip()]
+    store, refs, seconds = RunStore(args.runs), [], {}
+    for algo in algos:
+        params = {"per_segment": True} if algo == "cem" else {}
+        config = TrainConfig(algo, args.seed, params)
+        run_id = store.create_run(algo, config.to_dict(), spec, log, f"compare-{algo}")
+        update, close = _progress_bar(f"train {algo}")
+        try:
+            result = train(config, log, spec, on_step=lambda info: update((info.step + 1) / info.n_steps))
+        except BaseException:
+            store.mark(run_id, "failed")
+            raise
+        finally:
+            close()
+        store.finish_run(run_id, result.policy, result.history, result.status, result.seconds,
+                         {"best_step": result.best_step, "best_validation": result.best_value})
+        refs.append(f"run:{run_id}")
+        seconds[f"run:{run_id}"] = result.seconds
+        print(f"trained {algo}: run {run_id} in {result.seconds:.1f}s", file=sys.stderr)
+    return refs, seconds
+
+
+def _algo_table(results, seconds: dict[str, float], names: dict[str, str]) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    rows = []
+    for r in results:
+        figs = _headline(r)
+        rows.append({"policy": names.get(r.policy, r.policy), "train_seconds": seconds.get(r.policy),
+                     **{k: figs.get(k) for k in ("truth", "snips", "dr", "ndcg@6:reward")}})
+    return rows
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from mtf_core.runs import RunStore
 
-    _, ctx = _evaluation_inputs(args)
-    explicit = bool(args.policy)
-    policies = list(args.policy or [])
+    log, ctx = _evaluation_inputs(args)
+    trained: list[str] = []
+    seconds: dict[str, float] = {}
+    if args.algo:
+        trained, seconds = _train_all(args, log, ctx.resolved.spec)
+    explicit = bool(args.policy) or bool(trained)
+    policies = list(args.policy or []) + (["logging"] + trained if trained else [])
     if not explicit:
         policies = ["logging"] + [f"run:{r.run_id}" for r in RunStore(args.runs).list_runs()
                                   if r.status == "finished" and r.data_fingerprint == ctx.log.fingerprint]
@@ -217,6 +257,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     selection = select(results, args.select)
     regrets = {c: regret(results, select(results, c)["chosen"]) for c in CRITERIA}
+    if trained:
+        names = {ref: RunStore(args.runs).get(ref[4:]).algo for ref in trained}
+        return _print_algo_table(args, _algo_table(results, seconds, names), selection, regrets)
     if args.json:
         _emit({"log": args.log, "baseline": table[0]["policy"], "policies": table,
                "selection": {k: selection[k] for k in ("criterion", "chosen", "ranking", "reason")},
@@ -244,6 +287,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if any(v is not None for v in regrets.values()):
         print("regret against the simulator's truth: " + ", ".join(
             f"{c}={v:.4f}" for c, v in regrets.items() if v is not None))
+    return EXIT_OK
+
+
+def _print_algo_table(args: argparse.Namespace, rows: list[dict[str, object]], selection: dict[str, object],
+                      regrets: dict[str, float | None]) -> int:
+    if args.json:
+        _emit({"log": args.log, "algorithms": rows, "selection": selection, "regret": regrets})
+        return EXIT_OK
+    print(f"{'policy':<12}{'train s':>9}  {'truth [95% CI]':<28}{'SNIPS [95% CI]':<28}{'DR [95% CI]':<28}"
+          f"{'NDCG@6 reward':<16}")
+    for row in rows:
+        cells = [_ci(row[k]) if row.get(k) else "n/a" for k in ("truth", "snips", "dr", "ndcg@6:reward")]
+        secs = f"{row['train_seconds']:.1f}" if row.get("train_seconds") is not None else "-"
+        print(f"{row['policy']:<12}{secs:>9}  {cells[0]:<28}{cells[1]:<28}{cells[2]:<28}{cells[3]:<16}")
+    print(f"choice by {args.select}: {selection['reason']}")
     return EXIT_OK
 
 
@@ -289,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--policy", required=True, help="logging | static:TASK=W,... | run:RUN_ID")
         else:
             p.add_argument("--policy", action="append", help="repeat; default: logging and every finished run")
+            p.add_argument("--algo", help="train these algorithms with their defaults first (comma list, or "
+                                          "'all') and compare them with the logging policy")
             p.add_argument("--select", choices=["mean", "lower_bound", "cvar"], default="lower_bound",
                            help="how to choose a policy: DR mean, lower 95%% bound, or CVaR of the worst 10%%")
         p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")

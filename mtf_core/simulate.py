@@ -426,14 +426,22 @@ def run_online(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
     return _run(config, policy, form, keep_detail=False, progress=progress, bias=bias)[1]
 
 
-def simulate(config: SimConfig, progress: Callable[[float], None] | None = None) -> SimTables:
-    """Generate a log under the logging policy: column arrays for every table of DESIGN §2."""
-    world, out = _run(config, None, keep_detail=True, progress=progress)
+def simulate(config: SimConfig, progress: Callable[[float], None] | None = None, policy: PolicyFn | None = None,
+             policy_label: str = "exploration") -> SimTables:
+    """Generate a log: column arrays for every table of DESIGN §2.
+
+    Under the logging policy by default (with its exact `logging_logp`); with `policy`, under that policy,
+    whose density is unknown here, so `logging_logp` is NaN.
+    """
+    world, out = _run(config, policy, keep_detail=True, progress=progress)
     det = out.detail
     n_req, n_cand = out.session.shape[0], config.n_candidates
     request_id = np.arange(1, n_req + 1, dtype=np.int64)
     alpha = logging_alpha(config)[np.argsort(config.segment_names)][out.segment]
-    logp = torch.distributions.Dirichlet(torch.from_numpy(alpha)).log_prob(torch.from_numpy(out.weights)).numpy()
+    if policy is None:
+        logp = torch.distributions.Dirichlet(torch.from_numpy(alpha)).log_prob(torch.from_numpy(out.weights)).numpy()
+    else:
+        logp = np.full(n_req, np.nan)
     start = np.datetime64(datetime.fromisoformat(config.start))
     ts = start + (world.session_start[out.session] * 1e6).astype("timedelta64[us]") + (
         out.step * 45_000_000).astype("timedelta64[us]")
@@ -441,7 +449,8 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None)
         "request_id": request_id, "session_id": out.session.astype(np.int64) + 1,
         "user_id": world.session_user[out.session].astype(np.int64) + 1, "step": out.step.astype(np.int32),
         "ts": ts, **{f"w_{t}": out.weights[:, j] for j, t in enumerate(config.tasks)},
-        "logging_logp": logp, "logging_policy": np.full(n_req, f"dirichlet(c={config.logging_concentration:g})"),
+        "logging_logp": logp, "logging_policy": np.full(n_req, f"dirichlet(c={config.logging_concentration:g})"
+                                                         if policy is None else policy_label),
     }
     positions = det["positions"].reshape(-1)
     shown = positions < config.n_shown

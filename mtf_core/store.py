@@ -633,3 +633,4 @@ def check_column(log_columns: Mapping[str, str], name: str, what: str) -> str:
     if name not in log_columns:
         raise LogError(f"unknown {what} {name!r}; known: {', '.join(sorted(log_columns))}")
     return check_identifier(name, what)
+

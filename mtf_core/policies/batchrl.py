@@ -1,0 +1,161 @@
+"""BatchRL-MTF: batch (offline) RL for long-term satisfaction with BCQ (arXiv 2208.04560).
+
+Follows the paper:
+- transitions (state, logged fusion weights, reward, next state) from consecutive requests of a session;
+  the reward is the RewardSpec's composite, whose session terms express stickiness (continuation,
+  `returned`) and activeness (per request served);
+- Batch-Constrained Q-learning (Fujimoto et al., 2019): a conditional VAE models the logged actions, a
+  perturbation network moves a generated action by at most 0.15 per weight (tanh-bounded), twin critics
+  with target networks and clipped double-Q (lambda = 0.75), discount 0.95; the chosen action is the best
+  of n perturbed VAE proposals under the first critic, so the policy stays near the logged support.
+The lab's choices:
+- the action is the logged weight vector on the simplex (`sum` fusion), not the paper's
+  `sum_k a_k log(s_k + b_k)`, because offline learning needs the log's own action space; perturbed
+  actions are projected back to the simplex;
+- serving is deterministic: the proposals come from a fixed set of latent points (a buffer), so `act`
+  is a function of the state; the offline evaluation uses kernelised estimators for it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mtf_core.policies.base import StateBatch, simplex_normalise
+from mtf_core.policies.objective import TrainingData
+from mtf_core.policies.offline import EncodedPolicy, build_transitions, mlp, soft_update
+
+__all__ = ["BatchRLConfig", "BCQPolicy", "BatchRLTrainer", "ALGO", "CONFIG", "TRAINER", "POLICY"]
+
+
+@dataclass(frozen=True)
+class BatchRLConfig:
+    """BCQ hyperparameters (paper values where it gives them)."""
+
+    steps: int = 1500
+    """Gradient updates."""
+    batch_size: int = 512
+    """Transitions per update."""
+    hidden: int = 64
+    """Hidden width of every network."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    discount: float = 0.95
+    """Discount of future requests in the session."""
+    max_perturbation: float = 0.15
+    """Largest change of a weight by the perturbation network (tanh-bounded)."""
+    n_proposals: int = 10
+    """VAE proposals scored by the critic when acting."""
+    lmbda: float = 0.75
+    """Weight of the smaller critic in the clipped double-Q target."""
+    tau: float = 0.005
+    """Target network update rate."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.discount < 1 or self.steps < 1 or self.n_proposals < 1:
+            raise ValueError("need 0 <= discount < 1, steps >= 1 and n_proposals >= 1")
+
+
+class BCQPolicy(EncodedPolicy):
+    """Generator (VAE decoder) + perturbation + critic; acts by the best of fixed latent proposals."""
+
+    def __init__(self, tasks: tuple[str, ...], segments: tuple[str, ...], n_user_features: int, n_context: int,
+                 hidden: int = 64, n_proposals: int = 10, max_perturbation: float = 0.15) -> None:
+        super().__init__(tasks, segments, n_user_features, n_context, hidden)
+        k, d = len(tasks), self.encoder.n_out
+        self.latent = 2 * k
+        self.n_proposals, self.max_perturbation = n_proposals, max_perturbation
+        self.vae_encoder = mlp(d + k, 2 * self.latent, hidden)
+        self.vae_decoder = mlp(d + self.latent, k, hidden)
+        self.perturb = mlp(d + k, k, hidden)
+        self.q1, self.q2 = mlp(d + k, 1, hidden), mlp(d + k, 1, hidden)
+        self.register_buffer("proposal_z", torch.randn(n_proposals, self.latent,
+                                                       generator=torch.Generator().manual_seed(0)).clamp(-0.5, 0.5))
+
+    def spec(self) -> dict[str, object]:
+        return {**super().spec(), "n_proposals": self.n_proposals, "max_perturbation": self.max_perturbation}
+
+    def decode(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.vae_decoder(torch.cat([x, z], -1)), -1)
+
+    def perturbed(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        shift = self.max_perturbation * torch.tanh(self.perturb(torch.cat([x, a], -1)))
+        return simplex_normalise(a + shift)
+
+    def select(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Best of `z.shape[0]` proposals per state under the first critic, `[R,K]`."""
+        r, p = x.shape[0], z.shape[0]
+        xs = x.repeat_interleave(p, 0)
+        a = self.perturbed(xs, self.decode(xs, z.repeat(r, 1)))
+        q = self.q1(torch.cat([xs, a], -1)).reshape(r, p)
+        best = q.argmax(1)
+        return a.reshape(r, p, -1)[torch.arange(r), best]
+
+    def act(self, state: StateBatch, deterministic: bool = True) -> torch.Tensor:
+        return self.select(self.encoder(state), self.proposal_z)
+
+
+class BatchRLTrainer:
+    """One `step` = one BCQ update of the VAE, the critics and the perturbation network."""
+
+    def __init__(self, config: BatchRLConfig, data: TrainingData, seed: int) -> None:
+        self.config = config
+        self.gen = torch.Generator().manual_seed(seed)
+        log = data.log
+        self.policy = BCQPolicy(log.task_names, log.segments, log.user_features.shape[1], log.context.shape[1],
+                                config.hidden, config.n_proposals, config.max_perturbation)
+        self.policy.encoder.fit(data.state.user_features.float())
+        self.t = build_transitions(data, self.policy.encoder)
+        self.target = copy.deepcopy(self.policy)
+        p = self.policy
+        self.vae_opt = torch.optim.Adam([*p.vae_encoder.parameters(), *p.vae_decoder.parameters()], lr=config.lr)
+        self.critic_opt = torch.optim.Adam([*p.q1.parameters(), *p.q2.parameters()], lr=config.lr)
+        self.actor_opt = torch.optim.Adam(p.perturb.parameters(), lr=config.lr)
+        self.n_steps = config.steps
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, p, t = self.config, self.policy, self.t
+        idx = torch.randint(0, t.n, (min(cfg.batch_size, t.n),), generator=self.gen)
+        x, a, r = t.features[idx], t.actions[idx], t.rewards[idx]
+        x_next, done = t.features[t.next_row[idx]], t.done[idx]
+        # Generative model of the logged actions.
+        mean, log_std = p.vae_encoder(torch.cat([x, a], -1)).chunk(2, -1)
+        log_std = log_std.clamp(-4, 2)
+        z = mean + log_std.exp() * torch.randn(mean.shape, generator=self.gen)
+        recon = p.decode(x, z)
+        kl = -0.5 * (1 + 2 * log_std - mean.pow(2) - (2 * log_std).exp()).sum(-1).mean()
+        vae_loss = (recon - a).pow(2).sum(-1).mean() + 0.5 * kl / a.shape[1]
+        self.vae_opt.zero_grad()
+        vae_loss.backward()
+        self.vae_opt.step()
+        # Clipped double-Q target over n proposals at the next state.
+        with torch.no_grad():
+            n = cfg.n_proposals
+            xn = x_next.repeat_interleave(n, 0)
+            zn = torch.randn(xn.shape[0], p.latent, generator=self.gen).clamp(-0.5, 0.5)
+            an = self.target.perturbed(xn, p.decode(xn, zn))
+            q1n, q2n = self.target.q1(torch.cat([xn, an], -1)), self.target.q2(torch.cat([xn, an], -1))
+            qn = cfg.lmbda * torch.min(q1n, q2n) + (1 - cfg.lmbda) * torch.max(q1n, q2n)
+            qn = qn.reshape(-1, n).max(1).values
+            target = r + cfg.discount * (1 - done) * qn
+        xa = torch.cat([x, a], -1)
+        critic_loss = (p.q1(xa).squeeze(-1) - target).pow(2).mean() + (p.q2(xa).squeeze(-1) - target).pow(2).mean()
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+        # Perturbation: move generated actions towards higher Q, within the bound.
+        with torch.no_grad():
+            generated = p.decode(x, torch.randn(x.shape[0], p.latent, generator=self.gen).clamp(-0.5, 0.5))
+        actor_q = p.q1(torch.cat([x, p.perturbed(x, generated)], -1)).mean()
+        self.actor_opt.zero_grad()
+        (-actor_q).backward()
+        self.actor_opt.step()
+        soft_update(self.target, p, cfg.tau)
+        return {"losses/vae": float(vae_loss.detach()), "losses/critic": float(critic_loss.detach()),
+                "charts/q": float(actor_q.detach()) * t.reward_scale}
+
+
+ALGO, CONFIG, TRAINER, POLICY = "batchrl", BatchRLConfig, BatchRLTrainer, BCQPolicy

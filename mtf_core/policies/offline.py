@@ -1,0 +1,97 @@
+"""Shared pieces of the offline RL methods: session transitions, small networks, target updates.
+
+A transition is one request: state (user features, segment, session context), the logged action (the
+request's fusion weights), the composite reward of the RewardSpec (its session terms carry the
+long-term view: continuation, returned) and the next request of the same session (or the end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtf_core.policies.base import FusionPolicy, StateBatch
+from mtf_core.policies.objective import FeatureEncoder, TrainingData
+
+__all__ = ["Transitions", "build_transitions", "mlp", "soft_update", "EncodedPolicy", "interior"]
+
+
+def interior(a: torch.Tensor) -> torch.Tensor:
+    """Weights moved strictly inside the simplex (and renormalised), so Dirichlet densities are finite."""
+    a = a.clamp(min=1e-6)
+    return a / a.sum(-1, keepdim=True)
+
+
+def mlp(n_in: int, n_out: int, hidden: int = 64) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, n_out))
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for t, s in zip(target.parameters(), source.parameters()):
+            t.mul_(1 - tau).add_(s, alpha=tau)
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """(s, a, r, s', done) per request; `next_row` indexes the next request (itself when done)."""
+
+    features: torch.Tensor  # (R, D) encoded states
+    actions: torch.Tensor  # (R, K) logged weights
+    rewards: torch.Tensor  # (R,)
+    next_row: torch.Tensor  # (R,) long
+    done: torch.Tensor  # (R,) float
+    reward_scale: float
+
+    @property
+    def n(self) -> int:
+        return int(self.rewards.shape[0])
+
+
+def next_rows(session_id: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of each request's successor in its session, and whether there is none."""
+    order = np.lexsort((step, session_id))
+    nxt = np.arange(len(session_id))
+    same = session_id[order[1:]] == session_id[order[:-1]]
+    nxt[order[:-1][same]] = order[1:][same]
+    done = np.ones(len(session_id), dtype=bool)
+    done[order[:-1][same]] = False
+    return nxt, done
+
+
+def build_transitions(data: TrainingData, encoder: FeatureEncoder) -> Transitions:
+    """Transitions of a training log; rewards are divided by their std so that step sizes carry over."""
+    log = data.log
+    with torch.no_grad():
+        features = encoder(data.state)
+    nxt, done = next_rows(log.session_id, log.step)
+    reward = data.ctx.logged.total
+    scale = float(reward.std()) if reward.std() > 0 else 1.0
+    return Transitions(features, torch.as_tensor(log.weights, dtype=torch.float32),
+                       torch.as_tensor(reward / scale, dtype=torch.float32), torch.from_numpy(nxt),
+                       torch.from_numpy(done.astype(np.float32)), scale)
+
+
+class EncodedPolicy(FusionPolicy):
+    """A deterministic policy over weights: features -> network -> simplex (softmax)."""
+
+    stochastic = False
+
+    def __init__(self, tasks: tuple[str, ...], segments: tuple[str, ...], n_user_features: int, n_context: int,
+                 hidden: int = 64) -> None:
+        super().__init__(tasks, segments)
+        self.n_user_features, self.n_context, self.hidden = n_user_features, n_context, hidden
+        self.encoder = FeatureEncoder(n_user_features, n_context, segments)
+
+    def spec(self) -> dict[str, object]:
+        return {**super().spec(), "n_user_features": self.n_user_features, "n_context": self.n_context,
+                "hidden": self.hidden}
+
+    def distribution(self, state: StateBatch) -> torch.distributions.Distribution:
+        """A near-point mass at the action (for plots; importance ratios use kernels for such policies)."""
+        w = self.act(state)
+        return torch.distributions.Dirichlet(w.clamp(min=1e-4) * 1e4)
