@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--candidates", type=int, default=20, help="candidates per request (N)")
     p.add_argument("--shown", type=int, default=6, help="items shown per request (L)")
-    p.add_argument("--concentration", type=float, default=40.0, help="logging Dirichlet concentration")
+    p.add_argument("--concentration", type=float, default=10.0, help="logging Dirichlet concentration")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_generate)
 

@@ -122,9 +122,13 @@ class RunStore:
                 con = duckdb.connect(str(self.catalogue), read_only=not write)
                 break
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                    raise LogError(f"{self.catalogue}: cannot open the run catalogue ({str(exc).splitlines()[0]})",
+                if "lock" not in str(exc).lower():
+                    raise LogError(f"{self.catalogue}: the run catalogue is corrupted or unreadable "
+                                   f"({str(exc).splitlines()[0]}); move it aside to start a new one",
                                    EXIT_UNUSABLE) from exc
+                if time.monotonic() > deadline:
+                    raise LogError(f"{self.catalogue}: the run catalogue stayed locked by another process for "
+                                   f"{_LOCK_RETRY_SECONDS:.0f}s; try again", EXIT_UNUSABLE) from exc
                 time.sleep(0.05 + random.random() * 0.1)
             except duckdb.Error as exc:
                 raise LogError(f"{self.catalogue}: the run catalogue is corrupted or unreadable "

@@ -73,7 +73,7 @@ class SimConfig:
     max_steps: int = 30
     seed: int = 0
     latent_dim: int = 8
-    logging_concentration: float = 40.0
+    logging_concentration: float = 10.0
     """Total Dirichlet concentration of the logging policy: higher explores less."""
     position_decay: float = 0.8
     segment_names: tuple[str, ...] = ("new", "casual", "core", "power")

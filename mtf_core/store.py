@@ -453,9 +453,24 @@ def _read_source(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> list
     return cols
 
 
+def _csv_header(path: Path) -> list[str]:
+    """The header row as written (DuckDB renames duplicates, which would hide them)."""
+    import csv
+
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        sample = f.read(65536)
+    try:
+        dialect = csv.Sniffer().sniff(sample.splitlines()[0] if sample else ",", delimiters=",;\t|")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.reader(sample.splitlines()[:1], dialect))
+    return rows[0] if rows else []
+
+
 def _source_columns(table: str, path: Path, raw_cols: list[str], renames: dict[str, str]) -> dict[str, str]:
     """Target column -> source column for one table, checking the mapping against the file's header."""
-    lowered = [c.lower() for c in raw_cols]
+    header = _csv_header(path) if _SOURCE_READERS.get(path.suffix.lower()) == "read_csv" else raw_cols
+    lowered = [c.strip().lower() for c in header]
     dupes = sorted({c for c in lowered if lowered.count(c) > 1})
     if dupes:
         raise LogError(f"{path}: duplicate column names {dupes}")

@@ -17,7 +17,9 @@ FAST = {
     "integrated": {"rounds": 2, "steps_per_round": 80, "batch_size": 256, "explore_user_share": 0.3},
     "enhanced": {"steps": 150, "batch_size": 64},
 }
-OBJECTIVE = {"batchrl": "losses/critic", "integrated": "losses/critic", "enhanced": "losses/critic"}
+# What each method's optimiser minimises and should bring down in a short run: BCQ's clipped double-Q
+# regression; the actor objective of the two actor-critics (their TD critic losses can grow with Q).
+OBJECTIVE = {"batchrl": "losses/critic", "integrated": "losses/actor", "enhanced": "losses/actor"}
 
 
 @pytest.fixture(scope="module", params=list(FAST))
@@ -28,11 +30,11 @@ def trained(request, tiny_log):
     return algo, result
 
 
-def test_training_reduces_the_critic_loss(trained):
+def test_training_improves_its_own_objective(trained):
     algo, result = trained
     losses = [m[OBJECTIVE[algo]] for _, m in result.history]
     first, last = np.mean(losses[:15]), np.mean(losses[-15:])
-    assert last < first, f"{algo}: critic loss {first:.4f} -> {last:.4f}"
+    assert last < first, f"{algo}: {OBJECTIVE[algo]} {first:.4f} -> {last:.4f}"
 
 
 def test_actions_are_valid_weights(trained, tiny_log):

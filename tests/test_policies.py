@@ -59,7 +59,7 @@ def medium_log(tmp_path_factory):
 
 def test_grade_learns_segment_specific_weights(medium_log):
     spec = RewardSpec.default(medium_log.task_names)
-    result = train(TrainConfig("grade", 0, {"steps": 150, "warm_start_steps": 30, "batch_size": 512},
+    result = train(TrainConfig("grade", 0, {"steps": 200, "warm_start_steps": 30, "batch_size": 1024},
                                validation_share=0.0), medium_log, spec)
     with torch.no_grad():
         w = result.policy.act(medium_log.state()).numpy()

@@ -11,7 +11,7 @@ Follows the paper:
 The lab's choices where the paper is silent:
 - the stage-1 loss is LambdaRank's |delta NDCG|-weighted pairwise logistic loss on the shown items with the
   composite item reward as gain (a member of the LambdaLoss family), plus a term that keeps the total
-  concentration at the logging policy's;
+  concentration at its initial level (the logging policy's, at least `min_initial_concentration`);
 - adaptive exploration multiplies alpha by a per-segment factor kappa (kept in the state dict): when a
   segment's within-group reward spread falls below its level at the start of GRPO the Dirichlet widens
   (kappa down), when rewards separate more it narrows (kappa up);
@@ -57,6 +57,8 @@ class GradeConfig:
     """Weight of KL(policy || stage-1 policy)."""
     epochs_per_batch: int = 2
     """Gradient steps on each sampled batch."""
+    min_initial_concentration: float = 30.0
+    """Start at the logging policy's concentration, but at least this (a wide log would make groups noisy)."""
     adaptive_exploration: bool = True
     """Adapt the Dirichlet concentration per segment from the group reward spread."""
     adapt_rate: float = 0.05
@@ -182,7 +184,8 @@ class GradeTrainer:
         concentration = float(np.median(1.0 / np.maximum(log.weights.var(0) / np.maximum(
             log.weights.mean(0) * (1 - log.weights.mean(0)), 1e-9), 1e-9) - 1.0))
         self.logging_concentration = float(np.clip(concentration, 2.0, 500.0))
-        self.policy.init_from(log.weights.mean(0), self.logging_concentration)
+        self.initial_concentration = max(self.logging_concentration, config.min_initial_concentration)
+        self.policy.init_from(log.weights.mean(0), self.initial_concentration)
         self.optimizer = torch.optim.Adam(self.policy.net.parameters(), lr=config.lr)
         self.reference: DirichletPolicy | None = None
         self.spread_target = torch.zeros(len(log.segments))
@@ -209,7 +212,7 @@ class GradeTrainer:
         loss = lambda_rank_loss(fused, self.data.item_reward[rows].clamp(min=0), self.data.shown[rows])
         if isinstance(dist, torch.distributions.Dirichlet):
             total = dist.concentration.sum(-1)
-            loss = loss + 0.1 * (torch.log(total) - float(np.log(self.logging_concentration))).pow(2).mean()
+            loss = loss + 0.1 * (torch.log(total) - float(np.log(self.initial_concentration))).pow(2).mean()
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()

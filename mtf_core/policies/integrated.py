@@ -57,9 +57,9 @@ class IntegratedConfig:
     """Discount (paper value)."""
     n_critics: int = 4
     """Critic ensemble size."""
-    disagreement: float = 0.5
+    disagreement: float = 2.0
     """beta: weight of the critics' standard deviation in the actor's objective."""
-    support_penalty: float = 1.0
+    support_penalty: float = 5.0
     """Weight of the penalty for actions outside the exploration policy's support."""
     target_decay: float = 0.5
     """Factor on a critic target whose next action leaves the support."""

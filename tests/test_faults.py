@@ -1,0 +1,93 @@
+"""Faults and concurrency: SIGKILL during training or import, two trainings into one store at once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import duckdb
+import pytest
+
+from mtf_core.runs import RunStore
+from mtf_core.schema import validate
+
+pytestmark = pytest.mark.slow
+PY = [sys.executable, "-m", "mtf_core"]
+
+
+def _train(log, runs, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([*PY, "train", str(log), "--runs", str(runs), "--validation-share", "0", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_during_training_loses_no_run(tiny_log_path, tmp_path):
+    runs = tmp_path / "runs"
+    first = _train(tiny_log_path, runs, "--algo", "static")
+    assert first.wait(timeout=120) == 0
+    rng = random.Random(0)
+    killed = 0
+    for attempt in range(3):
+        proc = _train(tiny_log_path, runs, "--algo", "grade", "--steps", "400")
+        time.sleep(rng.uniform(2.0, 5.0))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed += 1
+        proc.wait(timeout=60)
+    store = RunStore(runs)
+    statuses = [r.status for r in store.list_runs()]
+    assert len(statuses) == 4, statuses  # nothing lost: the earlier run and every attempt are listed
+    assert statuses[0] == "finished"
+    assert statuses.count("interrupted") == killed
+    assert store.load_policy(store.list_runs()[0].run_id) is not None
+
+
+def test_sigkill_during_import_leaves_no_half_written_output(tiny_log_path, tmp_path):
+    csv = {}
+    con = duckdb.connect(str(tiny_log_path), read_only=True)
+    for table in ("users", "requests", "impressions"):
+        csv[table] = tmp_path / f"{table}.csv"
+        con.execute(f"COPY {table} TO '{csv[table]}' (HEADER)")
+    con.close()
+    rng = random.Random(1)
+    for attempt in range(4):
+        out = tmp_path / f"out{attempt}.duckdb"
+        proc = subprocess.Popen([*PY, "import", *[x for t, p in csv.items() for x in (f"--{t}", str(p))],
+                                 "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 2.5))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        if out.exists():  # the rename happened, so the file must be a complete log
+            con = duckdb.connect(str(out), read_only=True)
+            assert validate(con) == []
+            con.close()
+
+
+def test_two_trainings_into_one_store_both_land_while_the_app_lists(tiny_log_path, tmp_path):
+    runs = tmp_path / "runs"
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def list_runs_repeatedly() -> None:
+        store = RunStore(runs)
+        while not stop.is_set():
+            try:
+                store.list_runs()
+            except BaseException as exc:  # noqa: BLE001 - any failure of a reader is the finding
+                errors.append(exc)
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=list_runs_repeatedly)
+    reader.start()
+    procs = [_train(tiny_log_path, runs, "--algo", "grade", "--steps", "30", "--seed", str(s)) for s in (1, 2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    stop.set()
+    reader.join()
+    assert codes == [0, 0], [p.stderr.read() for p in procs]
+    assert not errors, errors[:3]
+    assert sorted(r.status for r in RunStore(runs).list_runs()) == ["finished", "finished"]
