@@ -29,8 +29,10 @@ def fuse(
     if form not in FORMS:
         raise ValueError(f"unknown fusion form {form!r}; expected one of {FORMS}")
     w = weights.unsqueeze(1) if weights.dim() == 2 else weights  # (R, 1|N, K)
-    if form == "sum":
-        fused = (scores * w).sum(-1)
+    if form == "sum" and weights.dim() == 2:
+        fused = torch.bmm(scores, weights.to(scores.dtype).unsqueeze(-1)).squeeze(-1)  # one BLAS call
+    elif form == "sum":
+        fused = (scores * w.to(scores.dtype)).sum(-1)
     else:
         b = torch.zeros((), dtype=scores.dtype) if bias is None else bias
         if isinstance(b, torch.Tensor) and b.dim() == 2:

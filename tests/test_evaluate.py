@@ -184,3 +184,28 @@ def test_ground_truth_is_reproducible(tiny_log):
     a = ground_truth(ctx, policy_for_truth(policy, False), "sum", None, 20, 0)
     b = ground_truth(ctx, policy_for_truth(policy, False), "sum", None, 20, 0)
     assert a["value"] == b["value"]
+
+
+def test_rerank_core_ndcg_matches_the_single_gain_reference(tiny_log):
+    from mtf_core.evaluate import rerank_core
+
+    rows = slice(0, 500)
+    scores = torch.from_numpy(tiny_log.scores[rows])
+    labels = torch.from_numpy(np.nan_to_num(tiny_log.labels[rows]))
+    shown, mask = torch.from_numpy(tiny_log.shown[rows]), torch.from_numpy(tiny_log.mask[rows])
+    w = torch.rand(500, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    coefficients = torch.ones(5, dtype=torch.float64)
+    ndcg, ndcg_reward, _, fused = rerank_core(scores, labels, shown, mask, w, 4, torch.ones(6), coefficients)
+    for j in range(5):
+        ref = ndcg_at_k(fused, labels[..., j].double(), shown, 4)
+        torch.testing.assert_close(ndcg[:, j], ref, equal_nan=True)
+    torch.testing.assert_close(ndcg_reward, ndcg_at_k(fused, labels.double().sum(-1), shown, 4), equal_nan=True)
+
+
+def test_little_bootstraps_match_the_normal_interval_on_a_large_sample():
+    rng = np.random.default_rng(5)
+    x = rng.exponential(2.0, 400_000)  # above the threshold: the bag of little bootstraps
+    low, high = bootstrap_ratio(x[:, None], np.ones((len(x), 1)), n_boot=1000, seed=2)
+    se = x.std() / math.sqrt(len(x))
+    assert low[0] == pytest.approx(x.mean() - 1.96 * se, abs=0.3 * se)
+    assert high[0] == pytest.approx(x.mean() + 1.96 * se, abs=0.3 * se)
