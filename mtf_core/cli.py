@@ -378,7 +378,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="run store folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="speed and memory figures against same-run references")
+    p.add_argument("--quick", action="store_true", help="a tenth of every workload (checks the code paths)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.bench import run_bench
+
+    result = run_bench(args.quick, progress=lambda msg: print(f"bench: {msg}...", file=sys.stderr))
+    if args.json:
+        _emit(result)
+        return EXIT_OK
+    print(f"{'figure':<10}{'value':>16} {'unit':<22}{'reference':>14}{'ratio':>9}  {'target':<44}met")
+    for f in result["figures"]:  # type: ignore[union-attr]
+        print(f"{f['name']:<10}{f['value']:>16.4g} {f['unit']:<22}{f['reference']:>14.4g}{f['ratio']:>9.3g}  "
+              f"{f['target']:<44}{'yes' if f['met'] else 'NO'}")
+        print(f"{'':<10}{f['detail']}")
+    print(f"machine: {result['machine']}")
+    return EXIT_OK
 
 
 _STEP_FIELD = {"cem": "iterations"}

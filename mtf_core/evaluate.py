@@ -779,3 +779,25 @@ def time_split(log: LogData, validation_share: float) -> tuple[np.ndarray, np.nd
     val_sessions = sessions[order[len(sessions) - n_val:]] if n_val else sessions[:0]
     is_val = np.isin(log.session_id, val_sessions)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def streamed_rerank(path: str, weights: np.ndarray, k: int, curve: np.ndarray, coefficients: np.ndarray,
+                    chunk_requests: int = 100_000) -> dict[str, object]:
+    """Mean NDCG@k per task and for the reward, and the mean direct-method signals, of fixed weights `[K]`
+    on a log read in chunks (memory does not grow with the log). Equal to the in-memory evaluation."""
+    from mtf_core.store import iter_candidate_chunks
+
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    n_requests = 0
+    for chunk in iter_candidate_chunks(path, chunk_requests):
+        w = torch.from_numpy(np.broadcast_to(weights, (len(chunk.request_id), len(weights))).copy())
+        ndcg, ndcg_reward, expected, _ = rerank_core(
+            torch.from_numpy(chunk.scores), torch.from_numpy(chunk.labels), torch.from_numpy(chunk.shown),
+            torch.from_numpy(chunk.mask), w, k, torch.from_numpy(curve), torch.from_numpy(coefficients))
+        for name, values in (("ndcg", ndcg.numpy()), ("ndcg_reward", ndcg_reward.numpy()[:, None]),
+                             ("expected", expected.numpy())):
+            sums[name] = sums.get(name, 0) + np.nansum(values, 0)
+            counts[name] = counts.get(name, 0) + np.isfinite(values).sum(0)
+        n_requests += len(chunk.request_id)
+    return {"n_requests": n_requests, **{name: sums[name] / np.maximum(counts[name], 1) for name in sums}}

@@ -452,6 +452,15 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None,
         "logging_logp": logp, "logging_policy": np.full(n_req, f"dirichlet(c={config.logging_concentration:g})"
                                                          if policy is None else policy_label),
     }
+    # Write candidates in (shown position, then item id) order: the order `load_log` reads without sorting.
+    shown_2d = det["positions"] < config.n_shown
+    key = np.where(shown_2d, det["positions"], config.n_shown) * (config.n_items + 1) + np.where(
+        shown_2d, 0, det["items"])
+    order = np.argsort(key, axis=1, kind="stable")
+    for name in ("items", "positions"):
+        det[name] = np.take_along_axis(det[name], order, axis=1)
+    for name in ("scores", "labels"):
+        det[name] = np.take_along_axis(det[name], order[..., None], axis=1)
     positions = det["positions"].reshape(-1)
     shown = positions < config.n_shown
     impressions = {

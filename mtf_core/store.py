@@ -170,7 +170,9 @@ def fingerprint(con: duckdb.DuckDBPyConnection) -> str:
 
 
 def _fetch(con: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v) for k, v in con.execute(sql, params or []).fetchnumpy().items()}
+    """Columns of a query as numpy arrays, through Arrow (NULL floats become NaN, no masked arrays)."""
+    table = (con.sql(sql, params=params) if params else con.sql(sql)).to_arrow_table()
+    return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
 def _float(a: np.ndarray, dtype: type = np.float64) -> np.ndarray:
@@ -180,25 +182,26 @@ def _float(a: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     return np.asarray(a, dtype=dtype)
 
 
+def session_links(session_id: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per request, the index of the next request of its session and whether there is none (`done`)."""
+    order = np.lexsort((step, session_id))
+    nxt = np.arange(len(session_id))
+    same = session_id[order[1:]] == session_id[order[:-1]]
+    nxt[order[:-1][same]] = order[1:][same]
+    done = np.ones(len(session_id), dtype=bool)
+    done[order[:-1][same]] = False
+    return nxt, done
+
+
 def _load_requests(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], uf: list[str]) -> dict[str, np.ndarray]:
     w_cols = ", ".join(f"r.{quote_ident('w_' + t.name)}" for t in tasks)
     uf_cols = "".join(f", coalesce(u.{quote_ident(c)}, 0)::DOUBLE AS {quote_ident(c)}" for c in uf)
-    prev = ", ".join(
-        f"coalesce(lag(f.{quote_ident('m_' + t.name)}) OVER w, 0) AS {quote_ident('p_' + t.name)}" for t in tasks
-    )
-    means = ", ".join(
-        f"avg({quote_ident('y_' + t.name)}) AS {quote_ident('m_' + t.name)}" for t in tasks
-    )
     sql = f"""
-        WITH f AS (SELECT request_id, {means} FROM impressions WHERE position IS NOT NULL GROUP BY request_id)
         SELECT r.request_id, r.session_id, r.user_id, coalesce(r.step, 0)::BIGINT AS step, r.ts, {w_cols},
-               coalesce(r.logging_logp, 'NaN'::DOUBLE) AS logging_logp, u.segment {uf_cols}, {prev},
-               (lead(r.step) OVER w) IS NOT NULL AS continued,
+               coalesce(r.logging_logp, 'NaN'::DOUBLE) AS logging_logp, u.segment {uf_cols},
                coalesce(s.returned::DOUBLE, 'NaN'::DOUBLE) AS returned
         FROM requests r JOIN users u ON r.user_id = u.user_id
-        LEFT JOIN f ON f.request_id = r.request_id
         LEFT JOIN sessions s ON s.session_id = r.session_id
-        WINDOW w AS (PARTITION BY r.session_id ORDER BY r.step, r.request_id)
         ORDER BY r.request_id
     """
     return _fetch(con, sql)
@@ -206,21 +209,39 @@ def _load_requests(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], uf: 
 
 def _load_candidates(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], itf: list[str],
                      request_id: np.ndarray) -> dict[str, np.ndarray]:
-    s_cols = ", ".join(f"i.{quote_ident('s_' + t.name)}" for t in tasks)
-    y_cols = ", ".join(f"i.{quote_ident('y_' + t.name)}" for t in tasks)
-    join = "LEFT JOIN items it ON it.item_id = i.item_id" if itf else ""
-    f_cols = "".join(f", coalesce(it.{quote_ident(c)}, 0)::DOUBLE AS {quote_ident(c)}" for c in itf)
-    sql = (f"SELECT i.request_id, coalesce(i.position, -1) AS position, {s_cols}, {y_cols}{f_cols} "
-           f"FROM impressions i {join} ORDER BY i.request_id, i.position NULLS LAST, i.item_id")
-    raw = _fetch(con, sql)
+    """Candidate columns in (request, shown position, item) order. DuckDB keeps insertion order, and the
+    writers insert in that order, so the sort below only runs for logs written otherwise."""
+    cols = ", ".join(quote_ident(p + t.name) for p in ("s_", "y_") for t in tasks)
+    raw = _fetch(con, f"SELECT request_id, item_id, coalesce(position, -1) AS position, {cols} FROM impressions")
     rid = np.asarray(raw["request_id"], dtype=np.int64)
-    row = np.searchsorted(request_id, rid)
-    row = np.minimum(row, max(len(request_id) - 1, 0))
-    known = request_id[row] == rid if len(request_id) else np.zeros(len(rid), dtype=bool)
+    key = np.where(raw["position"] >= 0, raw["position"], np.iinfo(np.int32).max).astype(np.int64)
+    item = np.asarray(raw["item_id"], dtype=np.int64)
+    same = rid[1:] == rid[:-1]
+    in_order = bool(np.all((rid[1:] > rid[:-1]) | (same & ((key[1:] > key[:-1]) | (
+        (key[1:] == key[:-1]) & (item[1:] >= item[:-1]))))))
+    if not in_order:
+        order = np.lexsort((item, key, rid))
+        raw = {k: v[order] for k, v in raw.items()}
+        rid, item = rid[order], item[order]
+    if itf:
+        items = _fetch(con, "SELECT item_id, " + ", ".join(f"coalesce({quote_ident(c)}, 0)::DOUBLE AS "
+                                                          f"{quote_ident(c)}" for c in itf) + " FROM items ORDER BY item_id")
+        ids = np.asarray(items["item_id"], dtype=np.int64)
+        dense = len(ids) > 0 and ids[-1] - ids[0] == len(ids) - 1  # ids 1..M: index directly
+        at = np.clip(item - ids[0] if dense else np.searchsorted(ids, item), 0, max(len(ids) - 1, 0))
+        found = ids[at] == item if len(ids) else np.zeros(len(item), dtype=bool)
+        for c in itf:
+            raw[c] = np.where(found, np.asarray(items[c])[at], 0.0) if len(ids) else np.zeros(len(item))
     starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]]) if len(rid) else np.zeros(0, dtype=np.int64)
     counts = np.diff(np.r_[starts, len(rid)])
+    group_row = np.minimum(np.searchsorted(request_id, rid[starts]), max(len(request_id) - 1, 0))
+    row = np.repeat(group_row, counts)
+    known = np.repeat(request_id[group_row] == rid[starts], counts) if len(request_id) else np.zeros(len(rid), bool)
     slot = np.arange(len(rid)) - np.repeat(starts, counts)
-    raw["row"], raw["slot"], raw["known"] = row, slot, known
+    # Every request present once, in order, with the same number of candidates: columns reshape as they are.
+    uniform = (len(starts) == len(request_id) and len(rid) > 0 and bool(known.all())
+               and bool(np.all(counts == counts[0])) and bool(np.all(group_row == np.arange(len(group_row)))))
+    raw["row"], raw["slot"], raw["known"], raw["uniform"] = row, slot, known, np.asarray(uniform)
     return raw
 
 
@@ -264,32 +285,42 @@ def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str],
               req: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> LogData:
     r, k = len(req["request_id"]), len(tasks)
     n = int(cand["slot"].max()) + 1 if len(cand["slot"]) else 1
-    keep = cand["known"]
-    row, slot = cand["row"][keep], cand["slot"][keep]
-    scores = np.zeros((r, n, k), dtype=np.float32)
-    labels = np.full((r, n, k), np.nan, dtype=np.float32)
-    for j, t in enumerate(tasks):
-        scores[row, slot, j] = _float(cand["s_" + t.name][keep], np.float32)
-        labels[row, slot, j] = _float(cand["y_" + t.name][keep], np.float32)
-    scores = np.nan_to_num(scores, nan=0.0)
-    positions = np.full((r, n), -1, dtype=np.int32)
-    positions[row, slot] = np.asarray(cand["position"], dtype=np.int32)[keep]
+    if bool(cand["uniform"]):
+        def dense(values: np.ndarray, fill: float) -> np.ndarray:
+            return values.reshape(r, n)
+        mask = np.ones((r, n), dtype=bool)
+    else:
+        keep = cand["known"]
+        row, slot = cand["row"][keep], cand["slot"][keep]
+
+        def dense(values: np.ndarray, fill: float) -> np.ndarray:
+            out = np.full((r, n), fill, dtype=values.dtype)
+            out[row, slot] = values[keep]
+            return out
+        mask = dense(np.ones(len(keep), dtype=bool), False)
+    scores = np.stack([np.nan_to_num(dense(_float(cand["s_" + t.name], np.float32), 0.0)) for t in tasks], -1)
+    labels = np.stack([dense(_float(cand["y_" + t.name], np.float32), np.nan) for t in tasks], -1)
+    positions = dense(np.asarray(cand["position"], dtype=np.int32), -1)
     labels[positions < 0] = np.nan
-    mask = np.zeros((r, n), dtype=bool)
-    mask[row, slot] = True
-    item_features = np.zeros((r, n, len(itf)), dtype=np.float32)
-    for j, c in enumerate(itf):
-        item_features[row, slot, j] = _float(cand[c][keep], np.float32)
+    item_features = (np.stack([dense(_float(cand[c], np.float32), 0.0) for c in itf], -1) if itf
+                     else np.zeros((r, n, 0), dtype=np.float32))
     segment_names = np.asarray(req["segment"]).astype(str)
     segments, segment = np.unique(segment_names, return_inverse=True)
-    prev = np.stack([_float(req["p_" + t.name]) for t in tasks], axis=1) if k else np.zeros((r, 0))
     step = np.asarray(req["step"], dtype=np.int64)
+    session_id = np.asarray(req["session_id"], dtype=np.int64)
+    nxt, done = session_links(session_id, step)
+    # Context: the previous request's mean feedback over its shown items (0 at a session's first request).
+    n_shown = np.maximum((positions >= 0).sum(1), 1)[:, None]
+    mean_feedback = np.nansum(labels, axis=1) / n_shown
+    prev = np.zeros((r, k), dtype=np.float32)
+    has_next = ~done
+    prev[nxt[has_next]] = mean_feedback[has_next]
     ts = req["ts"]
     ts = ts.filled(np.datetime64("NaT")) if isinstance(ts, np.ma.MaskedArray) else ts
     return LogData(
         path=path, tasks=tasks, segments=tuple(str(s) for s in segments),
         user_feature_names=tuple(c[3:] for c in uf), item_feature_names=tuple(c[3:] for c in itf),
-        request_id=np.asarray(req["request_id"], dtype=np.int64), session_id=np.asarray(req["session_id"], dtype=np.int64),
+        request_id=np.asarray(req["request_id"], dtype=np.int64), session_id=session_id,
         user_id=np.asarray(req["user_id"], dtype=np.int64), step=step, ts=np.asarray(ts).astype("datetime64[us]"),
         segment=segment.astype(np.int64),
         user_features=(np.stack([_float(req[c], np.float32) for c in uf], axis=1) if uf
@@ -297,7 +328,7 @@ def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str],
         context=context_features(step, np.nan_to_num(prev)),
         weights=np.stack([_float(req["w_" + t.name]) for t in tasks], axis=1),
         logging_logp=_float(req["logging_logp"]), scores=scores, labels=labels, positions=positions, mask=mask,
-        item_features=item_features, continued=np.asarray(req["continued"], dtype=bool),
+        item_features=item_features, continued=has_next,
         returned=_float(req["returned"]), meta=meta, fingerprint=fp,
     )
 
@@ -649,3 +680,52 @@ def check_column(log_columns: Mapping[str, str], name: str, what: str) -> str:
         raise LogError(f"unknown {what} {name!r}; known: {', '.join(sorted(log_columns))}")
     return check_identifier(name, what)
 
+
+
+@dataclass(frozen=True)
+class CandidateChunk:
+    """Dense candidates of a range of requests, read straight from the log."""
+
+    request_id: np.ndarray  # (r,)
+    scores: np.ndarray  # (r, N, K) float32
+    labels: np.ndarray  # (r, N, K) float32, 0 where not shown
+    shown: np.ndarray  # (r, N) bool
+    mask: np.ndarray  # (r, N) bool
+
+
+def iter_candidate_chunks(path: str | os.PathLike[str], chunk_requests: int = 100_000) -> Iterator[CandidateChunk]:
+    """Stream a log's candidates in request-id ranges, so memory stays flat however large the log is."""
+    con = open_log(path)
+    try:
+        tasks = tuple(read_tasks(con))
+        ids = np.asarray(_fetch(con, "SELECT request_id FROM requests ORDER BY request_id")["request_id"])
+        slots = _fetch(con, "SELECT max(c) AS n FROM (SELECT count(*) AS c FROM impressions GROUP BY request_id)")
+        n_slots = int(np.nan_to_num(slots["n"][0])) if len(slots["n"]) else 0
+        cols = ", ".join([f"{quote_ident('s_' + t.name)}" for t in tasks] + [f"{quote_ident('y_' + t.name)}" for t in tasks])
+        sql = (f"SELECT request_id, coalesce(position, -1) AS position, {cols} FROM impressions "
+               "WHERE request_id BETWEEN ? AND ? ORDER BY request_id, position NULLS LAST, item_id")
+        for start in range(0, len(ids), chunk_requests):
+            chunk_ids = ids[start:start + chunk_requests]
+            raw = _fetch(con, sql, [int(chunk_ids[0]), int(chunk_ids[-1])])
+            yield _dense_chunk(raw, tasks, chunk_ids, n_slots)
+    finally:
+        con.close()
+
+
+def _dense_chunk(raw: dict[str, np.ndarray], tasks: tuple[Task, ...], ids: np.ndarray, n_slots: int) -> CandidateChunk:
+    rid = np.asarray(raw["request_id"], dtype=np.int64)
+    row = np.searchsorted(ids, rid)
+    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]]) if len(rid) else np.zeros(0, dtype=np.int64)
+    slot = np.arange(len(rid)) - np.repeat(starts, np.diff(np.r_[starts, len(rid)]))
+    r, k = len(ids), len(tasks)
+    scores = np.zeros((r, n_slots, k), dtype=np.float32)
+    labels = np.zeros((r, n_slots, k), dtype=np.float32)
+    for j, t in enumerate(tasks):
+        scores[row, slot, j] = np.nan_to_num(_float(raw["s_" + t.name], np.float32))
+        labels[row, slot, j] = np.nan_to_num(_float(raw["y_" + t.name], np.float32))
+    shown = np.zeros((r, n_slots), dtype=bool)
+    shown[row, slot] = np.asarray(raw["position"]) >= 0
+    mask = np.zeros((r, n_slots), dtype=bool)
+    mask[row, slot] = True
+    labels[~shown] = 0.0
+    return CandidateChunk(ids, scores, labels, shown, mask)

@@ -209,3 +209,20 @@ def test_little_bootstraps_match_the_normal_interval_on_a_large_sample():
     se = x.std() / math.sqrt(len(x))
     assert low[0] == pytest.approx(x.mean() - 1.96 * se, abs=0.3 * se)
     assert high[0] == pytest.approx(x.mean() + 1.96 * se, abs=0.3 * se)
+
+
+def test_streamed_evaluation_equals_the_in_memory_one(tiny_log_path, tiny_log):
+    from mtf_core.evaluate import rerank_metrics, streamed_rerank
+
+    ctx = prepare(tiny_log, RewardSpec.default(tiny_log.task_names))
+    policy = parse_static("click=0.2,like=0.3,finish=0.2,share=0.2,watch_time=0.1", tiny_log.task_names,
+                          tiny_log.segments)
+    w = policy.weights[0].numpy()
+    whole = rerank_metrics(ctx, target_actions(policy, tiny_log, "p"), slice(None), 6)
+    for chunk in (97, 1000, 10**6):
+        streamed = streamed_rerank(str(tiny_log_path), w, 6, ctx.resolved.position_curve, ctx.resolved.coefficients,
+                                   chunk_requests=chunk)
+        assert streamed["n_requests"] == tiny_log.n_requests
+        np.testing.assert_allclose(streamed["ndcg"], np.nanmean(whole.ndcg, 0), rtol=1e-6)
+        np.testing.assert_allclose(streamed["ndcg_reward"][0], np.nanmean(whole.ndcg_reward), rtol=1e-6)
+        np.testing.assert_allclose(streamed["expected"], whole.expected.mean(0), rtol=1e-5)

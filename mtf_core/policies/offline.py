@@ -15,6 +15,7 @@ from torch import nn
 
 from mtf_core.policies.base import FusionPolicy, StateBatch
 from mtf_core.policies.objective import FeatureEncoder, TrainingData
+from mtf_core.store import session_links
 
 __all__ = ["Transitions", "build_transitions", "mlp", "soft_update", "EncodedPolicy", "interior"]
 
@@ -52,23 +53,12 @@ class Transitions:
         return int(self.rewards.shape[0])
 
 
-def next_rows(session_id: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of each request's successor in its session, and whether there is none."""
-    order = np.lexsort((step, session_id))
-    nxt = np.arange(len(session_id))
-    same = session_id[order[1:]] == session_id[order[:-1]]
-    nxt[order[:-1][same]] = order[1:][same]
-    done = np.ones(len(session_id), dtype=bool)
-    done[order[:-1][same]] = False
-    return nxt, done
-
-
 def build_transitions(data: TrainingData, encoder: FeatureEncoder) -> Transitions:
     """Transitions of a training log; rewards are divided by their std so that step sizes carry over."""
     log = data.log
     with torch.no_grad():
         features = encoder(data.state)
-    nxt, done = next_rows(log.session_id, log.step)
+    nxt, done = session_links(log.session_id, log.step)
     reward = data.ctx.logged.total
     scale = float(reward.std()) if reward.std() > 0 else 1.0
     return Transitions(features, torch.as_tensor(log.weights, dtype=torch.float32),

@@ -1,0 +1,1 @@
+"""The benchmark behind `python -m mtf_core bench`."""

@@ -1,0 +1,211 @@
+"""Speed and memory figures of MTF Lab, each against a reference measured in the same run (issue 7).
+
+Every figure reports an absolute value and a ratio to a reference taken on the same machine in the same
+run, so a slower or busier machine moves both and the verdict stays. `quick` runs every workload at a
+tenth of its size: it checks that every code path works; its timings are not verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    reference: float
+    ratio: float
+    target: str
+    met: bool
+    detail: str = ""
+
+
+def _timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_generate_and_load(folder: Path, scale: float) -> tuple[list[Figure], Path]:
+    from mtf_core.simulate import SimConfig, generate
+    from mtf_core.store import load_log, open_log
+
+    config = SimConfig(n_users=max(40, int(3600 * scale)), seed=1)
+    path = folder / "bench.duckdb"
+    seconds = _timed(lambda: generate(config, str(path), force=True))
+    con = open_log(path)
+    n_rows = con.execute("SELECT count(*) FROM impressions").fetchone()[0]  # type: ignore[index]
+    cols = ", ".join(f"{p}_{t}" for p in ("s", "y") for t in config.tasks)
+    reference = _timed(lambda: con.execute(f"SELECT request_id, position, {cols} FROM impressions").fetchnumpy(), 2)
+    con.close()
+    rng = np.random.default_rng(0)
+    draw = _timed(lambda: rng.standard_normal(n_rows * 12))  # the randomness a candidate row needs, at least
+    load = _timed(lambda: load_log(path), 2)
+    return [
+        Figure("generate", n_rows / seconds, "impressions/s", n_rows / draw, (n_rows / seconds) / (n_rows / draw),
+               ">= 200k impressions/s", n_rows / seconds >= 200_000, f"{n_rows} impressions in {seconds:.2f}s"),
+        Figure("load", load, "s", reference, load / reference, "<= 2x DuckDB fetchnumpy of the same columns",
+               load / reference <= 2.0, f"{n_rows} impression rows"),
+    ], path
+
+
+def bench_evaluate(scale: float) -> Figure:
+    from benchmarks.pandas_reference import pandas_rerank
+    from mtf_core.evaluate import rerank_core
+
+    r, n, k = int(1_000_000 * scale), 20, 5
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(r, n, k, generator=gen)
+    shown = torch.zeros(r, n, dtype=torch.bool)
+    shown[:, :6] = True
+    labels = (torch.rand(r, n, k, generator=gen) < 0.2).float() * shown[..., None]
+    mask = torch.ones(r, n, dtype=torch.bool)
+    weights = torch.rand(r, k, dtype=torch.float64, generator=gen)
+    curve = torch.tensor([1.0, 0.6, 0.45, 0.35, 0.3, 0.25])
+    coefficients = torch.ones(k, dtype=torch.float64)
+    chunk = 65_536
+
+    def ours() -> None:
+        for i in range(0, r, chunk):
+            rerank_core(scores[i:i + chunk], labels[i:i + chunk], shown[i:i + chunk], mask[i:i + chunk],
+                        weights[i:i + chunk], 6, curve, coefficients)
+
+    seconds = _timed(ours, 2)
+    sub = max(1000, int(20_000 * scale))
+    ref_seconds = _timed(lambda: pandas_rerank(scores[:sub].numpy(), labels[:sub].numpy(), shown[:sub].numpy(),
+                                               weights[:sub].numpy(), 6, curve.numpy()))
+    rate, ref_rate = r * n / seconds, sub * n / ref_seconds
+    return Figure("evaluate", rate, "candidate rows/s", ref_rate, rate / ref_rate,
+                  ">= 20M rows/s and >= 20x pandas", rate >= 20e6 and rate / ref_rate >= 20,
+                  f"{r} requests x {n} candidates x {k} tasks; pandas on {sub} requests")
+
+
+def bench_bootstrap(scale: float) -> Figure:
+    from mtf_core.evaluate import bootstrap_ratio
+
+    n = int(1_000_000 * scale)
+    x = np.random.default_rng(0).exponential(1.0, (n, 1))
+    seconds = _timed(lambda: bootstrap_ratio(x, np.ones_like(x), n_boot=1000), 2)
+    rng = np.random.default_rng(1)
+    naive = _timed(lambda: [x[rng.integers(0, n, n), 0].mean() for _ in range(20)]) * 50  # extrapolated to 1000
+    return Figure("bootstrap", seconds, "s", naive, seconds / naive, "< 2 s for 1,000 resamples",
+                  seconds < 2.0, f"{n} per-request values; reference: index resampling (20 timed, x50)")
+
+
+def bench_train(path: Path, scale: float) -> Figure:
+    from mtf_core.policies.grade import GradeConfig, GradeTrainer
+    from mtf_core.policies.objective import build_training_data
+    from mtf_core.reward import RewardSpec
+    from mtf_core.store import load_log
+
+    log = load_log(path)
+    data = build_training_data(log, RewardSpec.default(log.task_names))
+    batch = 4096
+    trainer = GradeTrainer(GradeConfig(warm_start_steps=0, batch_size=batch, group_size=8), data, 0)
+    trainer.step(0)
+    n_steps = max(2, int(10 * scale))
+    seconds = _timed(lambda: [trainer.step(i + 1) for i in range(n_steps)]) / n_steps
+    net = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128), torch.nn.Tanh(),
+                              torch.nn.Linear(128, 1))
+    x = torch.randn(batch * 8, 32)
+    reference = _timed(lambda: net(x).sum().backward(), 3)
+    rate = batch / seconds
+    return Figure("train", rate, "state-groups/s", batch / reference, seconds / reference,
+                  ">= 20k state-groups/s (G=8, batch 4096)", rate >= 20_000,
+                  f"{seconds * 1000:.0f} ms per GRPO update; reference: MLP fwd+bwd on {batch * 8} rows")
+
+
+_PEAK = """
+import json, sys, resource
+from mtf_core.evaluate import streamed_rerank
+import numpy as np
+out = streamed_rerank(sys.argv[1], np.full(5, 0.2), 6, np.array([1.0, .6, .45, .35, .3, .25]), np.ones(5), 100_000)
+print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "n": out["n_requests"]}))
+"""
+
+
+def _peak_rss(path: Path) -> tuple[float, float]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, cwd=ROOT,
+                          check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"], time.perf_counter() - start
+
+
+def bench_memory(folder: Path, scale: float) -> Figure:
+    from benchmarks.synthetic import write_synthetic_log
+
+    small, large = int(1_000_000 * scale), int(4_000_000 * scale)
+    write_synthetic_log(folder / "m1.duckdb", small)
+    peak_small, _ = _peak_rss(folder / "m1.duckdb")
+    (folder / "m1.duckdb").unlink()
+    write_synthetic_log(folder / "m4.duckdb", large)
+    peak_large, seconds = _peak_rss(folder / "m4.duckdb")
+    (folder / "m4.duckdb").unlink()
+    ratio = peak_large / peak_small
+    return Figure("memory", peak_large, "MB peak RSS", peak_small, ratio,
+                  "< 3 GB and <= 1.5x the 1M-request peak", peak_large < 3072 and ratio <= 1.5,
+                  f"streamed evaluation of {large} requests in {seconds:.1f}s; reference: {small} requests")
+
+
+def bench_app() -> Figure:
+    from streamlit.testing.v1 import AppTest
+
+    pages = ["data", "reward", "train", "weights", "compare", "report"]
+    times = {}
+    for page in pages:
+        at = AppTest.from_file(str(ROOT / "pages" / f"{page}.py"), default_timeout=300)
+        times[page] = _timed(lambda: at.run())
+        if at.exception:
+            raise RuntimeError(f"page {page} raised: {at.exception[0].value}")
+    trivial = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
+    trivial.write("import streamlit as st\nst.write('hello')\n")
+    trivial.close()
+    reference = _timed(lambda: AppTest.from_file(trivial.name, default_timeout=60).run())
+    worst = max(times.values())
+    return Figure("app", worst, "s (slowest page)", reference, worst / reference, "< 3 s per page", worst < 3.0,
+                  ", ".join(f"{p} {t:.2f}s" for p, t in times.items()))
+
+
+def run_bench(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, object]:
+    """All figures; `quick` uses a tenth of every workload."""
+    say = progress or (lambda msg: None)
+    scale = 0.1 if quick else 1.0
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        os.environ.setdefault("MTF_RUNS_DIR", str(folder / "runs"))
+        say("generate and load")
+        found, path = bench_generate_and_load(folder, scale)
+        figures += found
+        say("evaluate")
+        figures.append(bench_evaluate(scale))
+        say("bootstrap")
+        figures.append(bench_bootstrap(scale))
+        say("train")
+        figures.append(bench_train(path, scale))
+        say("memory")
+        figures.append(bench_memory(folder, scale))
+        say("app")
+        figures.append(bench_app())
+    machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "quick": quick}
+    return {"figures": [asdict(f) for f in figures], "machine": machine}
