@@ -180,7 +180,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _headline(result) -> dict[str, dict[str, object]]:  # type: ignore[no-untyped-def]
-    rows = {f"truth": result.ground_truth} if result.ground_truth else {}
+    rows = {"truth": result.ground_truth} if result.ground_truth else {}
     rows.update({r["estimator"]: r for r in result.ope if r["segment"] is None})
     rows.update({f"{r['name']}:{r['task'] or 'reward'}": r for r in result.metrics
                  if r["segment"] is None and r["name"].startswith("ndcg")})
@@ -189,25 +189,14 @@ def _headline(result) -> dict[str, dict[str, object]]:  # type: ignore[no-untype
 
 def _train_all(args: argparse.Namespace, log, spec) -> tuple[list[str], dict[str, float]]:  # type: ignore[no-untyped-def]
     """Train each algorithm of `--algo` with its defaults into the run store; (policy refs, seconds)."""
-    from mtf_core.policies.train import ALGORITHMS, TrainConfig, train
+    from mtf_core.policies.train import ALGORITHMS, TrainConfig
     from mtf_core.runs import RunStore
 
     algos = list(ALGORITHMS) if args.algo == "all" else [a.strip() for a in args.algo.split(",") if a.strip()]
     store, refs, seconds = RunStore(args.runs), [], {}
     for algo in algos:
         params = {"per_segment": True} if algo == "cem" else {}
-        config = TrainConfig(algo, args.seed, params)
-        run_id = store.create_run(algo, config.to_dict(), spec, log, f"compare-{algo}")
-        update, close = _progress_bar(f"train {algo}")
-        try:
-            result = train(config, log, spec, on_step=lambda info: update((info.step + 1) / info.n_steps))
-        except BaseException:
-            store.mark(run_id, "failed")
-            raise
-        finally:
-            close()
-        store.finish_run(run_id, result.policy, result.history, result.status, result.seconds,
-                         {"best_step": result.best_step, "best_validation": result.best_value})
+        run_id, result = _train_into_store(store, TrainConfig(algo, args.seed, params), log, spec, f"compare-{algo}")
         refs.append(f"run:{run_id}")
         seconds[f"run:{run_id}"] = result.seconds
         print(f"trained {algo}: run {run_id} in {result.seconds:.1f}s", file=sys.stderr)
@@ -422,19 +411,17 @@ def _train_params(args: argparse.Namespace) -> dict[str, object]:
     return params
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from mtf_core.policies.train import TrainConfig, train
-    from mtf_core.reward import load_reward_spec
-    from mtf_core.runs import RunStore
-    from mtf_core.store import load_log
+def _summary(result) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {"final": result.history[-1][1] if result.history else {}, "best_step": result.best_step,
+            "best_validation": result.best_value, "stopped_early": result.stopped_early}
 
-    config = TrainConfig(args.algo, args.seed, _train_params(args), validation_share=args.validation_share,
-                         patience=args.patience)
-    log = load_log(args.log)
-    spec = load_reward_spec(args.reward, log.task_names)
-    store = RunStore(args.runs)
-    run_id = store.create_run(args.algo, config.to_dict(), spec, log, args.name)
-    update, close = _progress_bar(f"train {args.algo} {run_id}")
+
+def _train_into_store(store, config, log, spec, name: str | None):  # type: ignore[no-untyped-def]
+    """Create the run, train with a progress bar, record the result; an interrupted or failed run is marked so."""
+    from mtf_core.policies.train import train
+
+    run_id = store.create_run(config.algo, config.to_dict(), spec, log, name)
+    update, close = _progress_bar(f"train {config.algo} {run_id}")
     try:
         result = train(config, log, spec, on_step=lambda info: update((info.step + 1) / info.n_steps))
     except KeyboardInterrupt:
@@ -445,9 +432,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     finally:
         close()
-    summary = {"final": result.history[-1][1] if result.history else {}, "best_step": result.best_step,
-               "best_validation": result.best_value, "stopped_early": result.stopped_early}
-    store.finish_run(run_id, result.policy, result.history, result.status, result.seconds, summary)
+    store.finish_run(run_id, result.policy, result.history, result.status, result.seconds, _summary(result))
+    return run_id, result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtf_core.policies.train import TrainConfig
+    from mtf_core.reward import load_reward_spec
+    from mtf_core.runs import RunStore
+    from mtf_core.store import load_log
+
+    config = TrainConfig(args.algo, args.seed, _train_params(args), validation_share=args.validation_share,
+                         patience=args.patience)
+    log = load_log(args.log)
+    spec = load_reward_spec(args.reward, log.task_names)
+    run_id, result = _train_into_store(RunStore(args.runs), config, log, spec, args.name)
+    summary = _summary(result)
     if args.json:
         _emit({"run_id": run_id, "algo": args.algo, "status": result.status, "seconds": result.seconds,
                "config": config.to_dict(), "final_metrics": summary["final"], "best_step": result.best_step,

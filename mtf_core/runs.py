@@ -114,19 +114,25 @@ class RunStore:
         if write:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.catalogue.exists():
-            yield duckdb.connect()  # an empty in-memory catalogue: no runs yet
+            empty = duckdb.connect()  # an empty in-memory catalogue: no runs yet
+            for sql in _SCHEMA:
+                empty.execute(sql)
+            yield empty
+            empty.close()
             return
-        deadline = time.monotonic() + _LOCK_RETRY_SECONDS
+        start = time.monotonic()
+        deadline = start + _LOCK_RETRY_SECONDS
         while True:
             try:
                 con = duckdb.connect(str(self.catalogue), read_only=not write)
                 break
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower():
+                # Another process may be creating the file right now: retry briefly before calling it corrupt.
+                if "lock" not in str(exc).lower() and time.monotonic() - start > 1.0:
                     raise LogError(f"{self.catalogue}: the run catalogue is corrupted or unreadable "
                                    f"({str(exc).splitlines()[0]}); move it aside to start a new one",
                                    EXIT_UNUSABLE) from exc
-                if time.monotonic() > deadline:
+                if "lock" in str(exc).lower() and time.monotonic() > deadline:
                     raise LogError(f"{self.catalogue}: the run catalogue stayed locked by another process for "
                                    f"{_LOCK_RETRY_SECONDS:.0f}s; try again", EXIT_UNUSABLE) from exc
                 time.sleep(0.05 + random.random() * 0.1)
@@ -136,6 +142,13 @@ class RunStore:
                                EXIT_UNUSABLE) from exc
         try:
             if write:
+                for sql in _SCHEMA:
+                    con.execute(sql)
+            elif not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'runs'"
+                                 ).fetchone()[0]:  # type: ignore[index]
+                # A writer created the file but not yet its tables: read it as an empty catalogue.
+                con.close()
+                con = duckdb.connect()
                 for sql in _SCHEMA:
                     con.execute(sql)
             yield con
@@ -209,8 +222,6 @@ class RunStore:
     def list_runs(self) -> list[RunRecord]:
         self.recover()
         with self._connect(write=False) as con:
-            if not self.catalogue.exists():
-                return []
             rows = con.execute("SELECT run_id, name, algo, status, created_at, finished_at, seconds, seed, config, "
                                "reward, log_path, data_fingerprint, summary FROM runs ORDER BY created_at").fetchall()
         return [RunRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7] or 0), json.loads(r[8] or "{}"),
@@ -224,8 +235,6 @@ class RunStore:
 
     def history(self, run_id: str) -> pd.DataFrame:
         with self._connect(write=False) as con:
-            if not self.catalogue.exists():
-                return pd.DataFrame(columns=["step", "name", "value"])
             return con.execute("SELECT step, name, value FROM history WHERE run_id = ? ORDER BY step, name",
                                [run_id]).df()
 

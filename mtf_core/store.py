@@ -32,7 +32,6 @@ from mtf_core.schema import (
     quote_ident,
     read_tasks,
     table_columns,
-    validate,
 )
 
 __all__ = [
@@ -170,8 +169,15 @@ def fingerprint(con: duckdb.DuckDBPyConnection) -> str:
 
 
 def _fetch(con: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> dict[str, np.ndarray]:
-    """Columns of a query as numpy arrays, through Arrow (NULL floats become NaN, no masked arrays)."""
-    table = (con.sql(sql, params=params) if params else con.sql(sql)).to_arrow_table()
+    """Columns of a query as numpy arrays, through Arrow (NULL floats become NaN, no masked arrays).
+
+    `con.sql` relations are the fastest route but their memory stays with the connection until it
+    closes, so parameterised queries (the streaming reads, many per connection) use `fetchnumpy`
+    (masked arrays where NULLs occur; `_float` fills them with NaN).
+    """
+    if params:
+        return dict(con.execute(sql, params).fetchnumpy())
+    table = con.sql(sql).to_arrow_table()
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
@@ -361,13 +367,19 @@ def write_log(
     out = Path(path)
     if out.exists() and not force:
         raise LogError(f"{out}: already exists; pass --force to replace it", EXIT_UNUSABLE)
+    return build_atomically(out, lambda con: _write_tables(con, tables, tasks, meta))
+
+
+def build_atomically(out: Path, build: Callable[[duckdb.DuckDBPyConnection], None]) -> Path:
+    """Build a DuckDB file under a temporary sibling name, then rename it over `out`; on any failure (or a
+    kill) nothing is left in place of `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(out)
     tmp.unlink(missing_ok=True)
     try:
         con = duckdb.connect(str(tmp))
         try:
-            _write_tables(con, tables, tasks, meta)
+            build(con)
         finally:
             con.close()
         os.replace(tmp, out)
@@ -575,21 +587,8 @@ def import_log(
     out_path = Path(out)
     if out_path.exists() and not force:
         raise LogError(f"{out_path}: already exists; pass --force to replace it")
-    tmp = temporary_path(out_path)
-    tmp.unlink(missing_ok=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        con = duckdb.connect(str(tmp))
-        try:
-            _import_into(con, {t: Path(p) for t, p in sources.items()}, mapping,
-                         Path(tasks_file) if tasks_file else None)
-        finally:
-            con.close()
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        Path(str(tmp) + ".wal").unlink(missing_ok=True)
-    return out_path
+    return build_atomically(out_path, lambda con: _import_into(
+        con, {t: Path(p) for t, p in sources.items()}, mapping, Path(tasks_file) if tasks_file else None))
 
 
 def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mapping: dict[str, object],
@@ -696,6 +695,9 @@ class CandidateChunk:
 def iter_candidate_chunks(path: str | os.PathLike[str], chunk_requests: int = 100_000) -> Iterator[CandidateChunk]:
     """Stream a log's candidates in request-id ranges, so memory stays flat however large the log is."""
     con = open_log(path)
+    # DuckDB's buffer pool would otherwise keep what it read (up to 80% of RAM) and grow with the log.
+    con.execute("SET memory_limit = '512MB'")
+    con.execute("SET threads = 1")
     try:
         tasks = tuple(read_tasks(con))
         ids = np.asarray(_fetch(con, "SELECT request_id FROM requests ORDER BY request_id")["request_id"])
@@ -706,8 +708,10 @@ def iter_candidate_chunks(path: str | os.PathLike[str], chunk_requests: int = 10
                "WHERE request_id BETWEEN ? AND ? ORDER BY request_id, position NULLS LAST, item_id")
         for start in range(0, len(ids), chunk_requests):
             chunk_ids = ids[start:start + chunk_requests]
-            raw = _fetch(con, sql, [int(chunk_ids[0]), int(chunk_ids[-1])])
-            yield _dense_chunk(raw, tasks, chunk_ids, n_slots)
+            chunk = _dense_chunk(_fetch(con, sql, [int(chunk_ids[0]), int(chunk_ids[-1])]), tasks, chunk_ids,
+                                 n_slots)
+            yield chunk
+            del chunk  # release this chunk before the next one is read
     finally:
         con.close()
 

@@ -6,7 +6,7 @@ from mtf_core import plots
 from mtf_core.errors import LogError
 from mtf_core.evaluate import reward_preview
 from mtf_core.reward import RewardSpec
-from ui.common import KEY_REWARD, _cached_context, current_log, current_reward, log_version, page_setup, show_error
+from ui.common import KEY_REWARD, cached_context, current_log, current_reward, log_version, page_setup, show_error
 
 page_setup()
 st.title("Reward")
@@ -60,7 +60,7 @@ except LogError as exc:
 st.session_state[KEY_REWARD] = new_spec.to_json()
 
 path, mtime = log_version()
-ctx = _cached_context(path, mtime, new_spec.to_json())
+ctx = cached_context(path, mtime, new_spec.to_json())
 per_request, shares = reward_preview(ctx)
 st.metric("Mean composite reward per request (logged actions)", f"{per_request['reward'].mean():.3f}")
 a, b = st.columns(2)

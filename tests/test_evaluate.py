@@ -108,7 +108,7 @@ def test_snips_of_the_logging_policy_is_the_logged_mean(tiny_log):
 
 def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
     rng = np.random.default_rng(0)
-    x = rng.normal(3.0, 2.0, 4000)
+    x = rng.normal(3.0, 2.0, 4000)  # below the threshold: the Poisson bootstrap
     low, high = bootstrap_ratio(x[:, None], np.ones((4000, 1)), n_boot=2000, seed=1)
     se = x.std() / math.sqrt(4000)
     assert low[0] == pytest.approx(x.mean() - 1.96 * se, abs=0.25 * se)

@@ -11,7 +11,7 @@ from pathlib import Path
 import streamlit as st
 
 from mtf_core.errors import LogError
-from mtf_core.evaluate import EvaluationResult
+from mtf_core.evaluate import EvalContext, EvaluationResult
 from mtf_core.reward import RewardSpec
 from mtf_core.runs import RunStore
 from mtf_core.store import LogData, load_log
@@ -103,11 +103,11 @@ def current_reward(log: LogData) -> RewardSpec:
 def cached_evaluation(path: str, mtime: float, policy_ref: str, reward_json: str, runs: str, n_boot: int,
                       stochastic: bool) -> EvaluationResult:
     """Evaluate one policy (cached per log version, policy, reward and settings)."""
-    from mtf_core.evaluate import evaluate_policy, policy_for_truth, prepare, target_actions
+    from mtf_core.evaluate import evaluate_policy, policy_for_truth, target_actions
     from mtf_core.policies.resolve import resolve_policy
 
     log = _cached_log(path, mtime)
-    ctx = _cached_context(path, mtime, reward_json)
+    ctx = cached_context(path, mtime, reward_json)
     policy, label = resolve_policy(policy_ref, log, runs)
     actions = target_actions(policy, log, label, stochastic=stochastic)
     truth = None if policy is None else policy_for_truth(policy, actions.stochastic)
@@ -115,7 +115,8 @@ def cached_evaluation(path: str, mtime: float, policy_ref: str, reward_json: str
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _cached_context(path: str, mtime: float, reward_json: str):  # type: ignore[no-untyped-def]
+def cached_context(path: str, mtime: float, reward_json: str) -> EvalContext:
+    """The log bound to a reward (normalisation, direct model), shared by every page and session."""
     from mtf_core.evaluate import prepare
 
     return prepare(_cached_log(path, mtime), RewardSpec.from_json(reward_json))

@@ -22,7 +22,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from mtf_core.policies.base import StateBatch, simplex_normalise
 from mtf_core.policies.objective import TrainingData

@@ -21,7 +21,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from mtf_core.policies.base import StateBatch
 from mtf_core.policies.objective import TrainingData
