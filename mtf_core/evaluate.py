@@ -160,10 +160,10 @@ def target_actions(policy: FusionPolicy | None, log: LogData, label: str, stocha
     if policy is None:
         return TargetActions(label, log.weights, "sum", None, log.logging_logp.copy(), None, True, True)
     stochastic = policy.stochastic if stochastic is None else (stochastic and policy.stochastic)
-    gen = torch.Generator().manual_seed(seed)
     weights, logps, samples = [], [], []
     in_weight_space = policy.form == "sum" and not policy.per_item
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():  # seeded draws, the caller's RNG state untouched
+        torch.manual_seed(seed)
         for rows in iter_chunks(log.n_requests, CHUNK):
             state = log.state(rows)
             weights.append(policy.act(state, deterministic=True).double().numpy())
@@ -171,8 +171,7 @@ def target_actions(policy: FusionPolicy | None, log: LogData, label: str, stocha
                 dist = policy.distribution(state)
                 w = torch.from_numpy(log.weights[rows]).to(dist.mean.dtype)
                 logps.append(dist.log_prob(_interior(w)).double().numpy())
-                draws = _sample(dist, N_DM_SAMPLES, gen)
-                samples.append(draws.double().numpy())
+                samples.append(dist.sample((N_DM_SAMPLES,)).double().numpy())
     bias = getattr(policy, "fusion_bias", None)
     note = ""
     if not in_weight_space:
@@ -190,14 +189,6 @@ def _interior(w: torch.Tensor) -> torch.Tensor:
     """Keep logged weights strictly inside the simplex so Dirichlet densities stay finite."""
     w = torch.clamp(w, min=1e-12)
     return w / w.sum(-1, keepdim=True)
-
-
-def _sample(dist: torch.distributions.Distribution, n: int, gen: torch.Generator) -> torch.Tensor:
-    if isinstance(dist, torch.distributions.Dirichlet):
-        conc = dist.concentration.expand(n, *dist.concentration.shape)
-        g = torch._standard_gamma(conc)  # no generator argument; the caller seeds torch globally
-        return g / g.sum(-1, keepdim=True)
-    return dist.sample((n,))
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -495,7 +486,7 @@ class EvaluationResult:
     ratios: np.ndarray | None = None
     diagnostics: dict[str, object] | None = None
     diagnostics_by_segment: list[dict[str, object]] = field(default_factory=list)
-    per_request_value: np.ndarray | None = None  # DR (or DM) term per request, for risk measures
+    per_request_value: np.ndarray | None = None  # direct-model value per request, for risk measures (CVaR)
 
     def to_json(self) -> dict[str, object]:
         return {"log": self.log, "policy": self.policy, "reward": self.reward, "n_requests": self.n_requests,
@@ -672,7 +663,9 @@ def _off_policy(ctx: EvalContext, actions: TargetActions, expected: np.ndarray, 
         estimators = ESTIMATORS
         ratio_for_dm = ratio
     x = OPEInputs(reward, ratio_for_dm, q_logged, q_target)
-    per_request = (DR() if ratio is not None else DM()).terms(x).num
+    # Per-request value for risk measures: the direct model for every policy. DR's per-request terms are
+    # unbiased only on average; their tails mostly measure importance-weight noise, not risk.
+    per_request = q_target
     for est in estimators:
         terms = est.terms(x)
         w = getattr(est, "weights", None)

@@ -24,6 +24,7 @@ __all__ = [
     "table_columns",
     "read_tasks",
     "validate",
+    "structure_problems",
     "create_table_sql",
 ]
 
@@ -167,9 +168,10 @@ def _expected_columns(table: str, tasks: list[Task]) -> dict[str, str]:
     return cols
 
 
-def _check_structure(
+def structure_problems(
     con: duckdb.DuckDBPyConnection, columns: dict[str, dict[str, str]], tasks: list[Task]
 ) -> list[Problem]:
+    """Missing tables and columns and wrong types (the checks a loader needs before reading)."""
     problems = []
     for table in TABLES:
         if table not in columns:
@@ -300,7 +302,7 @@ def validate(con: duckdb.DuckDBPyConnection) -> list[Problem]:
         tasks = read_tasks(con)
         problems += _check_tasks(con, tasks)
     tasks = [t for t in tasks if IDENTIFIER.match(t.name)]
-    problems += _check_structure(con, columns, tasks)
+    problems += structure_problems(con, columns, tasks)
     problems += _check_keys(con, columns)
     problems += _orphans(con, columns, "impressions", "request_id", "requests", "request_id")
     problems += _orphans(con, columns, "requests", "user_id", "users", "user_id")

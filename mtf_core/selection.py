@@ -3,7 +3,9 @@
 - `mean`: the estimator's point estimate;
 - `lower_bound`: the lower end of its 95% interval (prefers a slightly worse but much surer policy);
 - `cvar`: the conditional value at risk of the per-request value (mean of the worst `alpha` share of
-  requests, alpha = 10%), i.e. how the policy does for the requests it serves worst.
+  requests, alpha = 10%), i.e. how the policy does for the requests it serves worst. The per-request
+  value is the direct model's for every policy (DR's per-request terms would mostly measure
+  importance-weight noise), so policies are compared on one footing.
 On simulator logs, `regret` is the truth of the best policy minus the truth of each criterion's choice.
 """
 
@@ -54,7 +56,7 @@ def select(results: Sequence[EvaluationResult], criterion: str, estimator: str =
     ranking.sort(key=lambda x: -np.inf if x["score"] is None else x["score"], reverse=True)
     chosen = ranking[0]["policy"] if ranking and ranking[0]["score"] is not None else None
     what = {"mean": f"the highest {estimator} estimate", "lower_bound": f"the highest lower 95% bound of {estimator}",
-            "cvar": f"the best mean {estimator} value over its worst {alpha:.0%} of requests"}[criterion]
+            "cvar": f"the best direct-model value over its worst {alpha:.0%} of requests"}[criterion]
     return {"criterion": criterion, "estimator": estimator, "chosen": chosen, "ranking": ranking,
             "reason": f"{chosen} has {what}" if chosen else "no policy has a score"}
 

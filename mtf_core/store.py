@@ -31,6 +31,7 @@ from mtf_core.schema import (
     create_table_sql,
     quote_ident,
     read_tasks,
+    structure_problems,
     table_columns,
 )
 
@@ -260,7 +261,8 @@ def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | N
         if missing:
             raise LogError(f"{path}: not an MTF log, missing tables {missing} (run `validate` for details)")
         tasks = tuple(read_tasks(con))
-        problems = [p for p in validate_structure_only(con) if p.kind in ("missing_column", "wrong_type")]
+        problems = [p for p in structure_problems(con, columns, list(tasks))
+                    if p.kind in ("missing_column", "wrong_type")]
         if problems:
             raise LogError(f"{path}: cannot load: " + "; ".join(str(p) for p in problems[:5]), EXIT_PROBLEMS)
         uf = _columns_with_prefix(columns["users"], "uf_")
@@ -279,12 +281,6 @@ def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | N
     finally:
         con.close()
     return _assemble(str(path), tasks, uf, itf, meta, fp, req, cand)
-
-
-def validate_structure_only(con: duckdb.DuckDBPyConnection) -> list:  # type: ignore[type-arg]
-    from mtf_core.schema import _check_structure
-
-    return _check_structure(con, table_columns(con), read_tasks(con))
 
 
 def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str], meta: dict[str, str], fp: str,

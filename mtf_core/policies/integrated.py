@@ -189,8 +189,7 @@ class IntegratedTrainer:
         def act(state: StateBatch) -> torch.Tensor:
             x = p.encoder(state)
             alpha = p.mu(x).clamp(min=1e-3) * concentration
-            draws = torch._standard_gamma(alpha.unsqueeze(1).expand(-1, n, -1).contiguous())
-            draws = draws / draws.sum(-1, keepdim=True)  # (R, n, K)
+            draws = torch.distributions.Dirichlet(alpha).sample((n,)).transpose(0, 1)  # (R, n, K)
             q = p.q_all(x.repeat_interleave(n, 0), draws.reshape(-1, draws.shape[-1])).mean(-1).reshape(-1, n)
             keep = q >= q.median(1, keepdim=True).values
             pick = torch.multinomial(keep.float(), 1, generator=gen).squeeze(1)
