@@ -49,18 +49,15 @@ _LOCK_RETRY_SECONDS = 30.0
 
 
 def _policy_classes() -> dict[str, type[FusionPolicy]]:
+    """The policy classes a saved run may name (imported on use: the policies import the run store's peers)."""
+    from mtf_core.policies.batchrl import BCQPolicy
+    from mtf_core.policies.enhanced import PerItemPolicy
     from mtf_core.policies.grade import DirichletPolicy
+    from mtf_core.policies.integrated import ActorPolicy
     from mtf_core.policies.static import LoggingPolicy, StaticPolicy
 
-    classes: dict[str, type[FusionPolicy]] = {c.__name__: c for c in (LoggingPolicy, StaticPolicy, DirichletPolicy)}
-    try:
-        from mtf_core.policies import batchrl, enhanced, integrated
-
-        for module in (batchrl, integrated, enhanced):
-            classes[module.POLICY.__name__] = module.POLICY
-    except ImportError:
-        pass
-    return classes
+    return {c.__name__: c for c in (LoggingPolicy, StaticPolicy, DirichletPolicy, BCQPolicy, ActorPolicy,
+                                    PerItemPolicy)}
 
 
 POLICY_CLASSES = _policy_classes

@@ -27,7 +27,7 @@ from mtf_core.policies.base import StateBatch, simplex_normalise
 from mtf_core.policies.objective import TrainingData
 from mtf_core.policies.offline import EncodedPolicy, build_transitions, mlp, soft_update
 
-__all__ = ["BatchRLConfig", "BCQPolicy", "BatchRLTrainer", "ALGO", "CONFIG", "TRAINER", "POLICY"]
+__all__ = ["BatchRLConfig", "BCQPolicy", "BatchRLTrainer"]
 
 
 @dataclass(frozen=True)
@@ -156,5 +156,3 @@ class BatchRLTrainer:
         return {"losses/vae": float(vae_loss.detach()), "losses/critic": float(critic_loss.detach()),
                 "charts/q": float(actor_q.detach()) * t.reward_scale}
 
-
-ALGO, CONFIG, TRAINER, POLICY = "batchrl", BatchRLConfig, BatchRLTrainer, BCQPolicy

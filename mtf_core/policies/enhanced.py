@@ -26,7 +26,7 @@ from mtf_core.policies.base import StateBatch
 from mtf_core.policies.objective import TrainingData
 from mtf_core.policies.offline import EncodedPolicy, build_transitions, mlp, soft_update
 
-__all__ = ["EnhancedConfig", "PerItemPolicy", "EnhancedTrainer", "ALGO", "CONFIG", "TRAINER", "POLICY"]
+__all__ = ["EnhancedConfig", "PerItemPolicy", "EnhancedTrainer"]
 
 
 @dataclass(frozen=True)
@@ -137,5 +137,3 @@ class EnhancedTrainer:
         return {"losses/critic": float(critic_loss.detach()), "losses/actor": float(actor_loss.detach()),
                 "losses/behaviour": float(bc.detach()), "charts/q": float(q_list.mean().detach()) * t.reward_scale}
 
-
-ALGO, CONFIG, TRAINER, POLICY = "enhanced", EnhancedConfig, EnhancedTrainer, PerItemPolicy

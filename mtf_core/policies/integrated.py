@@ -36,7 +36,7 @@ from mtf_core.policies.objective import TrainingData, build_training_data
 from mtf_core.policies.offline import EncodedPolicy, build_transitions, interior, mlp, soft_update
 from mtf_core.reward import request_reward
 
-__all__ = ["IntegratedConfig", "ActorPolicy", "IntegratedTrainer", "ALGO", "CONFIG", "TRAINER", "POLICY"]
+__all__ = ["IntegratedConfig", "ActorPolicy", "IntegratedTrainer"]
 
 
 @dataclass(frozen=True)
@@ -239,5 +239,3 @@ class IntegratedTrainer:
         return {"rounds/round": float(round_index), "rounds/online_value": online_value,
                 "rounds/appended_requests": float(new_log.n_requests)}
 
-
-ALGO, CONFIG, TRAINER, POLICY = "integrated", IntegratedConfig, IntegratedTrainer, ActorPolicy

@@ -18,8 +18,11 @@ import torch
 from mtf_core.errors import LogError
 from mtf_core.evaluate import point_value, prepare, target_actions, time_split
 from mtf_core.policies.base import FusionPolicy
+from mtf_core.policies.batchrl import BatchRLConfig, BatchRLTrainer
 from mtf_core.policies.cem import CEMConfig, CEMTrainer
+from mtf_core.policies.enhanced import EnhancedConfig, EnhancedTrainer
 from mtf_core.policies.grade import GradeConfig, GradeTrainer
+from mtf_core.policies.integrated import IntegratedConfig, IntegratedTrainer
 from mtf_core.policies.objective import TrainingData, build_training_data
 from mtf_core.policies.static import StaticConfig, StaticTrainer
 from mtf_core.reward import RewardSpec
@@ -40,20 +43,10 @@ ALGORITHMS: dict[str, tuple[type, Callable[..., Trainer]]] = {
     "static": (StaticConfig, StaticTrainer),
     "cem": (CEMConfig, CEMTrainer),
     "grade": (GradeConfig, GradeTrainer),
+    "batchrl": (BatchRLConfig, BatchRLTrainer),
+    "integrated": (IntegratedConfig, IntegratedTrainer),
+    "enhanced": (EnhancedConfig, EnhancedTrainer),
 }
-
-
-def _register_more() -> None:
-    """The other seed methods register themselves when their modules exist."""
-    try:
-        from mtf_core.policies import batchrl, enhanced, integrated  # noqa: F401
-    except ImportError:
-        return
-    for module in (batchrl, integrated, enhanced):
-        ALGORITHMS[module.ALGO] = (module.CONFIG, module.TRAINER)
-
-
-_register_more()
 
 
 @dataclass(frozen=True)
