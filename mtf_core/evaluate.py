@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from mtf_core.errors import LogError
-from mtf_core.fusion import fuse, rank_positions
+from mtf_core.fusion import fuse
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.reward import (
     ResolvedReward,
@@ -56,6 +56,8 @@ __all__ = [
     "target_actions",
     "rerank_metrics",
     "rerank_core",
+    "top_signals",
+    "expected_under",
     "ndcg_at_k",
     "gauc",
     "bootstrap_ratio",
@@ -247,11 +249,30 @@ def rerank_core(scores: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
     ideal = torch.einsum("rsk,s->rk", best, discount)
     ndcg = torch.where(ideal > 0, dcg / torch.where(ideal > 0, ideal, torch.ones_like(ideal)),
                        torch.full_like(ideal, float("nan")))
+    expected = top_signals(fused, scores, mask, curve)
+    return ndcg[:, :-1].double(), ndcg[:, -1].double(), expected.double(), fused
+
+
+def top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
+    """Direct-method signals `[R,K]` of the top L = len(curve) candidates under fused scores `[R,N]`:
+    sum over the top L of curve[rank] * s_k (padding contributes nothing)."""
     n_top = min(curve.shape[0], fused.shape[1])
     top = torch.topk(fused, n_top, dim=1).indices
     exam = torch.zeros(fused.shape, dtype=scores.dtype).scatter_(1, top, curve[:n_top].to(scores.dtype).expand_as(top))
-    expected = torch.bmm((exam * mask).unsqueeze(1), scores).squeeze(1)  # (R, K)
-    return ndcg[:, :-1].double(), ndcg[:, -1].double(), expected.double(), fused
+    return torch.bmm((exam * mask).unsqueeze(1), scores).squeeze(1)
+
+
+def expected_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum",
+                   bias: np.ndarray | None = None) -> np.ndarray:
+    """Direct-method signals `[R,K]` of every request of the log under weights `[R,K]`/`[R,N,K]`, in chunks."""
+    log, curve = ctx.log, torch.from_numpy(ctx.resolved.position_curve)
+    b = None if bias is None else torch.from_numpy(bias)
+    out = []
+    for rows in iter_chunks(log.n_requests, CHUNK):
+        scores, mask = torch.from_numpy(log.scores[rows]), torch.from_numpy(log.mask[rows])
+        fused = fuse(scores, torch.from_numpy(weights[rows]), form, bias=b, mask=mask)
+        out.append(top_signals(fused, scores, mask, curve).double().numpy())
+    return np.concatenate(out)
 
 
 def rerank_metrics(ctx: EvalContext, actions: TargetActions, rows: slice, k: int) -> RerankResult:
@@ -546,18 +567,8 @@ def direct_value(ctx: EvalContext, expected: np.ndarray, weights: np.ndarray) ->
 
 
 def _dm_of_samples(ctx: EvalContext, samples: np.ndarray) -> np.ndarray:
-    log = ctx.log
-    values = np.zeros(log.n_requests)
-    for g in range(samples.shape[0]):
-        for rows in iter_chunks(log.n_requests, CHUNK):
-            fused = fuse(torch.from_numpy(log.scores[rows]).double(), torch.from_numpy(samples[g, rows]),
-                         mask=torch.from_numpy(log.mask[rows]))
-            pos = np.where(log.mask[rows], rank_positions(fused).numpy(), -1)
-            exp = expected_signals(log.scores[rows].astype(np.float64), pos, ctx.resolved.position_curve)
-            seg = log.segment[rows]
-            values[rows] += (ctx.direct.intercept[seg] + ctx.direct.slope[seg] * (exp @ ctx.resolved.coefficients)
-                             - penalty(ctx.resolved, samples[g, rows], exp))
-    return values / samples.shape[0]
+    """q(s, pi) of a stochastic target: the direct model averaged over its draws `[G,R,K]`."""
+    return np.mean([direct_value(ctx, expected_under(ctx, draw), draw) for draw in samples], axis=0)
 
 
 def importance_ratio(ctx: EvalContext, actions: TargetActions, bandwidth: float | None = None
@@ -745,10 +756,11 @@ def reward_preview(ctx: EvalContext) -> tuple[pd.DataFrame, pd.DataFrame]:
 def point_value(ctx: EvalContext, actions: TargetActions) -> float:
     """The DR estimate (DM where no importance ratio exists) without intervals: for validation during training."""
     log = ctx.log
-    expected = np.concatenate([rerank_metrics(ctx, actions, rows, ctx.n_top).expected
-                               for rows in iter_chunks(log.n_requests, CHUNK)])
-    q_target = direct_value(ctx, expected, actions.weights) if actions.samples is None else _dm_of_samples(
-        ctx, actions.samples)
+    if actions.samples is None:
+        q_target = direct_value(ctx, expected_under(ctx, actions.weights, actions.form, actions.bias),
+                                actions.weights)
+    else:
+        q_target = _dm_of_samples(ctx, actions.samples)
     ratio, _ = importance_ratio(ctx, actions)
     if ratio is None:
         return float(q_target.mean())

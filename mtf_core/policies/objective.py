@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mtf_core.evaluate import EvalContext, prepare
+from mtf_core.evaluate import EvalContext, prepare, top_signals
 from mtf_core.fusion import fuse, rank_positions
 from mtf_core.policies.base import StateBatch
 from mtf_core.reward import RewardSpec
@@ -115,11 +115,8 @@ def composite_reward(data: TrainingData, rows: torch.Tensor, weights: torch.Tens
     flat_bias = None if bias is None else bias.reshape(b * g, *bias.shape[2:])
     fused = fuse(scores, flat_w, form, bias=flat_bias, mask=mask)
     reward = torch.zeros(b * g)
-    n_top = data.curve.shape[0]
     if prior or rules:
-        order = torch.argsort(fused, dim=1, descending=True)[:, :n_top]
-        top_scores = torch.gather(scores, 1, order.unsqueeze(-1).expand(-1, -1, scores.shape[-1]))
-        expected = (top_scores * data.curve[: order.shape[1], None]).sum(1)  # (B*G, K)
+        expected = top_signals(fused, scores, mask, data.curve)  # (B*G, K)
         seg = data.segment[rows].repeat_interleave(g)
         if prior:
             reward = reward + data.intercept[seg] + data.slope[seg] * (expected @ data.coefficients)
@@ -128,6 +125,6 @@ def composite_reward(data: TrainingData, rows: torch.Tensor, weights: torch.Tens
     if posterior:
         shown = rep(data.shown)
         new_pos = rank_positions(fused.masked_fill(~shown, float("-inf")))
-        new_exam = data.curve[new_pos.clamp(max=n_top - 1)] * shown
+        new_exam = data.curve[new_pos.clamp(max=data.curve.shape[0] - 1)] * shown
         reward = reward + (rep(data.item_reward) * new_exam / rep(data.logged_exam)).sum(1)
     return reward.reshape(b, g)
