@@ -25,7 +25,6 @@ __all__ = [
     "beta_marginals",
     "ternary_density",
     "weights_vs_feature",
-    "estimator_vs_truth",
     "ratio_histogram",
     "validation_curve",
 ]
@@ -157,12 +156,6 @@ def weights_vs_feature(df: pd.DataFrame, feature: str, tasks: Sequence[str]) -> 
                   color_discrete_map={t: task_colour(t, tasks) for t in tasks})
     fig.update_xaxes(title=feature)
     return _layout(fig, f"How the weights move with {feature}")
-
-
-def estimator_vs_truth(df: pd.DataFrame) -> go.Figure:
-    """Each estimator's value and CI per policy against the simulator's truth (columns policy, estimator, ...)."""
-    return forest_plot(df.rename(columns={"estimator": "label"}), "label",
-                       "Off-policy estimates against the simulator's truth")
 
 
 def ratio_histogram(ratios: np.ndarray, title: str = "Importance ratios (log10)") -> go.Figure:

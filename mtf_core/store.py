@@ -27,7 +27,6 @@ from mtf_core.schema import (
     SCHEMA_VERSION,
     TABLES,
     Task,
-    check_identifier,
     create_table_sql,
     quote_ident,
     read_tasks,
@@ -239,17 +238,25 @@ def _load_candidates(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], it
         found = ids[at] == item if len(ids) else np.zeros(len(item), dtype=bool)
         for c in itf:
             raw[c] = np.where(found, np.asarray(items[c])[at], 0.0) if len(ids) else np.zeros(len(item))
+    row, slot, known, counts, group_row = _slots(rid, request_id)
+    # Every request present once, in order, with the same number of candidates: columns reshape as they are.
+    uniform = (len(group_row) == len(request_id) and len(rid) > 0 and bool(known.all())
+               and bool(np.all(counts == counts[0])) and bool(np.all(group_row == np.arange(len(group_row)))))
+    raw["row"], raw["slot"], raw["known"], raw["uniform"] = row, slot, known, np.asarray(uniform)
+    return raw
+
+
+def _slots(rid: np.ndarray, request_id: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For candidate rows grouped by request id `rid`: (request row, slot within the request, whether the
+    request exists in `request_id` (sorted), candidates per group, request row per group)."""
     starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]]) if len(rid) else np.zeros(0, dtype=np.int64)
     counts = np.diff(np.r_[starts, len(rid)])
     group_row = np.minimum(np.searchsorted(request_id, rid[starts]), max(len(request_id) - 1, 0))
     row = np.repeat(group_row, counts)
     known = np.repeat(request_id[group_row] == rid[starts], counts) if len(request_id) else np.zeros(len(rid), bool)
     slot = np.arange(len(rid)) - np.repeat(starts, counts)
-    # Every request present once, in order, with the same number of candidates: columns reshape as they are.
-    uniform = (len(starts) == len(request_id) and len(rid) > 0 and bool(known.all())
-               and bool(np.all(counts == counts[0])) and bool(np.all(group_row == np.arange(len(group_row)))))
-    raw["row"], raw["slot"], raw["known"], raw["uniform"] = row, slot, known, np.asarray(uniform)
-    return raw
+    return row, slot, known, counts, group_row
 
 
 def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | None = None) -> LogData:
@@ -669,14 +676,6 @@ def simulator_tables(sim: object) -> dict[str, dict[str, np.ndarray]]:
     return {t: getattr(sim, t) for t in ("users", "items", "requests", "impressions", "sessions")}
 
 
-def check_column(log_columns: Mapping[str, str], name: str, what: str) -> str:
-    """Check a user-given column name against a log's columns before it reaches SQL."""
-    if name not in log_columns:
-        raise LogError(f"unknown {what} {name!r}; known: {', '.join(sorted(log_columns))}")
-    return check_identifier(name, what)
-
-
-
 @dataclass(frozen=True)
 class CandidateChunk:
     """Dense candidates of a range of requests, read straight from the log."""
@@ -713,18 +712,16 @@ def iter_candidate_chunks(path: str | os.PathLike[str], chunk_requests: int = 10
 
 
 def _dense_chunk(raw: dict[str, np.ndarray], tasks: tuple[Task, ...], ids: np.ndarray, n_slots: int) -> CandidateChunk:
-    rid = np.asarray(raw["request_id"], dtype=np.int64)
-    row = np.searchsorted(ids, rid)
-    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]]) if len(rid) else np.zeros(0, dtype=np.int64)
-    slot = np.arange(len(rid)) - np.repeat(starts, np.diff(np.r_[starts, len(rid)]))
+    row, slot, known, _, _ = _slots(np.asarray(raw["request_id"], dtype=np.int64), ids)
+    row, slot = row[known], slot[known]  # impressions without a request (orphans) are left out, as in load_log
     r, k = len(ids), len(tasks)
     scores = np.zeros((r, n_slots, k), dtype=np.float32)
     labels = np.zeros((r, n_slots, k), dtype=np.float32)
     for j, t in enumerate(tasks):
-        scores[row, slot, j] = np.nan_to_num(_float(raw["s_" + t.name], np.float32))
-        labels[row, slot, j] = np.nan_to_num(_float(raw["y_" + t.name], np.float32))
+        scores[row, slot, j] = np.nan_to_num(_float(raw["s_" + t.name], np.float32))[known]
+        labels[row, slot, j] = np.nan_to_num(_float(raw["y_" + t.name], np.float32))[known]
     shown = np.zeros((r, n_slots), dtype=bool)
-    shown[row, slot] = np.asarray(raw["position"]) >= 0
+    shown[row, slot] = (np.asarray(raw["position"]) >= 0)[known]
     mask = np.zeros((r, n_slots), dtype=bool)
     mask[row, slot] = True
     labels[~shown] = 0.0

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["StateBatch", "FusionPolicy", "context_features", "N_CONTEXT_EXTRA", "simplex_normalise"]
-
-N_CONTEXT_EXTRA = 1  # the step term; the rest of the context is the previous request's feedback, K values
+__all__ = ["StateBatch", "FusionPolicy", "context_features", "simplex_normalise"]
 
 
 def context_features(step: np.ndarray, prev_feedback: np.ndarray) -> np.ndarray:
