@@ -36,7 +36,7 @@ from mtf_core.policies.base import FusionPolicy
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
 
-__all__ = ["RunStore", "RunRecord", "POLICY_CLASSES", "policy_from_files"]
+__all__ = ["RunStore", "RunRecord", "policy_classes", "policy_from_files"]
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS runs (
@@ -48,7 +48,15 @@ _SCHEMA = [
 _LOCK_RETRY_SECONDS = 30.0
 
 
-def _policy_classes() -> dict[str, type[FusionPolicy]]:
+def _empty_catalogue() -> duckdb.DuckDBPyConnection:
+    """An in-memory catalogue with the schema and no runs, read where no catalogue (or no table) exists yet."""
+    con = duckdb.connect()
+    for sql in _SCHEMA:
+        con.execute(sql)
+    return con
+
+
+def policy_classes() -> dict[str, type[FusionPolicy]]:
     """The policy classes a saved run may name (imported on use: the policies import the run store's peers)."""
     from mtf_core.policies.batchrl import BCQPolicy
     from mtf_core.policies.enhanced import PerItemPolicy
@@ -59,8 +67,6 @@ def _policy_classes() -> dict[str, type[FusionPolicy]]:
     return {c.__name__: c for c in (LoggingPolicy, StaticPolicy, DirichletPolicy, BCQPolicy, ActorPolicy,
                                     PerItemPolicy)}
 
-
-POLICY_CLASSES = _policy_classes
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class RunRecord:
     log_path: str
     data_fingerprint: str
     summary: dict[str, Any]
+    policy_sha256: str | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -111,11 +118,11 @@ class RunStore:
         if write:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.catalogue.exists():
-            empty = duckdb.connect()  # an empty in-memory catalogue: no runs yet
-            for sql in _SCHEMA:
-                empty.execute(sql)
-            yield empty
-            empty.close()
+            empty = _empty_catalogue()
+            try:
+                yield empty
+            finally:
+                empty.close()
             return
         start = time.monotonic()
         deadline = start + _LOCK_RETRY_SECONDS
@@ -145,9 +152,7 @@ class RunStore:
                                  ).fetchone()[0]:  # type: ignore[index]
                 # A writer created the file but not yet its tables: read it as an empty catalogue.
                 con.close()
-                con = duckdb.connect()
-                for sql in _SCHEMA:
-                    con.execute(sql)
+                con = _empty_catalogue()
             yield con
         finally:
             con.close()
@@ -220,9 +225,9 @@ class RunStore:
         self.recover()
         with self._connect(write=False) as con:
             rows = con.execute("SELECT run_id, name, algo, status, created_at, finished_at, seconds, seed, config, "
-                               "reward, log_path, data_fingerprint, summary FROM runs ORDER BY created_at").fetchall()
+                               "reward, log_path, data_fingerprint, summary, policy_sha256 FROM runs ORDER BY created_at").fetchall()
         return [RunRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7] or 0), json.loads(r[8] or "{}"),
-                          json.loads(r[9] or "{}"), r[10], r[11], json.loads(r[12] or "{}")) for r in rows]
+                          json.loads(r[9] or "{}"), r[10], r[11], json.loads(r[12] or "{}"), r[13]) for r in rows]
 
     def get(self, run_id: str) -> RunRecord:
         for run in self.list_runs():
@@ -251,9 +256,7 @@ class RunStore:
         run = self.get(run_id)
         if run.status not in ("finished", "cancelled"):
             raise LogError(f"run {run_id} is {run.status}; only finished or cancelled runs have a policy")
-        with self._connect(write=False) as con:
-            digest = con.execute("SELECT policy_sha256 FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]  # type: ignore[index]
-        policy = policy_from_files(self.root / run_id, expected_sha256=digest)
+        policy = policy_from_files(self.root / run_id, expected_sha256=run.policy_sha256)
         if log is not None and tuple(policy.tasks) != log.task_names:
             raise LogError(f"run {run_id} was trained on tasks {list(policy.tasks)}, but this log has "
                            f"{list(log.task_names)}")
@@ -269,7 +272,7 @@ def policy_from_files(folder: Path, expected_sha256: str | None = None) -> Fusio
         raise LogError(f"{pt}: the file changed since training (checksum mismatch); refusing to load it")
     try:
         spec = json.loads(spec_path.read_text())
-        cls = POLICY_CLASSES()[spec["class"]]
+        cls = policy_classes()[spec["class"]]
         args = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["args"].items()}
         policy = cls(**args)
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
