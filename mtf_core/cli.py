@@ -187,28 +187,29 @@ def _headline(result) -> dict[str, dict[str, object]]:  # type: ignore[no-untype
     return rows
 
 
-def _train_all(args: argparse.Namespace, log, spec) -> tuple[list[str], dict[str, float]]:  # type: ignore[no-untyped-def]
-    """Train each algorithm of `--algo` with its defaults into the run store; (policy refs, seconds)."""
+def _train_all(args: argparse.Namespace, log, spec) -> dict[str, tuple[str, float]]:  # type: ignore[no-untyped-def]
+    """Train each algorithm of `--algo` with its defaults into the run store: policy ref -> (algo, seconds)."""
     from mtf_core.policies.train import ALGORITHMS, TrainConfig
     from mtf_core.runs import RunStore
 
     algos = list(ALGORITHMS) if args.algo == "all" else [a.strip() for a in args.algo.split(",") if a.strip()]
-    store, refs, seconds = RunStore(args.runs), [], {}
+    store, trained = RunStore(args.runs), {}
     for algo in algos:
         params = {"per_segment": True} if algo == "cem" else {}
         run_id, result = _train_into_store(store, TrainConfig(algo, args.seed, params), log, spec, f"compare-{algo}")
-        refs.append(f"run:{run_id}")
-        seconds[f"run:{run_id}"] = result.seconds
+        trained[f"run:{run_id}"] = (algo, result.seconds)
         print(f"trained {algo}: run {run_id} in {result.seconds:.1f}s", file=sys.stderr)
-    return refs, seconds
+    return trained
 
 
-def _algo_table(results, seconds: dict[str, float], names: dict[str, str]) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+def _algo_table(results, trained: dict[str, tuple[str, float]]) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
     rows = []
     for r in results:
         figs = _headline(r)
-        rows.append({"policy": names.get(r.policy, r.policy), "train_seconds": seconds.get(r.policy),
-                     **{k: figs.get(k) for k in ("truth", "snips", "dr", "ndcg@6:reward")}})
+        ndcg = next((v for k, v in figs.items() if k.startswith("ndcg@") and k.endswith(":reward")), None)
+        algo, seconds = trained.get(r.policy, (r.policy, None))
+        rows.append({"policy": algo, "train_seconds": seconds, "ndcg:reward": ndcg,
+                     **{k: figs.get(k) for k in ("truth", "snips", "dr")}})
     return rows
 
 
@@ -216,12 +217,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from mtf_core.runs import RunStore
 
     log, ctx = _evaluation_inputs(args)
-    trained: list[str] = []
-    seconds: dict[str, float] = {}
-    if args.algo:
-        trained, seconds = _train_all(args, log, ctx.resolved.spec)
+    trained = _train_all(args, log, ctx.resolved.spec) if args.algo else {}
     explicit = bool(args.policy) or bool(trained)
-    policies = list(args.policy or []) + (["logging"] + trained if trained else [])
+    policies = list(args.policy or []) + (["logging", *trained] if trained else [])
     if not explicit:
         policies = ["logging"] + [f"run:{r.run_id}" for r in RunStore(args.runs).list_runs()
                                   if r.status == "finished" and r.data_fingerprint == ctx.log.fingerprint]
@@ -233,22 +231,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if explicit:
                 raise
             print(f"warning: skipping {p}: {exc}", file=sys.stderr)
+    from mtf_core.compare import lift_over
+    from mtf_core.selection import CRITERIA, regret, select
+
     table = [{"policy": r.policy, "figures": _headline(r)} for r in results]
     base = table[0]["figures"]
     for row in table:
         for name, fig in row["figures"].items():
-            ref = base.get(name)
-            if ref and ref.get("value") and fig.get("value") is not None:
-                fig["lift"] = fig["value"] / ref["value"] - 1.0
-                fig["separated"] = bool(fig["ci_low"] is not None and ref["ci_high"] is not None and (
-                    fig["ci_low"] > ref["ci_high"] or fig["ci_high"] < ref["ci_low"]))
-    from mtf_core.selection import CRITERIA, regret, select
+            lift = lift_over(fig, base[name]) if name in base else None
+            fig.update(lift or {})
 
     selection = select(results, args.select)
     regrets = {c: regret(results, select(results, c)["chosen"]) for c in CRITERIA}
     if trained:
-        names = {ref: RunStore(args.runs).get(ref[4:]).algo for ref in trained}
-        return _print_algo_table(args, _algo_table(results, seconds, names), selection, regrets)
+        return _print_algo_table(args, _algo_table(results, trained), selection, regrets)
     if args.json:
         _emit({"log": args.log, "baseline": table[0]["policy"], "policies": table,
                "selection": {k: selection[k] for k in ("criterion", "chosen", "ranking", "reason")},
@@ -285,9 +281,9 @@ def _print_algo_table(args: argparse.Namespace, rows: list[dict[str, object]], s
         _emit({"log": args.log, "algorithms": rows, "selection": selection, "regret": regrets})
         return EXIT_OK
     print(f"{'policy':<12}{'train s':>9}  {'truth [95% CI]':<28}{'SNIPS [95% CI]':<28}{'DR [95% CI]':<28}"
-          f"{'NDCG@6 reward':<16}")
+          f"{'NDCG reward':<16}")
     for row in rows:
-        cells = [_ci(row[k]) if row.get(k) else "n/a" for k in ("truth", "snips", "dr", "ndcg@6:reward")]
+        cells = [_ci(row[k]) if row.get(k) else "n/a" for k in ("truth", "snips", "dr", "ndcg:reward")]
         secs = f"{row['train_seconds']:.1f}" if row.get("train_seconds") is not None else "-"
         print(f"{row['policy']:<12}{secs:>9}  {cells[0]:<28}{cells[1]:<28}{cells[2]:<28}{cells[3]:<16}")
     print(f"choice by {args.select}: {selection['reason']}")

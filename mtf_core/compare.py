@@ -5,14 +5,14 @@ from __future__ import annotations
 import html
 import json
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from mtf_core.evaluate import EvaluationResult
 
-__all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_frame", "build_report"]
+__all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "lift_frame", "build_report"]
 
 
 def ope_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
@@ -39,6 +39,18 @@ def truth_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
     return frame[frame["estimator"] == "truth"] if len(frame) else frame
 
 
+def lift_over(figure: Mapping[str, object], reference: Mapping[str, object]) -> dict[str, object] | None:
+    """Relative lift of a figure (value, ci_low, ci_high) over a reference one, and whether the 95%
+    intervals separate; None where either value is missing or the reference is zero."""
+    value, ref = figure.get("value"), reference.get("value")
+    if value is None or not ref:
+        return None
+    low, high, ref_low, ref_high = (figure.get("ci_low"), figure.get("ci_high"), reference.get("ci_low"),
+                                    reference.get("ci_high"))
+    separated = None not in (low, high, ref_low, ref_high) and (low > ref_high or high < ref_low)  # type: ignore[operator]
+    return {"lift": value / ref - 1.0, "separated": bool(separated)}  # type: ignore[operator]
+
+
 def lift_frame(frame: pd.DataFrame, key: str, baseline: str) -> pd.DataFrame:
     """Relative lift of every policy over `baseline` per (key, segment), and whether the CIs separate."""
     if frame.empty:
@@ -46,12 +58,12 @@ def lift_frame(frame: pd.DataFrame, key: str, baseline: str) -> pd.DataFrame:
     base = frame[frame["policy"] == baseline].set_index([key, "segment"], drop=False)
     out = []
     for _, row in frame.iterrows():
-        ref = base.loc[(row[key], row["segment"])] if (row[key], row["segment"]) in base.index else None
-        if ref is None or not ref["value"] or row["value"] is None:
+        if (row[key], row["segment"]) not in base.index:
             continue
-        separated = bool(row["ci_low"] > ref["ci_high"] or row["ci_high"] < ref["ci_low"])
-        out.append({"policy": row["policy"], key: row[key], "segment": row["segment"], "value": row["value"],
-                    "lift": row["value"] / ref["value"] - 1.0, "separated": separated})
+        lift = lift_over(row, base.loc[(row[key], row["segment"])])
+        if lift is not None:
+            out.append({"policy": row["policy"], key: row[key], "segment": row["segment"], "value": row["value"],
+                        **lift})
     return pd.DataFrame(out)
 
 
