@@ -90,20 +90,21 @@ table = pd.DataFrame([{
 } for r in reversed(runs)])
 st.dataframe(table, width="stretch", hide_index=True)
 
-ids = [r.run_id for r in reversed(runs)]
+by_id = {r.run_id: r for r in reversed(runs)}  # the listing above, not one catalogue read per option
+ids = list(by_id)
 chosen = st.selectbox("Run", ids, index=ids.index(st.session_state.get(KEY_LAST_RUN, ids[0]))
                       if st.session_state.get(KEY_LAST_RUN) in ids else 0,
-                      format_func=lambda i: f"{i} - {store.get(i).name}")
+                      format_func=lambda i: f"{i} - {by_id[i].name}")
 history = store.history(chosen)
 if not history.empty:
     validation = history[history["name"] == "validation/dr"]
     if not validation.empty:
-        st.plotly_chart(plots.validation_curve(validation, store.get(chosen).summary.get("best_step")),
+        st.plotly_chart(plots.validation_curve(validation, by_id[chosen].summary.get("best_step")),
                         width="stretch")
     st.plotly_chart(plots.training_curves(history[history["name"] != "validation/dr"]), width="stretch")
 a, b = st.columns(2)
 with a.form("rename"):
-    new_name = st.text_input("New name", value=store.get(chosen).name)
+    new_name = st.text_input("New name", value=by_id[chosen].name)
     if st.form_submit_button("Rename"):
         store.rename(chosen, new_name)
         st.rerun()
