@@ -27,12 +27,9 @@ figures = [
     ("Ranking metrics", plots.forest_plot(metrics[metrics["segment"].isna() & metrics["metric"].str.startswith(
         "ndcg")], "metric", "NDCG on the logged candidates")),
 ]
-store = run_store()
-configs = {}
-for r in results:
-    if r.policy.startswith("run:"):
-        run = store.get(r.policy[4:])
-        configs[r.policy] = {"name": run.name, "algo": run.algo, "config": run.config, "seconds": run.seconds}
+runs = {f"run:{r.run_id}": r for r in run_store().list_runs()}
+configs = {r.policy: {"name": run.name, "algo": run.algo, "config": run.config, "seconds": run.seconds}
+           for r in results if (run := runs.get(r.policy)) is not None}  # a run deleted since is left out
 html = build_report(title, results, figures, json.loads(current_reward(log).to_json()), log.fingerprint, configs)
 st.session_state[KEY_REPORT_HTML] = html
 st.download_button("Download the report (HTML)", html, file_name="mtf_report.html", mime="text/html",
