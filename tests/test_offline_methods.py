@@ -75,3 +75,22 @@ def test_progressive_rounds_append_logs_without_touching_the_source(tiny_log_pat
     assert [m["rounds/round"] for m in rounds] == [1.0, 2.0]
     assert all(m["rounds/appended_requests"] > 0 for m in rounds)
     assert hashlib.sha256(tiny_log_path.read_bytes()).hexdigest() == before
+
+
+def test_soft_ranks_match_the_exact_top_l_when_cold_and_carry_gradients_when_warm():
+    from mtf_core.evaluate import top_signals
+    from mtf_core.policies.objective import soft_exam, soft_top_signals
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(16, 12, 3, generator=gen, dtype=torch.float64)
+    mask = torch.ones(16, 12, dtype=torch.bool)
+    mask[0, 8:] = False  # padding never counts
+    curve = torch.tensor([1.0, 0.6, 0.4, 0.3], dtype=torch.float64)
+    weights = torch.rand(16, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    fused = (scores * weights[:, None]).sum(-1)
+    exact = top_signals(fused.detach().masked_fill(~mask, float("-inf")), scores, mask, curve)
+    torch.testing.assert_close(soft_top_signals(fused.detach(), scores, mask, curve, 1e-4), exact)
+    warm = soft_exam(fused, mask, curve, 0.3)
+    assert (warm[0, 8:] == 0).all()
+    warm.sum().backward()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0

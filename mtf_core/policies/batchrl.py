@@ -9,6 +9,9 @@ Follows the paper:
   with target networks and clipped double-Q (lambda = 0.75), discount 0.95; the chosen action is the best
   of n perturbed VAE proposals under the first critic, so the policy stays near the logged support.
 The lab's choices:
+- the critics see, besides the state and the weights, the ranking the weights induce (`RankingFeatures`:
+  expected MTL signals of the top L under soft ranks), so that they tell proposals apart by what the
+  user would see rather than by weight coordinates alone;
 - the action is the logged weight vector on the simplex (`sum` fusion), not the paper's
   `sum_k a_k log(s_k + b_k)`, because offline learning needs the log's own action space; perturbed
   actions are projected back to the simplex;
@@ -25,7 +28,7 @@ import torch
 
 from mtf_core.policies.base import StateBatch, simplex_normalise
 from mtf_core.policies.objective import TrainingData
-from mtf_core.policies.offline import EncodedPolicy, build_transitions, mlp, soft_update
+from mtf_core.policies.offline import EncodedPolicy, RankingFeatures, build_transitions, mlp, soft_update
 
 __all__ = ["BatchRLConfig", "BCQPolicy", "BatchRLTrainer"]
 
@@ -52,6 +55,8 @@ class BatchRLConfig:
     """Weight of the smaller critic in the clipped double-Q target."""
     tau: float = 0.005
     """Target network update rate."""
+    temperature: float = 0.1
+    """Soft-rank temperature of the critics' ranking features, relative to a request's score spread."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.discount < 1 or self.steps < 1 or self.n_proposals < 1:
@@ -62,7 +67,8 @@ class BCQPolicy(EncodedPolicy):
     """Generator (VAE decoder) + perturbation + critic; acts by the best of fixed latent proposals."""
 
     def __init__(self, tasks: tuple[str, ...], segments: tuple[str, ...], n_user_features: int, n_context: int,
-                 hidden: int = 64, n_proposals: int = 10, max_perturbation: float = 0.15) -> None:
+                 hidden: int = 64, n_proposals: int = 10, max_perturbation: float = 0.15, n_top: int = 6,
+                 temperature: float = 0.1) -> None:
         super().__init__(tasks, segments, n_user_features, n_context, hidden)
         k, d = len(tasks), self.encoder.n_out
         self.latent = 2 * k
@@ -70,12 +76,14 @@ class BCQPolicy(EncodedPolicy):
         self.vae_encoder = mlp(d + k, 2 * self.latent, hidden)
         self.vae_decoder = mlp(d + self.latent, k, hidden)
         self.perturb = mlp(d + k, k, hidden)
-        self.q1, self.q2 = mlp(d + k, 1, hidden), mlp(d + k, 1, hidden)
+        self.q1, self.q2 = mlp(d + 2 * k, 1, hidden), mlp(d + 2 * k, 1, hidden)
+        self.ranking = RankingFeatures(k, n_top, temperature)
         self.register_buffer("proposal_z", torch.randn(n_proposals, self.latent,
                                                        generator=torch.Generator().manual_seed(0)).clamp(-0.5, 0.5))
 
     def spec(self) -> dict[str, object]:
-        return {**super().spec(), "n_proposals": self.n_proposals, "max_perturbation": self.max_perturbation}
+        return {**super().spec(), "n_proposals": self.n_proposals, "max_perturbation": self.max_perturbation,
+                "n_top": self.ranking.n_top, "temperature": self.ranking.temperature}
 
     def decode(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.vae_decoder(torch.cat([x, z], -1)), -1)
@@ -84,17 +92,20 @@ class BCQPolicy(EncodedPolicy):
         shift = self.max_perturbation * torch.tanh(self.perturb(torch.cat([x, a], -1)))
         return simplex_normalise(a + shift)
 
-    def select(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def critic_input(self, x: torch.Tensor, a: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, a, self.ranking(scores, mask, a)], -1)
+
+    def select(self, x: torch.Tensor, z: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Best of `z.shape[0]` proposals per state under the first critic, `[R,K]`."""
         r, p = x.shape[0], z.shape[0]
         xs = x.repeat_interleave(p, 0)
         a = self.perturbed(xs, self.decode(xs, z.repeat(r, 1)))
-        q = self.q1(torch.cat([xs, a], -1)).reshape(r, p)
-        best = q.argmax(1)
+        xa = self.critic_input(xs, a, scores.repeat_interleave(p, 0), mask.repeat_interleave(p, 0))
+        best = self.q1(xa).reshape(r, p).argmax(1)
         return a.reshape(r, p, -1)[torch.arange(r), best]
 
     def act(self, state: StateBatch, deterministic: bool = True) -> torch.Tensor:
-        return self.select(self.encoder(state), self.proposal_z)
+        return self.select(self.encoder(state), self.proposal_z, state.scores.float(), state.mask)
 
 
 class BatchRLTrainer:
@@ -105,9 +116,11 @@ class BatchRLTrainer:
         self.gen = torch.Generator().manual_seed(seed)
         log = data.log
         self.policy = BCQPolicy(log.task_names, log.segments, log.user_features.shape[1], log.context.shape[1],
-                                config.hidden, config.n_proposals, config.max_perturbation)
+                                config.hidden, config.n_proposals, config.max_perturbation, int(data.curve.shape[0]),
+                                config.temperature)
         self.policy.encoder.fit(data.state.user_features.float())
-        self.t = build_transitions(data, self.policy.encoder)
+        self.t = t = build_transitions(data, self.policy.encoder)
+        self.policy.ranking.fit(data.curve, t.scores, t.mask, t.actions)
         self.target = copy.deepcopy(self.policy)
         p = self.policy
         self.vae_opt = torch.optim.Adam([*p.vae_encoder.parameters(), *p.vae_decoder.parameters()], lr=config.lr)
@@ -119,7 +132,9 @@ class BatchRLTrainer:
         cfg, p, t = self.config, self.policy, self.t
         idx = torch.randint(0, t.n, (min(cfg.batch_size, t.n),), generator=self.gen)
         x, a, r = t.features[idx], t.actions[idx], t.rewards[idx]
-        x_next, done = t.features[t.next_row[idx]], t.done[idx]
+        scores, mask = t.scores[idx], t.mask[idx]
+        nxt = t.next_row[idx]
+        x_next, done = t.features[nxt], t.done[idx]
         # Generative model of the logged actions.
         mean, log_std = p.vae_encoder(torch.cat([x, a], -1)).chunk(2, -1)
         log_std = log_std.clamp(-4, 2)
@@ -136,11 +151,13 @@ class BatchRLTrainer:
             xn = x_next.repeat_interleave(n, 0)
             zn = torch.randn(xn.shape[0], p.latent, generator=self.gen).clamp(-0.5, 0.5)
             an = self.target.perturbed(xn, p.decode(xn, zn))
-            q1n, q2n = self.target.q1(torch.cat([xn, an], -1)), self.target.q2(torch.cat([xn, an], -1))
+            xan = self.target.critic_input(xn, an, t.scores[nxt].repeat_interleave(n, 0),
+                                           t.mask[nxt].repeat_interleave(n, 0))
+            q1n, q2n = self.target.q1(xan), self.target.q2(xan)
             qn = cfg.lmbda * torch.min(q1n, q2n) + (1 - cfg.lmbda) * torch.max(q1n, q2n)
             qn = qn.reshape(-1, n).max(1).values
             target = r + cfg.discount * (1 - done) * qn
-        xa = torch.cat([x, a], -1)
+        xa = p.critic_input(x, a, scores, mask)
         critic_loss = (p.q1(xa).squeeze(-1) - target).pow(2).mean() + (p.q2(xa).squeeze(-1) - target).pow(2).mean()
         self.critic_opt.zero_grad()
         critic_loss.backward()
@@ -148,7 +165,7 @@ class BatchRLTrainer:
         # Perturbation: move generated actions towards higher Q, within the bound.
         with torch.no_grad():
             generated = p.decode(x, torch.randn(x.shape[0], p.latent, generator=self.gen).clamp(-0.5, 0.5))
-        actor_q = p.q1(torch.cat([x, p.perturbed(x, generated)], -1)).mean()
+        actor_q = p.q1(p.critic_input(x, p.perturbed(x, generated), scores, mask)).mean()
         self.actor_opt.zero_grad()
         (-actor_q).backward()
         self.actor_opt.step()

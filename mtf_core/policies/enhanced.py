@@ -4,13 +4,19 @@ Follows the paper:
 - the state of each decision holds user features, session context and the item's own features (its MTL
   predictions and `if_*` features); the actor outputs one weight vector per candidate (`[R,N,K]`), and
   fused scores use each item's own weights;
-- the critic scores user-item actions; the TD update aggregates over the shown list: the sum of the
-  shown items' Q-values regresses onto the request's reward plus the discounted sum at the next request.
+- the critic scores user-item actions and the request's reward is credited to the shown items: the TD
+  update regresses the list value onto the request's reward plus the discounted list value at the next
+  request.
 The lab's choices:
+- the list value is V(s) + sum_n exam_n * q(s, item_n, a_n): a state baseline V absorbs what no ranking
+  changes (session terms, the user's base rate), and each item's value counts with the examination
+  weight of the position it is shown at (the position curve of the reward: logged positions for
+  logged lists; soft ranks under the per-item fused scores for the actor's lists, so its gradient
+  reaches how each item's weights move it up or down the ranking);
 - offline training on the log, with TD3+BC-style behaviour regularisation (the actor's per-item weights
   are pulled towards the request's logged weights, Fujimoto & Gu 2021) instead of the paper's online
   updates; the logged action of an item is its request's weight vector;
-- the next request's value uses the shown items of that request under the target actor.
+- the next request's value uses that request's candidates ranked by the target actor.
 Per-item weights do not live in the logged action space, so importance-weighted estimates do not exist
 for this policy; it is compared by re-ranking, the direct method and the simulator's truth.
 """
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from mtf_core.policies.base import StateBatch
-from mtf_core.policies.objective import TrainingData
+from mtf_core.policies.objective import TrainingData, soft_exam
 from mtf_core.policies.offline import EncodedPolicy, build_transitions, mlp, soft_update
 
 __all__ = ["EnhancedConfig", "PerItemPolicy", "EnhancedTrainer"]
@@ -47,6 +53,8 @@ class EnhancedConfig:
     """alpha of TD3+BC: how strongly per-item weights stay near the logged ones."""
     tau: float = 0.005
     """Target network update rate."""
+    temperature: float = 0.1
+    """Soft-rank temperature of the actor's lists, relative to a request's spread of fused scores."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not 0 <= self.discount < 1:
@@ -68,6 +76,7 @@ class PerItemPolicy(EncodedPolicy):
         n_in = self.encoder.n_out + k + n_item_features
         self.actor = mlp(n_in, k, hidden)
         self.critic = mlp(n_in + k, 1, hidden)
+        self.baseline = mlp(self.encoder.n_out, 1, hidden)
 
     def spec(self) -> dict[str, object]:
         return {**super().spec(), "n_item_features": self.n_item_features}
@@ -85,12 +94,16 @@ class PerItemPolicy(EncodedPolicy):
     def q(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self.critic(torch.cat([z, a], -1)).squeeze(-1)
 
+    def list_value(self, state: StateBatch, z: torch.Tensor, a: torch.Tensor, exam: torch.Tensor) -> torch.Tensor:
+        """V(s) + sum_n exam_n q(s, item_n, a_n) `[R]` for per-item weights `a` `[R,N,K]`."""
+        return self.baseline(self.encoder(state)).squeeze(-1) + (exam * self.q(z, a)).sum(1)
+
     def act(self, state: StateBatch, deterministic: bool = True) -> torch.Tensor:
         return self.mu(self.item_state(state))
 
 
 class EnhancedTrainer:
-    """One `step` = a critic update (list-aggregated TD) and an actor update (Q + behaviour cloning)."""
+    """One `step` = a critic update (list TD) and an actor update (list value under soft ranks + behaviour cloning)."""
 
     def __init__(self, config: EnhancedConfig, data: TrainingData, seed: int) -> None:
         self.config, self.data = config, data
@@ -103,37 +116,44 @@ class EnhancedTrainer:
         self.policy.item_mean.copy_(items.mean(0))
         self.policy.item_std.copy_(items.std(0).clamp(min=1e-6))
         self.t = build_transitions(data, self.policy.encoder)
+        self.logged_exam = data.logged_exam * data.shown  # the curve at the logged position, 0 if not shown
         self.target = copy.deepcopy(self.policy)
         self.actor_opt = torch.optim.Adam(self.policy.actor.parameters(), lr=config.lr)
-        self.critic_opt = torch.optim.Adam(self.policy.critic.parameters(), lr=config.lr)
+        self.critic_opt = torch.optim.Adam([*self.policy.critic.parameters(), *self.policy.baseline.parameters()],
+                                           lr=config.lr)
         self.n_steps = config.steps
+
+    def _exam(self, state: StateBatch, a: torch.Tensor) -> torch.Tensor:
+        fused = (state.scores.float() * a).sum(-1)
+        return soft_exam(fused, state.mask, self.data.curve, self.config.temperature)
 
     def step(self, step: int) -> dict[str, float]:
         cfg, p, t, data = self.config, self.policy, self.t, self.data
         rows = torch.randint(0, t.n, (min(cfg.batch_size, t.n),), generator=self.gen)
         nxt = t.next_row[rows]
         state, next_state = data.state.index(rows), data.state.index(nxt)
-        shown, next_shown = data.shown[rows].float(), data.shown[nxt].float()
-        z = p.item_state(state)  # (B, N, D)
-        logged = t.actions[rows].unsqueeze(1).expand(-1, z.shape[1], -1)
+        valid = state.mask.float()
         with torch.no_grad():
+            z = p.item_state(state)  # (B, N, D)
             zn = self.target.item_state(next_state)
-            q_next = (self.target.q(zn, self.target.mu(zn)) * next_shown).sum(1)
-            target = t.rewards[rows] + cfg.discount * (1 - t.done[rows]) * q_next
-        q_list = (p.q(z.detach(), logged) * shown).sum(1)
-        critic_loss = (q_list - target).pow(2).mean()
+            a_next = self.target.mu(zn)
+            v_next = self.target.list_value(next_state, zn, a_next, self._exam(next_state, a_next))
+            target = t.rewards[rows] + cfg.discount * (1 - t.done[rows]) * v_next
+        logged = t.actions[rows].unsqueeze(1).expand(-1, z.shape[1], -1)
+        v_logged = p.list_value(state, z, logged, self.logged_exam[rows])
+        critic_loss = (v_logged - target).pow(2).mean()
         self.critic_opt.zero_grad()
         critic_loss.backward()
         self.critic_opt.step()
-        mu = p.mu(z.detach())
-        q_items = p.q(z.detach(), mu) * shown
-        lam = cfg.behaviour_weight / q_items.sum(1).abs().mean().detach().clamp(min=1e-6)
-        bc = ((mu - logged).pow(2).sum(-1) * shown).sum(1).mean()
-        actor_loss = -lam * q_items.sum(1).mean() + bc
+        mu = p.mu(z)
+        exam = self._exam(state, mu)
+        ranked = (exam * p.q(z, mu)).sum(1)
+        lam = cfg.behaviour_weight / ranked.abs().mean().detach().clamp(min=1e-6)
+        bc = ((mu - logged).pow(2).sum(-1) * valid).sum(1).div(valid.sum(1)).mean()
+        actor_loss = -lam * ranked.mean() + bc
         self.actor_opt.zero_grad()
         actor_loss.backward()
         self.actor_opt.step()
         soft_update(self.target, p, cfg.tau)
         return {"losses/critic": float(critic_loss.detach()), "losses/actor": float(actor_loss.detach()),
-                "losses/behaviour": float(bc.detach()), "charts/q": float(q_list.mean().detach()) * t.reward_scale}
-
+                "losses/behaviour": float(bc.detach()), "charts/q": float(v_logged.mean().detach()) * t.reward_scale}

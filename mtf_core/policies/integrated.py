@@ -33,7 +33,7 @@ from torch import nn
 
 from mtf_core.policies.base import StateBatch
 from mtf_core.policies.objective import TrainingData, build_training_data
-from mtf_core.policies.offline import EncodedPolicy, build_transitions, interior, mlp, soft_update
+from mtf_core.policies.offline import EncodedPolicy, RankingFeatures, build_transitions, interior, mlp, soft_update
 from mtf_core.reward import request_reward
 
 __all__ = ["IntegratedConfig", "ActorPolicy", "IntegratedTrainer"]
@@ -71,6 +71,8 @@ class IntegratedConfig:
     """Users of each exploration round, as a share of the source log's simulator users."""
     tau: float = 0.005
     """Target network update rate."""
+    temperature: float = 0.1
+    """Soft-rank temperature of the critics' ranking features, relative to a request's score spread."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.steps_per_round < 1 or self.n_critics < 2:
@@ -78,24 +80,29 @@ class IntegratedConfig:
 
 
 class ActorPolicy(EncodedPolicy):
-    """mu(s) = softmax(MLP(s)), with the critic ensemble kept for exploration."""
+    """mu(s) = softmax(MLP(s)), with the critic ensemble kept for exploration.
+
+    Each critic sees the state, the weights and the ranking they induce (`RankingFeatures`).
+    """
 
     def __init__(self, tasks: tuple[str, ...], segments: tuple[str, ...], n_user_features: int, n_context: int,
-                 hidden: int = 64, n_critics: int = 4) -> None:
+                 hidden: int = 64, n_critics: int = 4, n_top: int = 6, temperature: float = 0.1) -> None:
         super().__init__(tasks, segments, n_user_features, n_context, hidden)
         k, d = len(tasks), self.encoder.n_out
         self.n_critics = n_critics
         self.actor = mlp(d, k, hidden)
-        self.critics = nn.ModuleList([mlp(d + k, 1, hidden) for _ in range(n_critics)])
+        self.critics = nn.ModuleList([mlp(d + 2 * k, 1, hidden) for _ in range(n_critics)])
+        self.ranking = RankingFeatures(k, n_top, temperature)
 
     def spec(self) -> dict[str, object]:
-        return {**super().spec(), "n_critics": self.n_critics}
+        return {**super().spec(), "n_critics": self.n_critics, "n_top": self.ranking.n_top,
+                "temperature": self.ranking.temperature}
 
     def mu(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.actor(x), -1)
 
-    def q_all(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        xa = torch.cat([x, a], -1)
+    def q_all(self, x: torch.Tensor, a: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        xa = torch.cat([x, a, self.ranking(scores, mask, a)], -1)
         return torch.cat([q(xa) for q in self.critics], -1)  # (B, E)
 
     def act(self, state: StateBatch, deterministic: bool = True) -> torch.Tensor:
@@ -136,9 +143,10 @@ class IntegratedTrainer:
         self.gen = torch.Generator().manual_seed(seed)
         log = data.log
         self.policy = ActorPolicy(log.task_names, log.segments, log.user_features.shape[1], log.context.shape[1],
-                                  config.hidden, config.n_critics)
+                                  config.hidden, config.n_critics, int(data.curve.shape[0]), config.temperature)
         self.policy.encoder.fit(data.state.user_features.float())
-        self.transitions = build_transitions(data, self.policy.encoder)
+        self.transitions = t = build_transitions(data, self.policy.encoder)
+        self.policy.ranking.fit(data.curve, t.scores, t.mask, t.actions)
         self.support = _logging_support(data)
         self.target = copy.deepcopy(self.policy)
         self.actor_opt = torch.optim.Adam(self.policy.actor.parameters(), lr=config.lr)
@@ -158,19 +166,20 @@ class IntegratedTrainer:
         cfg, p, t = self.config, self.policy, self.transitions
         rows = torch.randint(0, t.n, (min(cfg.batch_size, t.n),), generator=self.gen)
         x, a, r = t.features[rows], t.actions[rows], t.rewards[rows]
+        scores, mask = t.scores[rows], t.mask[rows]
         nxt = t.next_row[rows]
         with torch.no_grad():
             a_next = self.target.mu(t.features[nxt])
-            q_next = self.target.q_all(t.features[nxt], a_next).mean(-1)
+            q_next = self.target.q_all(t.features[nxt], a_next, t.scores[nxt], t.mask[nxt]).mean(-1)
             inside = (self.support.outside(nxt, a_next) == 0).float()
             q_next = q_next * (inside + (1 - inside) * cfg.target_decay)
             target = r + cfg.discount * (1 - t.done[rows]) * q_next
-        critic_loss = (p.q_all(x, a) - target[:, None]).pow(2).mean()
+        critic_loss = (p.q_all(x, a, scores, mask) - target[:, None]).pow(2).mean()
         self.critic_opt.zero_grad()
         critic_loss.backward()
         self.critic_opt.step()
         mu = p.mu(x)
-        q = p.q_all(x, mu)
+        q = p.q_all(x, mu, scores, mask)
         penalty = self.support.outside(rows, mu).mean()
         actor_loss = -(q.mean(-1) - cfg.disagreement * q.std(-1)).mean() + cfg.support_penalty * penalty
         self.actor_opt.zero_grad()
@@ -190,7 +199,9 @@ class IntegratedTrainer:
             x = p.encoder(state)
             alpha = p.mu(x).clamp(min=1e-3) * concentration
             draws = torch.distributions.Dirichlet(alpha).sample((n,)).transpose(0, 1)  # (R, n, K)
-            q = p.q_all(x.repeat_interleave(n, 0), draws.reshape(-1, draws.shape[-1])).mean(-1).reshape(-1, n)
+            q = p.q_all(x.repeat_interleave(n, 0), draws.reshape(-1, draws.shape[-1]),
+                        state.scores.float().repeat_interleave(n, 0), state.mask.repeat_interleave(n, 0))
+            q = q.mean(-1).reshape(-1, n)
             keep = q >= q.median(1, keepdim=True).values
             pick = torch.multinomial(keep.float(), 1, generator=gen).squeeze(1)
             return draws[torch.arange(draws.shape[0]), pick].double()
@@ -224,10 +235,7 @@ class IntegratedTrainer:
                                 new_log.returned, new_log.weights, new_data.ctx.logged_expected).total
         new_t = build_transitions(new_data, self.policy.encoder)
         t = self.transitions
-        self.transitions = type(t)(
-            torch.cat([t.features, new_t.features]), torch.cat([t.actions, new_t.actions]),
-            torch.cat([t.rewards, torch.as_tensor(reward / t.reward_scale, dtype=torch.float32)]),
-            torch.cat([t.next_row, new_t.next_row + t.n]), torch.cat([t.done, new_t.done]), t.reward_scale)
+        self.transitions = t.append(new_t, torch.as_tensor(reward / t.reward_scale, dtype=torch.float32))
         with torch.no_grad():
             alpha = self.policy.mu(new_t.features).clamp(min=1e-3) * cfg.explore_concentration
             logp = torch.distributions.Dirichlet(alpha).log_prob(interior(new_t.actions))

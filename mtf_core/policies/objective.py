@@ -22,7 +22,7 @@ from mtf_core.policies.base import StateBatch
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
 
-__all__ = ["TrainingData", "build_training_data", "composite_reward", "FeatureEncoder"]
+__all__ = ["TrainingData", "build_training_data", "composite_reward", "FeatureEncoder", "soft_exam", "soft_top_signals"]
 
 
 class FeatureEncoder(torch.nn.Module):
@@ -86,6 +86,39 @@ def build_training_data(log: LogData, spec: RewardSpec) -> TrainingData:
         intercept=f32(ctx.direct.intercept), slope=f32(ctx.direct.slope),
         reference_share=f32(ctx.resolved.reference_share), logged_weights=f32(log.weights),
     )
+
+
+def soft_exam(fused: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Examination weight `[R,N]` of each candidate at its soft rank under fused scores `[R,N]`.
+
+    The soft rank counts the candidates above each one with sigmoids (temperature relative to the
+    request's spread of fused scores), and the position curve (0 beyond the top L) is interpolated at it.
+    As the temperature goes to 0 this is the exact top-L examination; above 0 it has gradients with
+    respect to the fused scores, which is what lets an actor learn how weights move a ranking.
+    """
+    f = fused.masked_fill(~mask, 0.0)
+    valid = mask.to(f.dtype)
+    n_valid = valid.sum(1, keepdim=True).clamp(min=1)
+    mean = (f * valid).sum(1, keepdim=True) / n_valid
+    spread = (((f - mean) * valid).pow(2).sum(1, keepdim=True) / n_valid).sqrt().detach()
+    scale = temperature * spread + 1e-6
+    above = torch.sigmoid((f.unsqueeze(1) - f.unsqueeze(2)) / scale.unsqueeze(-1))  # [r, n, m]: m above n
+    rank = (above * valid.unsqueeze(1)).sum(-1) - 0.5  # the diagonal contributes sigmoid(0) = 0.5
+    n_top = curve.shape[0]
+    padded = torch.cat([curve.to(f.dtype), torch.zeros(1, dtype=f.dtype)])
+    rank = rank.clamp(0, n_top)
+    low = rank.detach().floor().clamp(max=n_top - 1)
+    frac = rank - low
+    low = low.long()
+    exam = padded[low] * (1 - frac) + padded[low + 1] * frac
+    return exam * valid
+
+
+def soft_top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """`top_signals` with soft ranks: expected signals `[R,K]` of the top L, differentiable in `fused`."""
+    exam = soft_exam(fused, mask, curve, temperature)
+    return torch.bmm(exam.unsqueeze(1), scores.to(exam.dtype)).squeeze(1)
 
 
 def _penalty(data: TrainingData, weights: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:

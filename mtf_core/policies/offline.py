@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtf_core.fusion import fuse
 from mtf_core.policies.base import FusionPolicy, StateBatch
-from mtf_core.policies.objective import FeatureEncoder, TrainingData
+from mtf_core.policies.objective import FeatureEncoder, TrainingData, soft_top_signals
 from mtf_core.store import session_links
 
-__all__ = ["Transitions", "build_transitions", "mlp", "soft_update", "EncodedPolicy", "interior"]
+__all__ = ["Transitions", "build_transitions", "mlp", "soft_update", "EncodedPolicy", "interior", "RankingFeatures"]
 
 
 def interior(a: torch.Tensor) -> torch.Tensor:
@@ -37,6 +38,33 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
             t.mul_(1 - tau).add_(s, alpha=tau)
 
 
+class RankingFeatures(nn.Module):
+    """What weights do to a request: the standardised expected MTL signals `[B,K]` of the top L they induce.
+
+    Weights act only through the ranking, so a critic that sees the ranking (besides the weights) can
+    judge weights the log never tried; soft ranks (`soft_top_signals`) let an actor's gradient through.
+    """
+
+    def __init__(self, n_tasks: int, n_top: int, temperature: float) -> None:
+        super().__init__()
+        self.n_top, self.temperature = n_top, temperature
+        self.register_buffer("curve", torch.ones(n_top))
+        self.register_buffer("mean", torch.zeros(n_tasks))
+        self.register_buffer("std", torch.ones(n_tasks))
+
+    def fit(self, curve: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor) -> None:
+        """Take the reward's position curve and standardise by the signals of the logged actions."""
+        self.curve.copy_(curve)
+        with torch.no_grad():
+            signals = soft_top_signals(fuse(scores, actions), scores, mask, self.curve, self.temperature)
+        self.mean.copy_(signals.mean(0))
+        self.std.copy_(signals.std(0).clamp(min=1e-6))
+
+    def forward(self, scores: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        signals = soft_top_signals(fuse(scores, weights), scores, mask, self.curve, self.temperature)
+        return (signals - self.mean) / self.std
+
+
 @dataclass(frozen=True)
 class Transitions:
     """(s, a, r, s', done) per request; `next_row` indexes the next request (itself when done)."""
@@ -47,10 +75,19 @@ class Transitions:
     next_row: torch.Tensor  # (R,) long
     done: torch.Tensor  # (R,) float
     reward_scale: float
+    scores: torch.Tensor  # (R, N, K) the candidates' MTL predictions, for ranking-aware critics
+    mask: torch.Tensor  # (R, N) bool
 
     @property
     def n(self) -> int:
         return int(self.rewards.shape[0])
+
+    def append(self, other: "Transitions", rewards: torch.Tensor) -> "Transitions":
+        """These transitions followed by `other`'s, whose rewards are replaced (already on this scale)."""
+        return Transitions(torch.cat([self.features, other.features]), torch.cat([self.actions, other.actions]),
+                           torch.cat([self.rewards, rewards]), torch.cat([self.next_row, other.next_row + self.n]),
+                           torch.cat([self.done, other.done]), self.reward_scale,
+                           torch.cat([self.scores, other.scores]), torch.cat([self.mask, other.mask]))
 
 
 def build_transitions(data: TrainingData, encoder: FeatureEncoder) -> Transitions:
@@ -63,7 +100,7 @@ def build_transitions(data: TrainingData, encoder: FeatureEncoder) -> Transition
     scale = float(reward.std()) if reward.std() > 0 else 1.0
     return Transitions(features, torch.as_tensor(log.weights, dtype=torch.float32),
                        torch.as_tensor(reward / scale, dtype=torch.float32), torch.from_numpy(nxt),
-                       torch.from_numpy(done.astype(np.float32)), scale)
+                       torch.from_numpy(done.astype(np.float32)), scale, data.scores.float(), data.mask)
 
 
 class EncodedPolicy(FusionPolicy):
