@@ -181,6 +181,14 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
+def _copy_chunks(column: pa.ChunkedArray, out: np.ndarray) -> None:
+    """Write an Arrow column into a numpy view chunk by chunk (NULL -> NaN), without concatenating first."""
+    start = 0
+    for chunk in column.chunks:
+        out[start:start + len(chunk)] = chunk.to_numpy(zero_copy_only=False)
+        start += len(chunk)
+
+
 def _float(a: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     """Masked/NULL numeric columns from fetchnumpy -> floats with NaN."""
     if isinstance(a, np.ma.MaskedArray):
@@ -200,50 +208,88 @@ def session_links(session_id: np.ndarray, step: np.ndarray) -> tuple[np.ndarray,
 
 
 def _load_requests(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], uf: list[str]) -> dict[str, np.ndarray]:
+    """Request columns in request-id order; `segment_code` indexes `segment_names` (sorted, every user's)."""
     w_cols = ", ".join(f"r.{quote_ident('w_' + t.name)}" for t in tasks)
     uf_cols = "".join(f", coalesce(u.{quote_ident(c)}, 0)::DOUBLE AS {quote_ident(c)}" for c in uf)
+    # Segments are numbered over the users table (small) instead of ranking every request.
+    segments = "(SELECT DISTINCT coalesce(segment, '(missing)') AS name FROM users)"
+    numbered = f"(SELECT name, (row_number() OVER (ORDER BY name) - 1)::BIGINT AS code FROM {segments})"
     sql = f"""
         SELECT r.request_id, r.session_id, r.user_id, coalesce(r.step, 0)::BIGINT AS step, r.ts, {w_cols},
-               coalesce(r.logging_logp, 'NaN'::DOUBLE) AS logging_logp, u.segment {uf_cols},
+               coalesce(r.logging_logp, 'NaN'::DOUBLE) AS logging_logp, seg.code AS segment_code {uf_cols},
                coalesce(s.returned::DOUBLE, 'NaN'::DOUBLE) AS returned
         FROM requests r JOIN users u ON r.user_id = u.user_id
+        JOIN {numbered} seg ON seg.name = coalesce(u.segment, '(missing)')
         LEFT JOIN sessions s ON s.session_id = r.session_id
         ORDER BY r.request_id
     """
-    return _fetch(con, sql)
+    out = _fetch(con, sql)
+    out["segment_names"] = np.asarray(_fetch(con, f"SELECT name FROM {numbered} ORDER BY code")["name"], dtype=object)
+    return out
+
+
+def _candidate_columns(tasks: tuple[Task, ...]) -> str:
+    """The candidate columns as loading wants them, converted by DuckDB (in parallel, before the transfer):
+    float32; scores 0 where NULL or not finite; labels NaN where NULL or the item was not shown (NaN
+    rather than NULL, so that Arrow hands the columns over without a conversion)."""
+    scores = (f"CASE WHEN isfinite({quote_ident('s_' + t.name)}::DOUBLE) THEN {quote_ident('s_' + t.name)}::FLOAT "
+              f"ELSE 0 END AS {quote_ident('s_' + t.name)}" for t in tasks)
+    labels = (f"coalesce(CASE WHEN position IS NOT NULL THEN {quote_ident('y_' + t.name)}::FLOAT END, 'NaN'::FLOAT) "
+              f"AS {quote_ident('y_' + t.name)}" for t in tasks)
+    return ", ".join(["coalesce(position, -1)::INTEGER AS position", *scores, *labels])
 
 
 def _load_candidates(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], itf: list[str],
-                     request_id: np.ndarray) -> dict[str, np.ndarray]:
-    """Candidate columns in (request, shown position, item) order. DuckDB keeps insertion order, and the
-    writers insert in that order, so the sort below only runs for logs written otherwise."""
-    cols = ", ".join(quote_ident(p + t.name) for p in ("s_", "y_") for t in tasks)
-    raw = _fetch(con, f"SELECT request_id, item_id, coalesce(position, -1) AS position, {cols} FROM impressions")
-    rid = np.asarray(raw["request_id"], dtype=np.int64)
-    key = np.where(raw["position"] >= 0, raw["position"], np.iinfo(np.int32).max).astype(np.int64)
-    item = np.asarray(raw["item_id"], dtype=np.int64)
-    same = rid[1:] == rid[:-1]
-    in_order = bool(np.all((rid[1:] > rid[:-1]) | (same & ((key[1:] > key[:-1]) | (
-        (key[1:] == key[:-1]) & (item[1:] >= item[:-1]))))))
-    if not in_order:
-        order = np.lexsort((item, key, rid))
-        raw = {k: v[order] for k, v in raw.items()}
-        rid, item = rid[order], item[order]
-    if itf:
-        items = _fetch(con, "SELECT item_id, " + ", ".join(f"coalesce({quote_ident(c)}, 0)::DOUBLE AS "
-                                                          f"{quote_ident(c)}" for c in itf) + " FROM items ORDER BY item_id")
-        ids = np.asarray(items["item_id"], dtype=np.int64)
-        dense = len(ids) > 0 and ids[-1] - ids[0] == len(ids) - 1  # ids 1..M: index directly
-        at = np.clip(item - ids[0] if dense else np.searchsorted(ids, item), 0, max(len(ids) - 1, 0))
-        found = ids[at] == item if len(ids) else np.zeros(len(item), dtype=bool)
-        for c in itf:
-            raw[c] = np.where(found, np.asarray(items[c])[at], 0.0) if len(ids) else np.zeros(len(item))
+                     request_id: np.ndarray) -> dict[str, object]:
+    """Candidate rows in (request, shown position, item) order: keys and layout as numpy, the score and
+    label columns as Arrow (`table`), copied once, straight into the dense arrays, by `_assemble`.
+    DuckDB keeps insertion order and the writers insert in that order, so the sort below only runs for
+    logs written otherwise."""
+    table = con.sql(f"SELECT request_id, item_id, {_candidate_columns(tasks)} FROM impressions").to_arrow_table()
+    rid = table.column("request_id").to_numpy().astype(np.int64, copy=False)
+    item = table.column("item_id").to_numpy().astype(np.int64, copy=False)
+    position = table.column("position").to_numpy()
+    if not _in_candidate_order(rid, position, item):
+        order = np.lexsort((item, np.where(position >= 0, position, np.iinfo(np.int32).max), rid))
+        table, rid, item, position = table.take(order), rid[order], item[order], position[order]
     row, slot, known, counts, group_row = _slots(rid, request_id)
     # Every request present once, in order, with the same number of candidates: columns reshape as they are.
     uniform = (len(group_row) == len(request_id) and len(rid) > 0 and bool(known.all())
                and bool(np.all(counts == counts[0])) and bool(np.all(group_row == np.arange(len(group_row)))))
-    raw["row"], raw["slot"], raw["known"], raw["uniform"] = row, slot, known, np.asarray(uniform)
-    return raw
+    return {"table": table, "position": position, "item_features": _item_features(con, itf, item),
+            "row": row, "slot": slot, "known": known, "uniform": uniform}
+
+
+def _item_features(con: duckdb.DuckDBPyConnection, itf: list[str], item: np.ndarray) -> np.ndarray:
+    """Item features `[rows, F]` of each candidate row (0 for items missing from `items`): one gather."""
+    if not itf:
+        return np.zeros((len(item), 0), dtype=np.float32)
+    items = _fetch(con, "SELECT item_id, " + ", ".join(f"coalesce({quote_ident(c)}, 0)::FLOAT AS "
+                                                      f"{quote_ident(c)}" for c in itf) + " FROM items ORDER BY item_id")
+    ids = np.asarray(items["item_id"], dtype=np.int64)
+    # One extra all-zero row for candidates whose item is not in the table.
+    matrix = np.zeros((len(ids) + 1, len(itf)), dtype=np.float32)
+    for j, c in enumerate(itf):
+        matrix[:len(ids), j] = items[c]
+    if not len(ids):
+        return matrix[np.zeros(len(item), dtype=np.int64)]
+    dense = ids[-1] - ids[0] == len(ids) - 1  # ids a..a+M-1: index directly
+    at = np.clip(item - ids[0] if dense else np.searchsorted(ids, item), 0, len(ids) - 1)
+    at[ids[at] != item] = len(ids)
+    return matrix[at]
+
+
+def _in_candidate_order(rid: np.ndarray, position: np.ndarray, item: np.ndarray) -> bool:
+    """Whether rows are sorted by (request, shown position with unshown last, item)."""
+    if len(rid) < 2:
+        return True
+    step = rid[1:] - rid[:-1]
+    if (step < 0).any():
+        return False
+    a, b = position[:-1], position[1:]
+    # Within a request: shown before unshown, shown by position, unshown (-1) by item id.
+    ok = np.where(a >= 0, (b > a) | (b < 0), (b < 0) & (item[1:] >= item[:-1]))
+    return bool((ok | (step > 0)).all())
 
 
 def _slots(rid: np.ndarray, request_id: np.ndarray
@@ -293,34 +339,43 @@ def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | N
 def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str], meta: dict[str, str], fp: str,
               req: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> LogData:
     r, k = len(req["request_id"]), len(tasks)
-    n = int(cand["slot"].max()) + 1 if len(cand["slot"]) else 1
-    if bool(cand["uniform"]):
-        def dense(values: np.ndarray, fill: float) -> np.ndarray:
-            return values.reshape(r, n)
-        mask = np.ones((r, n), dtype=bool)
-    else:
-        keep = cand["known"]
-        row, slot = cand["row"][keep], cand["slot"][keep]
+    slot_of = cand["slot"]
+    n = int(slot_of.max()) + 1 if len(slot_of) else 1
+    uniform, table = bool(cand["uniform"]), cand["table"]
+    keep = cand["known"]
+    row, slot = cand["row"][keep], slot_of[keep]
 
-        def dense(values: np.ndarray, fill: float) -> np.ndarray:
-            out = np.full((r, n), fill, dtype=values.dtype)
-            out[row, slot] = values[keep]
-            return out
-        mask = dense(np.ones(len(keep), dtype=bool), False)
-    scores = np.stack([np.nan_to_num(dense(_float(cand["s_" + t.name], np.float32), 0.0)) for t in tasks], -1)
-    labels = np.stack([dense(_float(cand["y_" + t.name], np.float32), np.nan) for t in tasks], -1)
-    positions = dense(np.asarray(cand["position"], dtype=np.int32), -1)
-    labels[positions < 0] = np.nan
-    item_features = (np.stack([dense(_float(cand[c], np.float32), 0.0) for c in itf], -1) if itf
-                     else np.zeros((r, n, 0), dtype=np.float32))
-    segment_names = np.asarray(req["segment"]).astype(str)
-    segments, segment = np.unique(segment_names, return_inverse=True)
+    def dense(columns: list[np.ndarray | pa.ChunkedArray], fill: float, dtype: type) -> np.ndarray:
+        """Candidate columns -> `[R,N,len(columns)]`, each written once into its place."""
+        out = np.empty((r, n, len(columns)), dtype=dtype) if uniform else np.full((r, n, len(columns)), fill, dtype)
+        flat = out.reshape(r * n, len(columns))
+        for j, values in enumerate(columns):
+            if uniform and isinstance(values, pa.ChunkedArray):
+                _copy_chunks(values, flat[:, j])
+            elif uniform:
+                flat[:, j] = values
+            else:
+                values = values.to_numpy() if isinstance(values, pa.ChunkedArray) else values
+                out[row, slot, j] = values[keep]
+        return out
+
+    scores = dense([table.column("s_" + t.name) for t in tasks], 0.0, np.float32)
+    labels = dense([table.column("y_" + t.name) for t in tasks], np.nan, np.float32)
+    positions = dense([cand["position"]], -1, np.int32)[..., 0]
+    mask = np.ones((r, n), dtype=bool) if uniform else dense([np.ones(len(keep), dtype=bool)], False, bool)[..., 0]
+    features = cand["item_features"]  # (rows, F), already row-major
+    item_features = (features.reshape(r, n, -1) if uniform
+                     else dense([features[:, j] for j in range(features.shape[1])], 0.0, np.float32))
+    # Keep the segments that have requests, numbered in name order.
+    code = np.asarray(req["segment_code"], dtype=np.int64)
+    present = np.bincount(code, minlength=len(req["segment_names"])) > 0
+    segments, segment = req["segment_names"][present], (np.cumsum(present) - 1)[code]
     step = np.asarray(req["step"], dtype=np.int64)
     session_id = np.asarray(req["session_id"], dtype=np.int64)
     nxt, done = session_links(session_id, step)
     # Context: the previous request's mean feedback over its shown items (0 at a session's first request).
     n_shown = np.maximum((positions >= 0).sum(1), 1)[:, None]
-    mean_feedback = np.nansum(labels, axis=1) / n_shown
+    mean_feedback = torch.from_numpy(labels).nansum(1).numpy() / n_shown  # numpy's nansum is 10x slower
     prev = np.zeros((r, k), dtype=np.float32)
     has_next = ~done
     prev[nxt[has_next]] = mean_feedback[has_next]
@@ -331,7 +386,7 @@ def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str],
         user_feature_names=tuple(c[3:] for c in uf), item_feature_names=tuple(c[3:] for c in itf),
         request_id=np.asarray(req["request_id"], dtype=np.int64), session_id=session_id,
         user_id=np.asarray(req["user_id"], dtype=np.int64), step=step, ts=np.asarray(ts).astype("datetime64[us]"),
-        segment=segment.astype(np.int64),
+        segment=segment,
         user_features=(np.stack([_float(req[c], np.float32) for c in uf], axis=1) if uf
                        else np.zeros((r, 0), dtype=np.float32)),
         context=context_features(step, np.nan_to_num(prev)),

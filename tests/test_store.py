@@ -102,3 +102,47 @@ def test_loaded_log_is_dense_and_consistent(tiny_log):
     # context: step 0 has no previous feedback; later steps carry the previous request's mean feedback
     first = tiny_log.step == 0
     assert (tiny_log.context[first, 1:] == 0).all()
+
+
+def _same_arrays(a, b) -> None:
+    for name in ("scores", "labels", "positions", "mask", "item_features", "segment", "context", "weights",
+                 "user_features", "request_id", "returned"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.segments == b.segments
+
+
+def test_loading_does_not_depend_on_the_physical_row_order(corrupt, tiny_log):
+    shuffled = load_log(corrupt(
+        "CREATE TABLE shuffled AS SELECT * FROM impressions ORDER BY hash(item_id * 7919 + request_id)",
+        "DROP TABLE impressions", "ALTER TABLE shuffled RENAME TO impressions"))
+    _same_arrays(shuffled, tiny_log)
+
+
+def test_ragged_requests_missing_items_and_missing_segments_load_as_padding_and_zeros(corrupt, tiny_log):
+    first = int(tiny_log.request_id[0])
+    path = corrupt(
+        # the item shown first in the second request leaves the items table
+        f"DELETE FROM items WHERE item_id = (SELECT item_id FROM impressions WHERE request_id = "
+        f"{int(tiny_log.request_id[1])} AND position = 0)",
+        # the first request keeps its shown candidates and 4 of the others
+        f"DELETE FROM impressions WHERE request_id = {first} AND position IS NULL AND item_id NOT IN "
+        f"(SELECT item_id FROM impressions WHERE request_id = {first} AND position IS NULL ORDER BY item_id LIMIT 4)",
+        f"UPDATE users SET segment = NULL WHERE user_id = (SELECT user_id FROM requests WHERE request_id = {first})",
+    )
+    log = load_log(path)
+    assert log.mask[0].sum() == 10 and log.mask[1:].all()
+    assert (log.scores[0][~log.mask[0]] == 0).all() and np.isnan(log.labels[0][~log.mask[0]]).all()
+    assert (log.positions[0][~log.mask[0]] == -1).all()
+    np.testing.assert_array_equal(log.scores[1:], tiny_log.scores[1:])
+    np.testing.assert_array_equal(log.scores[0, :10], tiny_log.scores[0, :10])
+    assert "(missing)" in log.segments
+    assert log.segments[log.segment[0]] == "(missing)"
+    assert (log.item_features[1, 0] == 0).all() and (tiny_log.item_features[1, 0] != 0).any()
+    changed = (log.item_features[1:] != tiny_log.item_features[1:]).any(-1)
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        n_rows = con.execute(f"SELECT count(*) FROM impressions WHERE request_id > {first} AND item_id NOT IN "
+                             "(SELECT item_id FROM items)").fetchone()[0]
+    finally:
+        con.close()
+    assert changed.sum() == n_rows and (log.item_features[1:][changed] == 0).all()
