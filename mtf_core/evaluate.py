@@ -234,23 +234,39 @@ def rerank_core(scores: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
     candidates first, so S is the number shown (6 of 20), which is what makes it fast.
     """
     fused = fuse(scores, weights, form, bias=bias, mask=mask)
-    used = torch.nonzero(shown.any(0))  # no slot after the last one that is ever shown matters
+    used = torch.nonzero(shown.to(torch.uint8).amax(0))  # no slot after the last one that is ever shown matters
     n_slots = int(used[-1]) + 1 if used.numel() else 1
     f_shown = fused[:, :n_slots].masked_fill(~shown[:, :n_slots], float("-inf"))
-    y = labels[:, :n_slots]
-    gains = torch.cat([y, (y @ coefficients.to(y.dtype)).clamp(min=0).unsqueeze(-1)], -1)  # (R, S, K+1)
+    y = labels[:, :n_slots]  # (R, S, K)
+    reward_gain = torch.einsum("rsk,k->rs", y, coefficients.to(y.dtype)).clamp(min=0)
+    gains = torch.cat([y.transpose(1, 2), reward_gain.unsqueeze(1)], 1)  # (R, K+1, S), contiguous
     k = max(1, min(k, n_slots))
-    discount = 1.0 / torch.log2(torch.arange(k, dtype=gains.dtype) + 2.0)
+    discount = 1.0 / torch.log2(torch.arange(k, dtype=y.dtype) + 2.0)
     # Scatter each slot's discount to where the policy ranks it, then one batched product per figure.
     order = torch.topk(f_shown, k, dim=1).indices  # (R, k)
-    slot_discount = torch.zeros(f_shown.shape, dtype=gains.dtype).scatter_(1, order, discount.expand_as(order))
-    dcg = torch.bmm(slot_discount.unsqueeze(1), gains).squeeze(1)  # (R, K+1)
-    best = torch.sort(gains, dim=1, descending=True).values[:, :k]
-    ideal = torch.einsum("rsk,s->rk", best, discount)
+    slot_discount = torch.zeros(f_shown.shape, dtype=y.dtype).scatter_(1, order, discount.expand_as(order))
+    dcg = torch.bmm(gains, slot_discount.unsqueeze(-1)).squeeze(-1).double()  # (R, K+1)
+    ideal = _ideal_dcg(gains, discount.double())
     ndcg = torch.where(ideal > 0, dcg / torch.where(ideal > 0, ideal, torch.ones_like(ideal)),
                        torch.full_like(ideal, float("nan")))
     expected = top_signals(fused, scores, mask, curve)
     return ndcg[:, :-1].double(), ndcg[:, -1].double(), expected.double(), fused
+
+
+def _ideal_dcg(gains: torch.Tensor, discount: torch.Tensor) -> torch.Tensor:
+    """DCG `[R,C]` of the best order of each column's gains `[R,C,S]` under discount `[k]` (float64).
+
+    Columns of 0/1 gains (binary tasks) need no sort: the best order puts every 1 first, so the ideal
+    DCG is the discount summed over the first `count` positions. The other columns are sorted."""
+    n_top = discount.shape[0]
+    # In float64, so that both routes give the same figure to ~1e-16 whichever a chunk of requests takes.
+    best_for_count = torch.cat([torch.zeros(1, dtype=discount.dtype), discount.cumsum(0)])
+    ideal = best_for_count[gains.sum(-1).long().clamp(0, n_top)]
+    graded = torch.nonzero(~(gains * gains == gains).all(-1).all(0)).squeeze(1)
+    if graded.numel():
+        ranked = torch.sort(gains.index_select(1, graded), dim=-1, descending=True).values[..., :n_top]
+        ideal.index_copy_(1, graded, ranked.to(discount.dtype) @ discount)
+    return ideal
 
 
 def top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
