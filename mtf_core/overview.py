@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from mtf_core.schema import quote_ident, read_tasks
@@ -46,14 +47,18 @@ def log_overview(path: str | os.PathLike[str], seed: int = 0) -> LogOverview:
         scores = con.execute(
             f"SELECT {s_cols} FROM impressions USING SAMPLE reservoir({_SCORE_SAMPLE} ROWS) REPEATABLE ({int(seed)})"
         ).df().melt(var_name="task", value_name="score")
-        labels = con.execute(
-            f"SELECT {', '.join(f'{c} AS {quote_ident(t)}' for c, t in zip(y, tasks))} FROM impressions "
-            f"WHERE position IS NOT NULL USING SAMPLE reservoir(200000 ROWS) REPEATABLE ({int(seed)})"
-        ).df()
+        # Exact Pearson correlations over every shown item, as DuckDB aggregates (one pass, no sample).
+        pairs = con.execute(
+            "SELECT " + ", ".join(f"corr({a}::DOUBLE, {b}::DOUBLE)" for a in y for b in y)
+            + " FROM impressions WHERE position IS NOT NULL"
+        ).fetchone()
+        k = len(tasks)
+        correlation = pd.DataFrame(np.array([np.nan if v is None else v for v in pairs], dtype=float).reshape(k, k),
+                                   index=tasks, columns=tasks)
         sizes = con.execute(
             "SELECT u.segment, count(DISTINCT u.user_id) AS n_users, count(r.request_id) AS n_requests "
             "FROM users u LEFT JOIN requests r ON r.user_id = u.user_id GROUP BY ALL ORDER BY ALL"
         ).df()
     finally:
         con.close()
-    return LogOverview(feedback, lengths, scores, labels.astype(float).corr(), sizes)
+    return LogOverview(feedback, lengths, scores, correlation, sizes)

@@ -146,3 +146,15 @@ def test_ragged_requests_missing_items_and_missing_segments_load_as_padding_and_
     finally:
         con.close()
     assert changed.sum() == n_rows and (log.item_features[1:][changed] == 0).all()
+
+
+def test_overview_correlations_are_the_exact_pearson_correlations_of_shown_labels(tiny_log_path, tiny_log):
+    import pandas as pd
+
+    from mtf_core.overview import log_overview
+
+    shown = tiny_log.labels[tiny_log.shown]  # (shown items, K)
+    expected = pd.DataFrame(shown.astype(float), columns=list(tiny_log.task_names)).corr()
+    got = log_overview(tiny_log_path).label_correlation
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), atol=1e-6)
+    assert list(got.columns) == list(tiny_log.task_names)
