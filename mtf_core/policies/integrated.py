@@ -10,6 +10,9 @@ Follows the paper:
   exploration policy, append the new logs, keep training); the value of each round's exploration traffic
   is recorded (`rounds/online_value`).
 The lab's choices:
+- each critic sees, besides the state and the weights, the ranking the weights induce (`RankingFeatures`:
+  expected MTL signals of the top L under soft ranks), so that it can judge weights the logs never tried
+  and the actor's gradient reaches the ranking;
 - actions are the logged weight vectors (simplex, `sum` fusion) instead of the paper's powers and biases of
   `prod_k (s_k + b_k)^p_k`, so that every round's log is in one action space; the exploration policy is a
   Dirichlet around the current policy (concentration `explore_concentration`) instead of a uniform box,
