@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtf_core.fusion import fuse
 from mtf_core.policies.base import StateBatch
 from mtf_core.policies.objective import TrainingData, soft_exam
 from mtf_core.policies.offline import EncodedPolicy, build_transitions, mlp, soft_update
@@ -124,8 +125,7 @@ class EnhancedTrainer:
         self.n_steps = config.steps
 
     def _exam(self, state: StateBatch, a: torch.Tensor) -> torch.Tensor:
-        fused = (state.scores.float() * a).sum(-1)
-        return soft_exam(fused, state.mask, self.data.curve, self.config.temperature)
+        return soft_exam(fuse(state.scores.float(), a), state.mask, self.data.curve, self.config.temperature)
 
     def step(self, step: int) -> dict[str, float]:
         cfg, p, t, data = self.config, self.policy, self.t, self.data
