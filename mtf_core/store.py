@@ -615,6 +615,16 @@ def _infer_tasks(imp_cols: dict[str, str], declared: list[dict[str, object]], pa
     return tasks
 
 
+def _kinds_from_values(con: duckdb.DuckDBPyConnection, tasks: list[Task]) -> list[Task]:
+    """Undeclared tasks: `continuous` where an imported score or label exceeds 1 (watch time, dwell), else
+    `binary`; so that a log imported without a mapping passes its own validation."""
+    largest = con.execute("SELECT " + ", ".join(
+        f"greatest(max({quote_ident('s_' + t.name)}), max({quote_ident('y_' + t.name)}))" for t in tasks)
+        + " FROM impressions").fetchone() or ()
+    return [Task(t.name, "continuous" if v is not None and v > 1 else "binary", t.description)
+            for t, v in zip(tasks, largest)]
+
+
 def _tasks_from_file(path: Path | None) -> list[dict[str, object]]:
     if path is None:
         return []
@@ -688,6 +698,8 @@ def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mappi
             "UPDATE requests SET step = s.k FROM (SELECT request_id, (row_number() OVER (PARTITION BY session_id "
             "ORDER BY ts, request_id) - 1)::INTEGER AS k FROM requests) s WHERE requests.request_id = s.request_id"
         )
+    if not declared:
+        tasks = _kinds_from_values(con, tasks)
     meta = {"schema_version": SCHEMA_VERSION, "created_at": datetime.now(timezone.utc).isoformat(),
             "source": "import: " + ", ".join(f"{t}={p.name}" for t, p in sources.items()),
             "mapping": json.dumps(mapping)}

@@ -158,3 +158,19 @@ def test_overview_correlations_are_the_exact_pearson_correlations_of_shown_label
     got = log_overview(tiny_log_path).label_correlation
     np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), atol=1e-6)
     assert list(got.columns) == list(tiny_log.task_names)
+
+
+def test_import_without_declared_tasks_infers_continuous_ones_and_validates(tiny_log_path, tiny_log, tmp_path):
+    from mtf_core.schema import validate
+    from mtf_core.store import open_log
+
+    paths = _export(tiny_log_path, tmp_path, "csv", {})
+    out = import_log(paths, tmp_path / "plain.duckdb")
+    con = open_log(out)
+    try:
+        assert validate(con) == []
+    finally:
+        con.close()
+    kinds = {t.name: t.kind for t in load_log(out).tasks}
+    assert kinds == {t.name: t.kind for t in tiny_log.tasks}
+    assert kinds["watch_time"] == "continuous" and kinds["click"] == "binary"
