@@ -765,9 +765,9 @@ def iter_candidate_chunks(path: str | os.PathLike[str], chunk_requests: int = 10
         ids = np.asarray(_fetch(con, "SELECT request_id FROM requests ORDER BY request_id")["request_id"])
         slots = _fetch(con, "SELECT max(c) AS n FROM (SELECT count(*) AS c FROM impressions GROUP BY request_id)")
         n_slots = int(np.nan_to_num(slots["n"][0])) if len(slots["n"]) else 0
-        cols = ", ".join([f"{quote_ident('s_' + t.name)}" for t in tasks] + [f"{quote_ident('y_' + t.name)}" for t in tasks])
-        sql = (f"SELECT request_id, coalesce(position, -1) AS position, {cols} FROM impressions "
-               "WHERE request_id BETWEEN ? AND ? ORDER BY request_id, position NULLS LAST, item_id")
+        # The columns as load_log reads them; shown candidates first, by position, then the rest by item.
+        sql = (f"SELECT request_id, {_candidate_columns(tasks)} FROM impressions "
+               "WHERE request_id BETWEEN ? AND ? ORDER BY request_id, position < 0, position, item_id")
         for start in range(0, len(ids), chunk_requests):
             chunk_ids = ids[start:start + chunk_requests]
             chunk = _dense_chunk(_fetch(con, sql, [int(chunk_ids[0]), int(chunk_ids[-1])]), tasks, chunk_ids,
@@ -785,11 +785,10 @@ def _dense_chunk(raw: dict[str, np.ndarray], tasks: tuple[Task, ...], ids: np.nd
     scores = np.zeros((r, n_slots, k), dtype=np.float32)
     labels = np.zeros((r, n_slots, k), dtype=np.float32)
     for j, t in enumerate(tasks):
-        scores[row, slot, j] = np.nan_to_num(_float(raw["s_" + t.name], np.float32))[known]
-        labels[row, slot, j] = np.nan_to_num(_float(raw["y_" + t.name], np.float32))[known]
+        scores[row, slot, j] = np.asarray(raw["s_" + t.name])[known]
+        labels[row, slot, j] = np.nan_to_num(np.asarray(raw["y_" + t.name]))[known]  # NaN where not shown
     shown = np.zeros((r, n_slots), dtype=bool)
     shown[row, slot] = (np.asarray(raw["position"]) >= 0)[known]
     mask = np.zeros((r, n_slots), dtype=bool)
     mask[row, slot] = True
-    labels[~shown] = 0.0
     return CandidateChunk(ids, scores, labels, shown, mask)
