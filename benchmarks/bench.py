@@ -74,7 +74,7 @@ def bench_generate_and_load(folder: Path, scale: float) -> tuple[list[Figure], P
 
 def bench_evaluate(scale: float) -> Figure:
     from benchmarks.pandas_reference import pandas_rerank
-    from mtf_core.evaluate import rerank_core
+    from mtf_core.evaluate import CHUNK, rerank_core
 
     r, n, k = int(1_000_000 * scale), 20, 5
     gen = torch.Generator().manual_seed(0)
@@ -86,17 +86,20 @@ def bench_evaluate(scale: float) -> Figure:
     weights = torch.rand(r, k, dtype=torch.float64, generator=gen)
     curve = torch.tensor([1.0, 0.6, 0.45, 0.35, 0.3, 0.25])
     coefficients = torch.ones(k, dtype=torch.float64)
-    chunk = 65_536
+    chunk = CHUNK  # the batch the product's evaluation uses
 
     def ours() -> None:
         for i in range(0, r, chunk):
             rerank_core(scores[i:i + chunk], labels[i:i + chunk], shown[i:i + chunk], mask[i:i + chunk],
                         weights[i:i + chunk], 6, curve, coefficients)
 
-    seconds = _timed(ours, 2)
     sub = max(1000, int(20_000 * scale))
-    ref_seconds = _timed(lambda: pandas_rerank(scores[:sub].numpy(), labels[:sub].numpy(), shown[:sub].numpy(),
-                                               weights[:sub].numpy(), 6, curve.numpy()))
+    arrays = [scores[:sub].numpy(), labels[:sub].numpy(), shown[:sub].numpy(), weights[:sub].numpy()]
+    ours_times, ref_times = [], []
+    for _ in range(3):  # alternated, as for load; the best of each counts
+        ours_times.append(_timed(ours))
+        ref_times.append(_timed(lambda: pandas_rerank(*arrays, 6, curve.numpy())))
+    seconds, ref_seconds = min(ours_times), min(ref_times)
     rate, ref_rate = r * n / seconds, sub * n / ref_seconds
     return Figure("evaluate", rate, "candidate rows/s", ref_rate, rate / ref_rate,
                   ">= 20M rows/s and >= 20x pandas", rate >= 20e6 and rate / ref_rate >= 20,

@@ -23,3 +23,27 @@ def test_quick_bench_reports_every_figure():
         assert set(f) >= {"name", "value", "unit", "reference", "ratio", "target", "met"}
         assert math.isfinite(f["value"]) and f["value"] > 0 and math.isfinite(f["ratio"]) and isinstance(f["met"], bool)
     assert doc["machine"]["quick"] is True
+
+
+def test_pandas_reference_computes_the_same_metrics_as_rerank_core():
+    """The evaluate figure's ratio means something only if both sides compute the same thing."""
+    import numpy as np
+    import torch
+
+    from benchmarks.pandas_reference import pandas_rerank
+    from mtf_core.evaluate import rerank_core
+
+    gen = torch.Generator().manual_seed(4)
+    r, n, k = 300, 12, 3
+    scores = torch.rand(r, n, k, generator=gen)
+    shown = torch.zeros(r, n, dtype=torch.bool)
+    shown[:, :5] = True
+    labels = (torch.rand(r, n, k, generator=gen) < 0.3).float() * shown[..., None]
+    weights = torch.rand(r, k, dtype=torch.float64, generator=gen)
+    curve = torch.tensor([1.0, 0.6, 0.4])
+    ndcg, _, expected, _ = rerank_core(scores, labels, shown, torch.ones(r, n, dtype=torch.bool), weights, 4, curve,
+                                       torch.ones(k, dtype=torch.float64))
+    ref_ndcg, ref_expected = pandas_rerank(scores.numpy(), labels.numpy(), shown.numpy(), weights.numpy(), 4,
+                                           curve.numpy())
+    np.testing.assert_allclose(np.nanmean(ndcg.numpy(), 0), ref_ndcg, rtol=1e-5)
+    np.testing.assert_allclose(expected.mean(0).numpy(), ref_expected, rtol=1e-5)

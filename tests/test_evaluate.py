@@ -226,3 +226,17 @@ def test_streamed_evaluation_equals_the_in_memory_one(tiny_log_path, tiny_log):
         np.testing.assert_allclose(streamed["ndcg"], np.nanmean(whole.ndcg, 0), rtol=1e-6)
         np.testing.assert_allclose(streamed["ndcg_reward"][0], np.nanmean(whole.ndcg_reward), rtol=1e-6)
         np.testing.assert_allclose(streamed["expected"], whole.expected.mean(0), rtol=1e-5)
+
+
+def test_ideal_dcg_counts_only_columns_that_are_exactly_zero_one():
+    from mtf_core.evaluate import _ideal_dcg
+
+    one_below = float(np.nextafter(np.float32(1), np.float32(0)))
+    gains = torch.zeros(3, 5, 4)
+    gains[:, :2, 0] = 1.0  # binary: the count route
+    gains[0, 0, 1], gains[1, 3, 1] = 1.0, 0.5  # one value off 0/1 sends the whole column to the sort
+    gains[2, 4, 2], gains[0, 1, 2] = one_below, 1.0  # the float just below 1
+    gains[1, 2, 3], gains[2, 0, 3] = 1e-30, 3.0  # a tiny positive gain and a graded one
+    discount = 1.0 / torch.log2(torch.arange(3, dtype=torch.float64) + 2.0)
+    reference = (torch.sort(gains.double(), dim=1, descending=True).values[:, :3] * discount[:, None]).sum(1)
+    torch.testing.assert_close(_ideal_dcg(gains, discount), reference, rtol=0, atol=1e-15)
