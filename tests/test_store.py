@@ -148,6 +148,11 @@ def test_ragged_requests_missing_items_and_missing_segments_load_as_padding_and_
     assert changed.sum() == n_rows and (log.item_features[1:][changed] == 0).all()
 
 
+def test_a_log_without_tasks_is_refused_with_a_clear_message(corrupt):
+    with pytest.raises(LogError, match="declares no tasks"):
+        load_log(corrupt("DELETE FROM tasks"))
+
+
 def test_overview_correlations_are_the_exact_pearson_correlations_of_shown_labels(tiny_log_path, tiny_log):
     import pandas as pd
 
