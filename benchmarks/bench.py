@@ -8,6 +8,7 @@ tenth of its size: it checks that every code path works; its timings are not ver
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -187,6 +188,10 @@ def bench_memory(folder: Path, scale: float) -> Figure:
 def bench_app() -> Figure:
     from streamlit.testing.v1 import AppTest
 
+    # Cached work started outside a page's script thread logs this once per call; it means nothing here.
+    # (A filter, because Streamlit resets its loggers' levels on every run.)
+    logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").addFilter(
+        lambda record: "missing ScriptRunContext" not in record.getMessage())
     pages = ["data", "reward", "train", "weights", "compare", "report"]
     times = {}
     for page in pages:

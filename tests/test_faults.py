@@ -33,11 +33,17 @@ def test_sigkill_during_training_loses_no_run(tiny_log_path, tmp_path):
     killed = 0
     for attempt in range(3):
         proc = _train(tiny_log_path, runs, "--algo", "grade", "--steps", "400")
-        time.sleep(rng.uniform(2.0, 5.0))
+        # Kill while it trains, not while it still starts up (a run killed before it exists loses nothing).
+        deadline = time.monotonic() + 120
+        while len(RunStore(runs).list_runs()) < attempt + 2 and proc.poll() is None:
+            assert time.monotonic() < deadline, "the training never registered its run"
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.2, 2.0))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             killed += 1
         proc.wait(timeout=60)
+    assert killed, "every training finished before the kill: the test needs longer trainings"
     store = RunStore(runs)
     statuses = [r.status for r in store.list_runs()]
     assert len(statuses) == 4, statuses  # nothing lost: the earlier run and every attempt are listed
