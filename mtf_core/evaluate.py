@@ -227,7 +227,7 @@ def rerank_core(scores: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The vectorised heart of counterfactual evaluation: one fusion, a few top-k selections per request.
 
-    scores, labels `[R,N,K]` (labels 0 where not shown, never negative), shown and mask `[R,N]`, weights
+    scores, labels `[R,N,K]` (labels never negative; NaN or 0 where not shown), shown and mask `[R,N]`, weights
     `[R,K]`/`[R,N,K]`. Returns NDCG@k per task `[R,K]` and for the composite item reward `[R]` (NaN without
     a positive gain), the direct-method signals of the top L = len(curve) of all candidates `[R,K]`, and
     the fused scores. NDCG only touches the leading S slots up to the last one ever shown; `load_log` packs
@@ -240,7 +240,8 @@ def rerank_core(scores: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
     used = torch.nonzero(shown.max(0).values)
     n_slots = int(used[-1]) + 1 if used.numel() else 1
     f_shown = torch.where(shown[:, :n_slots], fused[:, :n_slots], float("-inf"))
-    y = labels[:, :n_slots].contiguous()  # (R, S, K); one copy makes every later pass over it a dense one
+    # (R, S, K): one dense copy of the shown slots' labels (NaN where not shown -> 0) serves every later pass.
+    y = torch.nan_to_num(labels[:, :n_slots], nan=0.0)
     reward_gain = (y @ coefficients.to(y.dtype)).clamp_(min=0)  # (R, S)
     k = max(1, min(k, n_slots))
     discount = 1.0 / torch.log2(torch.arange(k, dtype=y.dtype) + 2.0)
@@ -303,7 +304,7 @@ def rerank_metrics(ctx: EvalContext, actions: TargetActions, rows: slice, k: int
     shown = torch.from_numpy(log.shown[rows])
     bias = None if actions.bias is None else torch.from_numpy(actions.bias)
     ndcg, ndcg_reward, expected, fused = rerank_core(
-        torch.from_numpy(log.scores[rows]), torch.from_numpy(np.nan_to_num(log.labels[rows])), shown,
+        torch.from_numpy(log.scores[rows]), torch.from_numpy(log.labels[rows]), shown,
         torch.from_numpy(log.mask[rows]), torch.from_numpy(actions.weights[rows]), k,
         torch.from_numpy(ctx.resolved.position_curve), torch.from_numpy(ctx.resolved.coefficients), actions.form,
         bias)
