@@ -1,0 +1,23 @@
+"""Plot builders, checked on their figures without a browser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mtf_core import plots
+
+
+def test_score_distributions_bins_every_task_on_the_server():
+    rng = np.random.default_rng(0)
+    tasks = [f"t{j}" for j in range(7)]
+    sizes = {t: 50 * (j + 1) for j, t in enumerate(tasks[:-1])}  # the last task has no sampled scores
+    sample = pd.DataFrame({"task": np.repeat(list(sizes), list(sizes.values())),
+                           "score": rng.random(sum(sizes.values()))})
+    sample.loc[0, "score"] = np.nan  # a missing score is left out, not a crash
+    fig = plots.score_distributions(sample, tasks, bins=20)
+    assert [trace.name for trace in fig.data] == tasks
+    counts = {trace.name: int(np.sum(trace.y)) for trace in fig.data}
+    assert counts == {**{t: n for t, n in sizes.items()}, "t0": sizes["t0"] - 1, "t6": 0}
+    assert all(len(trace.x) == 20 for trace in fig.data)  # bars, not the sample, go to the browser
+    assert fig.data[5].xaxis == "x6" and fig.layout.height == 620  # seven tasks wrap onto two rows of five
