@@ -95,7 +95,7 @@ def bench_evaluate(scale: float) -> Figure:
                         weights[i:i + chunk], 6, curve, coefficients)
 
     # pandas' rate falls as its frames grow (sorts of millions of rows leave the cache: 1.2-1.7M rows/s on
-    # 20k requests, 1.0M on 200k here), so the subsample is a fifth of the workload, not a token slice of it.
+    # 20k requests, 0.9-1.15M on 200k here), so the subsample is a fifth of the workload, not a token slice of it.
     sub = max(1000, int(200_000 * scale))
     arrays = [scores[:sub].numpy(), labels[:sub].numpy(), shown[:sub].numpy(), weights[:sub].numpy()]
     ours_times, ref_times = [], []
