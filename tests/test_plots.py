@@ -18,6 +18,6 @@ def test_score_distributions_bins_every_task_on_the_server():
     fig = plots.score_distributions(sample, tasks, bins=20)
     assert [trace.name for trace in fig.data] == tasks
     counts = {trace.name: int(np.sum(trace.y)) for trace in fig.data}
-    assert counts == {**{t: n for t, n in sizes.items()}, "t0": sizes["t0"] - 1, "t6": 0}
+    assert counts == {**sizes, "t0": sizes["t0"] - 1, "t6": 0}
     assert all(len(trace.x) == 20 for trace in fig.data)  # bars, not the sample, go to the browser
     assert fig.data[5].xaxis == "x6" and fig.layout.height == 620  # seven tasks wrap onto two rows of five
