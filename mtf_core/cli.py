@@ -407,33 +407,19 @@ def _train_params(args: argparse.Namespace) -> dict[str, object]:
     return params
 
 
-def _summary(result) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    return {"final": result.history[-1][1] if result.history else {}, "best_step": result.best_step,
-            "best_validation": result.best_value, "stopped_early": result.stopped_early}
-
-
 def _train_into_store(store, config, log, spec, name: str | None):  # type: ignore[no-untyped-def]
-    """Create the run, train with a progress bar, record the result; an interrupted or failed run is marked so."""
-    from mtf_core.policies.train import train
+    """Train into the run store with a progress bar."""
+    from mtf_core.policies.train import train_run
 
-    run_id = store.create_run(config.algo, config.to_dict(), spec, log, name)
-    update, close = _progress_bar(f"train {config.algo} {run_id}")
+    update, close = _progress_bar(f"train {config.algo}")
     try:
-        result = train(config, log, spec, on_step=lambda info: update((info.step + 1) / info.n_steps))
-    except KeyboardInterrupt:
-        store.mark(run_id, "cancelled")
-        raise
-    except BaseException:
-        store.mark(run_id, "failed")
-        raise
+        return train_run(store, config, log, spec, lambda info: update((info.step + 1) / info.n_steps), name)
     finally:
         close()
-    store.finish_run(run_id, result.policy, result.history, result.status, result.seconds, _summary(result))
-    return run_id, result
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mtf_core.policies.train import TrainConfig
+    from mtf_core.policies.train import TrainConfig, run_summary
     from mtf_core.reward import load_reward_spec
     from mtf_core.runs import RunStore
     from mtf_core.store import load_log
@@ -443,7 +429,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     log = load_log(args.log)
     spec = load_reward_spec(args.reward, log.task_names)
     run_id, result = _train_into_store(RunStore(args.runs), config, log, spec, args.name)
-    summary = _summary(result)
+    summary = run_summary(result)
     if args.json:
         _emit({"run_id": run_id, "algo": args.algo, "status": result.status, "seconds": result.seconds,
                "config": config.to_dict(), "final_metrics": summary["final"], "best_step": result.best_step,

@@ -5,7 +5,7 @@ import streamlit as st
 
 from mtf_core import plots
 from mtf_core.errors import LogError
-from mtf_core.policies.train import ALGORITHMS, TrainConfig, config_fields, train
+from mtf_core.policies.train import ALGORITHMS, TrainConfig, config_fields, train_run
 from ui.common import KEY_LAST_RUN, current_log, current_reward, page_setup, run_store, show_error
 
 page_setup()
@@ -49,9 +49,8 @@ if submitted:
     except LogError as exc:
         show_error(exc)
         st.stop()
-    run_id = store.create_run(algo, config.to_dict(), spec, log, name or None)
     st.button("Stop training", help="Stops after the current step; the run is kept as cancelled")
-    bar = st.progress(0.0, text=f"Training {algo} ({run_id})...")
+    bar = st.progress(0.0, text=f"Training {algo}...")
     chart = st.empty()
     rows: list[dict] = []
 
@@ -63,14 +62,8 @@ if submitted:
             chart.plotly_chart(plots.training_curves(pd.DataFrame(rows)), width="stretch",
                                key=f"live_{info.step}")
 
-    try:
-        result = train(config, log, spec, on_step)
-    except BaseException:
-        store.mark(run_id, "cancelled")  # a Stop click reruns the page, which ends this script mid-loop
-        raise
-    store.finish_run(run_id, result.policy, result.history, result.status, result.seconds,
-                     {"final": result.history[-1][1] if result.history else {}, "best_step": result.best_step,
-                      "best_validation": result.best_value, "stopped_early": result.stopped_early})
+    # A Stop click reruns the page, which ends this script mid-loop: train_run records the run as cancelled.
+    run_id, result = train_run(store, config, log, spec, on_step, name or None)
     st.session_state[KEY_LAST_RUN] = run_id
     best = (f"; kept the best checkpoint, step {result.best_step} (validation DR {result.best_value:.4f})"
             + (", stopped early" if result.stopped_early else "")) if result.best_step is not None else ""

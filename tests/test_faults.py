@@ -25,7 +25,7 @@ def _train(log, runs, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_during_training_loses_no_run(tiny_log_path, tmp_path):
+def test_sigkill_during_training_loses_no_run(tiny_log_path, tmp_path, request):
     runs = tmp_path / "runs"
     first = _train(tiny_log_path, runs, "--algo", "static")
     assert first.wait(timeout=120) == 0
@@ -33,6 +33,7 @@ def test_sigkill_during_training_loses_no_run(tiny_log_path, tmp_path):
     killed = 0
     for attempt in range(3):
         proc = _train(tiny_log_path, runs, "--algo", "grade", "--steps", "400")
+        request.addfinalizer(lambda proc=proc: proc.poll() is None and (proc.kill(), proc.wait(timeout=30)))
         # Kill while it trains, not while it still starts up (a run killed before it exists loses nothing).
         deadline = time.monotonic() + 120
         while len(RunStore(runs).list_runs()) < attempt + 2 and proc.poll() is None:
@@ -52,7 +53,7 @@ def test_sigkill_during_training_loses_no_run(tiny_log_path, tmp_path):
     assert store.load_policy(store.list_runs()[0].run_id) is not None
 
 
-def test_sigkill_during_import_leaves_no_half_written_output(tiny_log_path, tmp_path):
+def test_sigkill_during_import_leaves_no_half_written_output(tiny_log_path, tmp_path, request):
     csv = {}
     con = duckdb.connect(str(tiny_log_path), read_only=True)
     for table in ("users", "requests", "impressions"):
@@ -64,6 +65,7 @@ def test_sigkill_during_import_leaves_no_half_written_output(tiny_log_path, tmp_
         out = tmp_path / f"out{attempt}.duckdb"
         proc = subprocess.Popen([*PY, "import", *[x for t, p in csv.items() for x in (f"--{t}", str(p))],
                                  "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        request.addfinalizer(lambda proc=proc: proc.poll() is None and (proc.kill(), proc.wait(timeout=30)))
         time.sleep(rng.uniform(0.3, 2.5))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -88,12 +90,20 @@ def test_two_trainings_into_one_store_both_land_while_the_app_lists(tiny_log_pat
                 errors.append(exc)
             time.sleep(0.01)
 
-    reader = threading.Thread(target=list_runs_repeatedly)
-    reader.start()
-    procs = [_train(tiny_log_path, runs, "--algo", "grade", "--steps", "30", "--seed", str(s)) for s in (1, 2)]
-    codes = [p.wait(timeout=300) for p in procs]
-    stop.set()
-    reader.join()
+    reader = threading.Thread(target=list_runs_repeatedly, daemon=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        reader.start()
+        procs = [_train(tiny_log_path, runs, "--algo", "grade", "--steps", "30", "--seed", str(s)) for s in (1, 2)]
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:  # a test fails, never hangs: stop the reader and the trainings whatever happened
+        stop.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+        reader.join(timeout=30)
+    assert not reader.is_alive(), "the listing thread did not stop"
     assert codes == [0, 0], [p.stderr.read() for p in procs]
     assert not errors, errors[:3]
     assert sorted(r.status for r in RunStore(runs).list_runs()) == ["finished", "finished"]

@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -28,8 +28,11 @@ from mtf_core.policies.static import StaticConfig, StaticTrainer
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
 
-__all__ = ["TrainConfig", "TrainResult", "StepInfo", "Trainer", "ALGORITHMS", "train", "algorithm_config",
-           "config_fields"]
+if TYPE_CHECKING:
+    from mtf_core.runs import RunStore
+
+__all__ = ["TrainConfig", "TrainResult", "StepInfo", "Trainer", "ALGORITHMS", "train", "train_run", "run_summary",
+           "algorithm_config", "config_fields"]
 
 
 class Trainer(Protocol):
@@ -210,3 +213,31 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     best = validator.best_value if validator.best_step is not None else None
     return TrainResult(trainer.policy, history, status, time.perf_counter() - start, config, data,
                        validator.best_step, best, stopped_early)
+
+
+def run_summary(result: TrainResult) -> dict[str, Any]:
+    """What the run store keeps about a finished training besides its history."""
+    return {"final": result.history[-1][1] if result.history else {}, "best_step": result.best_step,
+            "best_validation": result.best_value, "stopped_early": result.stopped_early}
+
+
+def train_run(store: "RunStore", config: TrainConfig, log: LogData, reward: RewardSpec,
+              on_step: Callable[[StepInfo], bool | None] | None = None, name: str | None = None,
+              on_created: Callable[[str], None] | None = None) -> tuple[str, TrainResult]:
+    """Create a run in `store`, train it and record the result (the CLI's and the app's one path).
+
+    While it trains, the run is registered as live in this process; a failure or an interruption (a
+    KeyboardInterrupt, a Streamlit rerun ending the script) records it as `failed` or `cancelled`, never
+    leaving it `running`."""
+    run_id = store.create_run(config.algo, config.to_dict(), reward, log, name)
+    if on_created is not None:
+        on_created(run_id)
+    with store.training(run_id):
+        try:
+            result = train(config, log, reward, on_step)
+        except Exception:
+            store.mark_if_running(run_id, "failed")
+            raise
+        store.finish_run(run_id, result.policy, result.history, result.status, result.seconds,
+                         run_summary(result))
+    return run_id, result
