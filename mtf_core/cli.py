@@ -433,9 +433,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         _emit({"run_id": run_id, "algo": args.algo, "status": result.status, "seconds": result.seconds,
                "config": config.to_dict(), "final_metrics": summary["final"], "best_step": result.best_step,
-               "best_validation": result.best_value, "stopped_early": result.stopped_early})
+               "best_validation": result.best_value, "validation_estimator": result.validation_estimator,
+               "stopped_early": result.stopped_early})
     else:
-        best = (f", best validation DR {result.best_value:.4f} at step {result.best_step}"
+        best = (f", best held-out {result.validation_estimator.upper()} {result.best_value:.4f} at step "
+                f"{result.best_step}"
                 + (" (stopped early)" if result.stopped_early else "")) if result.best_step is not None else ""
         print(f"run {run_id} {result.status}: {args.algo} in {result.seconds:.1f}s{best} "
               f"(evaluate with --policy run:{run_id})")

@@ -1,68 +1,86 @@
-"""Can this estimate be trusted on this log? Overlap diagnostics of importance-weighted estimates.
+"""Can this estimate be trusted on this log? Overlap diagnostics and a verdict per estimator.
 
-Per estimate (overall and per segment):
-- ess = (sum rho)^2 / sum rho^2 and ess_share = ess / n (Kish's effective sample size);
-- max_ratio and p99_ratio of the importance ratios; clipped_share = share of ratios above the clip;
-- support_coverage = share of the target policy's actions that land where the logging policy acts often,
-  i.e. where its log-density is at least its own 1st percentile within the segment (for a stochastic
-  target, averaged over draws).
-Verdict (thresholds documented in README and shown in the app):
-- `trustworthy`: ess_share >= 0.10, support_coverage >= 0.90 and clipped_share <= 0.01;
-- `not supported by this log`: ess_share < 0.01 or support_coverage < 0.50;
-- `use with care`: anything in between.
+Per estimate (overall and per segment), from the unclipped importance ratios rho `[R]`:
+- `ess` = (sum rho)^2 / sum rho^2 and `ess_share` = ess / n (Kish's effective sample size);
+- `mean_ratio` = sum rho / n: 1 in expectation; far from 1, the log is unbalanced for this target;
+- `max_ratio`, `p99_ratio`;
+- `clipped_mass_share`: the share of the ratio mass that NCIS's cap removes, (sum rho - sum min(rho, cap))
+  / sum rho. A cap moves that share of the target's probability out of the estimate, so it is judged by
+  mass, not by how many requests it touches;
+- `support_coverage`: the share of the target's own probability mass (draws from the target, or from its
+  kernel for a deterministic target) where the ratio target/logging stays below 1% of the sample size,
+  i.e. where no single logged request would carry more than 1% of the estimate. A density-based coverage
+  would call a target covered wherever the logging density diverges (Dirichlet faces with alpha < 1).
+
+Verdicts, per estimator (thresholds in THRESHOLDS, shown in the app and the README):
+- `not supported by this log`: ess_share < 1% or support_coverage < 50%;
+- IPS, SNIPS, DR `trustworthy`: ess_share >= 10% and support_coverage >= 95%, and for a kernel-smoothed
+  target a smoothing bias within a quarter of the standard error; IPS also needs mean_ratio within 10% of 1
+  (SNIPS normalises that imbalance away, IPS carries it);
+- NCIS `trustworthy`: as SNIPS, and the cap removes at most 1% of the ratio mass;
+- DM `trustworthy` only when it is checked by data: DR is trustworthy and DM lies inside DR's interval.
+  Otherwise a model-based figure is `use with care`, or `not supported` where the target leaves the log;
+- anything else: `use with care`.
+The calibration test in tests/test_calibration.py holds these verdicts to their word: over many simulator
+seeds, an interval called trustworthy covers the truth at least 90% of the time.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
-import torch
 
-__all__ = ["TRUSTWORTHY", "NOT_SUPPORTED", "verdict", "overlap_diagnostics", "support_coverage",
-           "THRESHOLDS"]
+__all__ = ["TRUSTWORTHY", "CARE", "NOT_SUPPORTED", "THRESHOLDS", "overlap_diagnostics", "estimator_verdicts",
+           "draw_ratio_limit"]
 
-THRESHOLDS = {"trustworthy": {"ess_share_min": 0.10, "support_coverage_min": 0.90, "clipped_share_max": 0.01},
-              "not_supported": {"ess_share_below": 0.01, "support_coverage_below": 0.50}}
 TRUSTWORTHY, CARE, NOT_SUPPORTED = "trustworthy", "use with care", "not supported by this log"
+THRESHOLDS = {
+    "trustworthy": {"ess_share_min": 0.10, "support_coverage_min": 0.95, "clipped_mass_share_max": 0.01,
+                    "mean_ratio_tolerance": 0.10, "smoothing_bias_to_se_max": 0.25},
+    "not_supported": {"ess_share_below": 0.01, "support_coverage_below": 0.50},
+    "coverage_ratio_share_of_n": 0.01,
+}
 
 
-def verdict(ess_share: float, support: float | None, clipped_share: float) -> str:
-    t, n = THRESHOLDS["trustworthy"], THRESHOLDS["not_supported"]
-    if ess_share < n["ess_share_below"] or (support is not None and support < n["support_coverage_below"]):
-        return NOT_SUPPORTED
-    if (ess_share >= t["ess_share_min"] and (support is None or support >= t["support_coverage_min"])
-            and clipped_share <= t["clipped_share_max"]):
-        return TRUSTWORTHY
-    return CARE
+def draw_ratio_limit(n: int) -> float:
+    """The ratio above which one logged request would carry more than 1% of an estimate over n requests."""
+    return max(THRESHOLDS["coverage_ratio_share_of_n"] * n, 1.0)  # type: ignore[operator]
 
 
-def overlap_diagnostics(ratio: np.ndarray, clip: float, coverage: np.ndarray | None) -> dict[str, object]:
-    """Diagnostics of ratios `[R]` (unclipped) and per-request coverage `[R]` (None when unknown)."""
+def overlap_diagnostics(ratio: np.ndarray, cap: float, draw_ratio: np.ndarray | None) -> dict[str, object]:
+    """Diagnostics of ratios `[R]` (unclipped); draw_ratio `[G,R]`: target/logging density ratios of draws
+    from the target (None when unknown)."""
     n = len(ratio)
     if n == 0:
-        return {"ess": 0.0, "ess_share": 0.0, "max_ratio": None, "p99_ratio": None, "clipped_share": None,
-                "support_coverage": None, "verdict": NOT_SUPPORTED}
-    w = np.minimum(ratio, clip)
-    ess = float(w.sum() ** 2 / max((w**2).sum(), 1e-300))
-    support = float(coverage.mean()) if coverage is not None else None
-    clipped_share = float((ratio > clip).mean())
-    return {"ess": ess, "ess_share": ess / n, "max_ratio": float(ratio.max()),
-            "p99_ratio": float(np.quantile(ratio, 0.99)), "clipped_share": clipped_share,
-            "support_coverage": support, "verdict": verdict(ess / n, support, clipped_share)}
+        return {"n": 0, "ess": 0.0, "ess_share": 0.0, "mean_ratio": None, "max_ratio": None, "p99_ratio": None,
+                "clipped_mass_share": None, "support_coverage": None}
+    total = float(ratio.sum())
+    ess = total**2 / max(float((ratio**2).sum()), 1e-300)
+    clipped = (total - float(np.minimum(ratio, cap).sum())) / total if total > 0 else 1.0
+    coverage = None if draw_ratio is None else float((draw_ratio <= draw_ratio_limit(n)).mean())
+    return {"n": n, "ess": ess, "ess_share": ess / n, "mean_ratio": total / n, "max_ratio": float(ratio.max()),
+            "p99_ratio": float(np.quantile(ratio, 0.99)), "clipped_mass_share": clipped,
+            "support_coverage": coverage}
 
 
-def support_coverage(logging_dist_fn, actions: np.ndarray, segment: np.ndarray, logging_logp: np.ndarray,
-                     rows_fn) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Per request, the share of target actions `[G,R,K]` where the logging log-density reaches its segment's
-    1st percentile. `logging_dist_fn(rows)` gives the logging distribution of those requests."""
-    threshold = np.full(len(segment), -np.inf)
-    for s in np.unique(segment):
-        m = segment == s
-        threshold[m] = np.quantile(logging_logp[m], 0.01)
-    covered = np.zeros(len(segment))
-    for rows in rows_fn():
-        dist = logging_dist_fn(rows)
-        a = torch.from_numpy(actions[:, rows]).to(torch.float64).clamp(min=1e-9)
-        a = a / a.sum(-1, keepdim=True)
-        logp = dist.log_prob(a).numpy()  # (G, rows)
-        covered[rows] = (logp >= threshold[rows]).mean(0)
-    return covered
+def estimator_verdicts(diag: Mapping[str, object], smoothing_bias_to_se: float | None,
+                       dm_inside_dr: bool | None) -> dict[str, str]:
+    """A verdict per estimator from one scope's diagnostics (see the module docstring)."""
+    t, low = THRESHOLDS["trustworthy"], THRESHOLDS["not_supported"]
+    ess_share = float(diag["ess_share"])  # type: ignore[arg-type]
+    coverage = diag.get("support_coverage")
+    if ess_share < low["ess_share_below"] or (coverage is not None and coverage < low["support_coverage_below"]):
+        return dict.fromkeys(("ips", "snips", "dr", "ncis", "dm"), NOT_SUPPORTED)
+    overlap_ok = (ess_share >= t["ess_share_min"] and (coverage is None or coverage >= t["support_coverage_min"])
+                  and (smoothing_bias_to_se is None or smoothing_bias_to_se <= t["smoothing_bias_to_se_max"]))
+    mean_ratio = diag.get("mean_ratio")
+    balanced = mean_ratio is not None and abs(float(mean_ratio) - 1.0) <= t["mean_ratio_tolerance"]  # type: ignore[arg-type]
+    clipped = diag.get("clipped_mass_share")
+    cap_ok = clipped is not None and float(clipped) <= t["clipped_mass_share_max"]  # type: ignore[arg-type]
+    verdicts = {"ips": TRUSTWORTHY if overlap_ok and balanced else CARE,
+                "snips": TRUSTWORTHY if overlap_ok else CARE,
+                "dr": TRUSTWORTHY if overlap_ok else CARE,
+                "ncis": TRUSTWORTHY if overlap_ok and cap_ok else CARE}
+    verdicts["dm"] = TRUSTWORTHY if verdicts["dr"] == TRUSTWORTHY and dm_inside_dr else CARE
+    return verdicts

@@ -173,8 +173,9 @@ def ratio_histogram(ratios: np.ndarray, title: str = "Importance ratios (log10)"
 
 
 def validation_curve(df: pd.DataFrame, best_step: int | None) -> go.Figure:
-    """Validation DR estimate over training steps, with the kept checkpoint marked."""
-    fig = go.Figure(go.Scatter(x=df["step"], y=df["value"], mode="lines+markers", name="validation DR"))
+    """Held-out validation estimate over training steps (named by its estimator), kept checkpoint marked."""
+    estimator = str(df["name"].iloc[0]).split("/")[-1].upper() if "name" in df and len(df) else "estimate"
+    fig = go.Figure(go.Scatter(x=df["step"], y=df["value"], mode="lines+markers", name=f"held-out {estimator}"))
     if best_step is not None:
         fig.add_vline(x=best_step, line_dash="dash", line_color="#2ca02c",
                       annotation_text=f"kept: step {best_step}")

@@ -62,7 +62,7 @@ def _request_alpha(policy: FusionPolicy | None, log: LogData) -> tuple[np.ndarra
 def segment_weights(policy: FusionPolicy | None, log: LogData, label: str) -> SegmentWeights:
     """Summaries per segment and task; `policy=None` means the logged weights (the logging policy)."""
     if policy is None:
-        from mtf_core.policies.resolve import logging_policy
+        from mtf_core.propensity import logging_policy
 
         policy = logging_policy(log)
     mean_w, alpha = _request_alpha(policy, log)

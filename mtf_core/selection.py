@@ -16,9 +16,10 @@ from typing import Sequence
 import numpy as np
 
 from mtf_core.errors import LogError
+from mtf_core.diagnostics import NOT_SUPPORTED
 from mtf_core.evaluate import EvaluationResult
 
-__all__ = ["CRITERIA", "select", "cvar", "regret"]
+__all__ = ["CRITERIA", "select", "cvar", "regret", "common_estimator"]
 
 CRITERIA = ("mean", "lower_bound", "cvar")
 
@@ -31,34 +32,46 @@ def cvar(values: np.ndarray, alpha: float = 0.1) -> float:
     return float(np.partition(values, k - 1)[:k].mean())
 
 
-def _row(result: EvaluationResult, estimator: str) -> dict[str, object] | None:
-    rows = [o for o in result.ope if o["estimator"] == estimator and o["segment"] is None]
-    if not rows:
-        rows = [o for o in result.ope if o["estimator"] == "dm" and o["segment"] is None]
-    return rows[0] if rows else None
+def common_estimator(results: Sequence[EvaluationResult], preferred: str = "dr") -> str:
+    """The estimator every result has: `preferred` where all have it, else the direct method (which every
+    result has). Selection never mixes estimators across policies."""
+    return preferred if all(r.estimate(preferred) is not None for r in results) else "dm"
 
 
-def select(results: Sequence[EvaluationResult], criterion: str, estimator: str = "dr",
+def select(results: Sequence[EvaluationResult], criterion: str, estimator: str | None = None,
            alpha: float = 0.1) -> dict[str, object]:
-    """The ranking under one criterion and the chosen policy, with a sentence saying why."""
+    """The ranking under one criterion and the chosen policy, with a sentence saying why (and on what).
+
+    Every policy is scored by the same estimator (`estimator`, or DR where every policy has it, else DM);
+    the reason says when the choice rests on an estimate whose verdict is `not supported by this log`."""
     if criterion not in CRITERIA:
         raise LogError(f"unknown selection criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+    estimator = estimator or common_estimator(results)
     ranking = []
     for r in results:
-        row = _row(r, estimator)
+        row = r.estimate(estimator)
         if criterion == "mean":
             score = row["value"] if row else None
         elif criterion == "lower_bound":
             score = row["ci_low"] if row else None
         else:
             score = cvar(r.per_request_value, alpha) if r.per_request_value is not None else None
-        ranking.append({"policy": r.policy, "score": None if score is None else float(score)})
+        ranking.append({"policy": r.policy, "score": None if score is None else float(score),
+                        "verdict": row.get("verdict") if row else None})
     ranking.sort(key=lambda x: -np.inf if x["score"] is None else x["score"], reverse=True)
-    chosen = ranking[0]["policy"] if ranking and ranking[0]["score"] is not None else None
-    what = {"mean": f"the highest {estimator} estimate", "lower_bound": f"the highest lower 95% bound of {estimator}",
+    top = ranking[0] if ranking and ranking[0]["score"] is not None else None
+    chosen = top["policy"] if top else None
+    name = estimator.upper()
+    what = {"mean": f"the highest {name} estimate", "lower_bound": f"the highest lower 95% bound of {name}",
             "cvar": f"the best direct-model value over its worst {alpha:.0%} of requests"}[criterion]
+    reason = f"{chosen} has {what}" if chosen else "no policy has a score"
+    if estimator == "dm" and criterion != "cvar":
+        reason += " (DM for every policy: not every policy has importance-weighted estimates on this log)"
+    if top and top["verdict"] == NOT_SUPPORTED:
+        reason += (f"; caution: its {name} estimate is rated 'not supported by this log', so this choice rests on "
+                   "an estimate the log cannot check")
     return {"criterion": criterion, "estimator": estimator, "chosen": chosen, "ranking": ranking,
-            "reason": f"{chosen} has {what}" if chosen else "no policy has a score"}
+            "chosen_verdict": top["verdict"] if top else None, "reason": reason}
 
 
 def regret(results: Sequence[EvaluationResult], chosen: str | None) -> float | None:

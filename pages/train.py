@@ -65,7 +65,8 @@ if submitted:
     # A Stop click reruns the page, which ends this script mid-loop: train_run records the run as cancelled.
     run_id, result = train_run(store, config, log, spec, on_step, name or None)
     st.session_state[KEY_LAST_RUN] = run_id
-    best = (f"; kept the best checkpoint, step {result.best_step} (validation DR {result.best_value:.4f})"
+    best = (f"; kept the best checkpoint, step {result.best_step} (held-out "
+            f"{result.validation_estimator.upper()} {result.best_value:.4f})"
             + (", stopped early" if result.stopped_early else "")) if result.best_step is not None else ""
     st.success(f"Run {run_id} {result.status} in {result.seconds:.1f}s{best}")
 
@@ -78,7 +79,8 @@ table = pd.DataFrame([{
     "id": r.run_id, "name": r.name, "algorithm": r.algo, "status": r.status,
     "started": r.created_at, "seconds": round(r.seconds or 0.0, 1),
     "final reward": r.summary.get("final", {}).get("charts/reward"),
-    "best step": r.summary.get("best_step"), "validation DR": r.summary.get("best_validation"),
+    "best step": r.summary.get("best_step"), "held-out estimate": r.summary.get("best_validation"),
+    "estimator": str(r.summary.get("validation_estimator", "dr")).upper(),
     "same log": r.data_fingerprint == log.fingerprint,
 } for r in reversed(runs)])
 st.dataframe(table, width="stretch", hide_index=True)
@@ -90,11 +92,12 @@ chosen = st.selectbox("Run", ids, index=ids.index(st.session_state.get(KEY_LAST_
                       format_func=lambda i: f"{i} - {by_id[i].name}")
 history = store.history(chosen)
 if not history.empty:
-    validation = history[history["name"] == "validation/dr"]
+    is_validation = history["name"].str.startswith("validation/")
+    validation = history[is_validation]
     if not validation.empty:
         st.plotly_chart(plots.validation_curve(validation, by_id[chosen].summary.get("best_step")),
                         width="stretch")
-    st.plotly_chart(plots.training_curves(history[history["name"] != "validation/dr"]), width="stretch")
+    st.plotly_chart(plots.training_curves(history[~is_validation]), width="stretch")
 a, b = st.columns(2)
 with a.form("rename"):
     new_name = st.text_input("New name", value=by_id[chosen].name)

@@ -49,9 +49,29 @@ def test_verdict_is_not_supported_where_the_log_has_no_data(ctx, tiny_log):
 
 
 def test_diagnostics_of_constructed_ratios():
-    d = overlap_diagnostics(np.array([1.0] * 98 + [500.0, 0.0]), clip=100.0, coverage=np.ones(100))
-    assert d["max_ratio"] == 500.0 and d["clipped_share"] == pytest.approx(0.01)
-    assert d["ess"] == pytest.approx(198.0**2 / (98 + 100.0**2))
+    ratio = np.array([1.0] * 98 + [500.0, 0.0])
+    # (G=2, R=100): ratios above 1% of n = 1 mean the log is too thin there: 10 + 1 of the 200 draws.
+    draws = np.array([[1.0] * 90 + [2.0] * 10, [1.0] * 99 + [1e6]])
+    d = overlap_diagnostics(ratio, cap=100.0, draw_ratio=draws)
+    assert d["max_ratio"] == 500.0 and d["mean_ratio"] == pytest.approx(5.98)
+    # The cap at 100 removes 400 of the 598 units of ratio mass: judged by mass, not by the 1% of requests.
+    assert d["clipped_mass_share"] == pytest.approx(400 / 598)
+    assert d["ess"] == pytest.approx(598.0**2 / (98 + 500.0**2))
+    assert d["support_coverage"] == pytest.approx(189 / 200)
+
+
+def test_verdicts_per_estimator():
+    from mtf_core.diagnostics import CARE, estimator_verdicts
+
+    good = {"ess_share": 0.5, "support_coverage": 0.99, "mean_ratio": 1.02, "clipped_mass_share": 0.0}
+    assert set(estimator_verdicts(good, None, True).values()) == {TRUSTWORTHY}
+    assert estimator_verdicts(good, None, False)["dm"] == CARE  # DM only when the data check it
+    unbalanced = {**good, "mean_ratio": 1.3}
+    v = estimator_verdicts(unbalanced, None, True)
+    assert v["ips"] == CARE and v["snips"] == TRUSTWORTHY
+    assert estimator_verdicts({**good, "clipped_mass_share": 0.2}, None, True)["ncis"] == CARE
+    assert estimator_verdicts(good, 0.6, True)["snips"] == CARE  # kernel smoothing bias too large
+    assert set(estimator_verdicts({**good, "support_coverage": 0.3}, None, True).values()) == {NOT_SUPPORTED}
 
 
 def _result(policy: str, value: float, low: float, high: float, per_request, truth: float | None = None):
@@ -67,10 +87,23 @@ def test_lower_bound_prefers_a_slightly_worse_but_surer_policy():
     sure = _result("sure", 10.0, 9.8, 10.2, rng.normal(10.0, 0.5, 1000), truth=10.0)
     assert select([risky, sure], "mean")["chosen"] == "risky"
     choice = select([risky, sure], "lower_bound")
-    assert choice["chosen"] == "sure" and choice["ranking"][0] == {"policy": "sure", "score": 9.8}
+    assert choice["chosen"] == "sure" and choice["ranking"][0] == {"policy": "sure", "score": 9.8, "verdict": None}
+    assert choice["estimator"] == "dr" and "DR" in choice["reason"]
     assert select([risky, sure], "cvar")["chosen"] == "sure"
     assert regret([risky, sure], "risky") == pytest.approx(1.0) and regret([risky, sure], "sure") == 0.0
 
 
 def test_cvar_is_the_mean_of_the_worst_tail():
     assert cvar(np.arange(100.0), 0.1) == pytest.approx(4.5)
+
+
+def test_selection_never_mixes_estimators_and_says_which_it_used():
+    rng = np.random.default_rng(1)
+    with_dr = _result("a", 10.0, 9.0, 11.0, rng.normal(10, 1, 100))
+    with_dr.ope.append({"estimator": "dm", "segment": None, "value": 9.5, "ci_low": 9.4, "ci_high": 9.6})
+    dm_only = EvaluationResult("log", "b", {}, 100, [], [
+        {"estimator": "dm", "segment": None, "value": 9.7, "ci_low": 9.6, "ci_high": 9.8,
+         "verdict": NOT_SUPPORTED}], None, per_request_value=rng.normal(10, 1, 100))
+    choice = select([with_dr, dm_only], "mean")
+    assert choice["estimator"] == "dm" and choice["chosen"] == "b"  # DM for both, never DR for one of them
+    assert "DM for every policy" in choice["reason"] and "not supported" in choice["reason"]

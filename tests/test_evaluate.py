@@ -229,7 +229,7 @@ def test_streamed_evaluation_equals_the_in_memory_one(tiny_log_path, tiny_log):
 
 
 def test_ideal_dcg_counts_only_columns_that_are_exactly_zero_one():
-    from mtf_core.evaluate import _ideal_dcg
+    from mtf_core.evaluate.rerank import _ideal_dcg
 
     one_below = float(np.nextafter(np.float32(1), np.float32(0)))
     gains = torch.zeros(3, 5, 4)

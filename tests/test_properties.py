@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 from mtf_core.evaluate import evaluate_policy, gauc, ndcg_at_k, prepare, target_actions
 from mtf_core.fusion import fuse, rank_positions
-from mtf_core.policies.resolve import logging_policy
+from mtf_core.propensity import logging_policy
 from mtf_core.policies.static import parse_static
 from mtf_core.reward import RewardSpec
 

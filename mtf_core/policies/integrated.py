@@ -125,7 +125,7 @@ class _Support:
 
 
 def _logging_support(data: TrainingData) -> _Support:
-    from mtf_core.policies.resolve import logging_policy
+    from mtf_core.propensity import logging_policy
 
     log = data.log
     alpha = logging_policy(log).alpha[torch.from_numpy(log.segment)].float()

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from mtf_core.errors import LogError
 from mtf_core.policies.base import FusionPolicy
-from mtf_core.policies.static import LoggingPolicy, parse_static
+from mtf_core.policies.static import parse_static
 from mtf_core.store import LogData
 
-__all__ = ["resolve_policy", "logging_policy"]
-
-
-def logging_policy(log: LogData) -> LoggingPolicy:
-    """The logging policy of a log: the simulator's exact Dirichlet, or one fitted per segment."""
-    if log.is_simulated:
-        from mtf_core.simulate import SimConfig, logging_alpha
-
-        config = SimConfig.from_json(log.meta["simulator_config"])
-        alpha = logging_alpha(config)[np.argsort(config.segment_names)]
-        return LoggingPolicy(log.task_names, log.segments, alpha)
-    return LoggingPolicy.from_log(log.task_names, log.segments, log.segment, log.weights)
+__all__ = ["resolve_policy"]
 
 
 def resolve_policy(text: str, log: LogData, runs_dir: str | Path = "runs") -> tuple[FusionPolicy | None, str]:

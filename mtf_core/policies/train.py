@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mtf_core.errors import LogError
-from mtf_core.evaluate import point_value, prepare, target_actions, time_split
+from mtf_core.evaluate import EvalContext, point_value, prepare, target_actions, time_split
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.policies.batchrl import BatchRLConfig, BatchRLTrainer
 from mtf_core.policies.cem import CEMConfig, CEMTrainer
@@ -146,13 +146,18 @@ class TrainResult:
     best_step: int | None = None
     best_value: float | None = None
     stopped_early: bool = False
+    validation_estimator: str = "dr"
 
 
 class _Validator:
     """Validation estimates on held-out later sessions; keeps the best checkpoint."""
 
-    def __init__(self, log: LogData | None, reward: RewardSpec, n_steps: int, n_evaluations: int) -> None:
-        self.ctx = prepare(log, reward) if log is not None and log.n_requests else None
+    def __init__(self, log: LogData | None, reward: RewardSpec, n_steps: int, n_evaluations: int,
+                 fitted_on: EvalContext) -> None:
+        # The direct model and the reward's normalisation come from the training sessions: a model fitted on
+        # the validation sessions themselves made the checkpoint choice optimistic.
+        self.ctx = prepare(log, reward, fitted_on) if log is not None and log.n_requests else None
+        self.estimator = "dr"
         self.every = max(1, n_steps // n_evaluations)
         self.n_steps = n_steps
         self.best_value, self.best_step, self.best_state = -np.inf, None, None
@@ -164,7 +169,8 @@ class _Validator:
     def evaluate(self, step: int, policy: FusionPolicy) -> float:
         assert self.ctx is not None
         with torch.no_grad():
-            value = point_value(self.ctx, target_actions(policy, self.ctx.log, "validation", stochastic=False))
+            value, self.estimator = point_value(self.ctx, target_actions(policy, self.ctx.log, "validation",
+                                                                         stochastic=False))
         if value > self.best_value:
             self.best_value, self.best_step, self.bad = value, step, 0
             self.best_state = copy.deepcopy(policy.state_dict())
@@ -177,8 +183,9 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
           on_step: Callable[[StepInfo], bool | None] | None = None) -> TrainResult:
     """Train `config.algo` on `log` against `reward`; the same config and log give the same policy.
 
-    With `validation_share > 0`, the latest sessions are held out; the validation DR estimate of the
-    policy's mean weights is recorded as `validation/dr` every n_steps / n_evaluations steps, training
+    With `validation_share > 0`, the latest sessions are held out; the validation estimate of the policy's
+    mean weights (DR where the log has propensities, else DM, with the direct model fitted on the training
+    sessions) is recorded as `validation/dr` or `validation/dm` every n_steps / n_evaluations steps, training
     stops after `patience` estimates without improvement, and the best checkpoint is restored.
     """
     torch.manual_seed(config.seed)
@@ -190,14 +197,15 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     config_cls, trainer_cls = ALGORITHMS[config.algo]
     trainer = trainer_cls(algorithm_config(config.algo, config.params), data, config.seed)
     validator = _Validator(log.subset(val_rows) if len(val_rows) else None, reward, trainer.n_steps,
-                           config.n_evaluations)
+                           config.n_evaluations, data.ctx)
     history: list[tuple[int, dict[str, float]]] = []
     status, stopped_early = "finished", False
     for step in range(trainer.n_steps):
         metrics = trainer.step(step)
         if validator.due(step):
             trainer.policy.eval()
-            metrics = {**metrics, "validation/dr": validator.evaluate(step, trainer.policy)}
+            value = validator.evaluate(step, trainer.policy)
+            metrics = {**metrics, f"validation/{validator.estimator}": value}
             trainer.policy.train()
         history.append((step, metrics))
         if on_step is not None and on_step(StepInfo(step, trainer.n_steps, metrics,
@@ -212,13 +220,14 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     trainer.policy.eval()
     best = validator.best_value if validator.best_step is not None else None
     return TrainResult(trainer.policy, history, status, time.perf_counter() - start, config, data,
-                       validator.best_step, best, stopped_early)
+                       validator.best_step, best, stopped_early, validator.estimator)
 
 
 def run_summary(result: TrainResult) -> dict[str, Any]:
     """What the run store keeps about a finished training besides its history."""
     return {"final": result.history[-1][1] if result.history else {}, "best_step": result.best_step,
-            "best_validation": result.best_value, "stopped_early": result.stopped_early}
+            "best_validation": result.best_value, "validation_estimator": result.validation_estimator,
+            "stopped_early": result.stopped_early}
 
 
 def train_run(store: "RunStore", config: TrainConfig, log: LogData, reward: RewardSpec,
