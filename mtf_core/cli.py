@@ -151,6 +151,8 @@ def _ci(row: dict[str, object]) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mtf_core.diagnostics import overlap_summary
+
     _, ctx = _evaluation_inputs(args)
     result = _evaluate_one(ctx, args.policy, args)
     if args.json:
@@ -161,22 +163,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  simulator truth      {_ci(result.ground_truth)}")
     for row in result.ope:
         if row["segment"] is None:
-            ess = f"  ess={row['ess']:.0f}" if row.get("ess") is not None else ""
-            print(f"  {row['estimator']:<20} {_ci(row)}{ess}")
+            print(f"  {row['estimator']:<20} {_ci(row):<34} {row.get('verdict') or ''}")
     for row in result.metrics:
         if row["segment"] is None:
             name = f"{row['name']} {row['task'] or 'reward'}"
             print(f"  {name:<20} {_ci(row)}")
     if result.diagnostics:
-        d = result.diagnostics
-        print(f"  overlap: {d['verdict']} (ess {d['ess']:.0f} = {d['ess_share']:.1%} of requests, max ratio "
-              f"{d['max_ratio']:.3g}, p99 {d['p99_ratio']:.3g}, clipped {d['clipped_share']:.1%}, support "
-              f"coverage {d['support_coverage']:.1%})")
-    if result.bandwidth is not None:
-        print(f"  kernel bandwidth {result.bandwidth:.4f} (deterministic target, kernelised ratios)")
+        print(f"  overlap: {overlap_summary(result.diagnostics)}")
     for note in result.notes:
         print(f"  note: {note}")
     return EXIT_OK
+
+
+def _short_verdict(figure: dict[str, object]) -> str:
+    verdict = figure.get("verdict")
+    return {"trustworthy": "ok", "use with care": "care", "not supported by this log": "UNSUPPORTED"}.get(
+        str(verdict), "") if verdict else ""
 
 
 def _headline(result) -> dict[str, dict[str, object]]:  # type: ignore[no-untyped-def]
@@ -209,11 +211,12 @@ def _algo_table(results, trained: dict[str, tuple[str, float]]) -> list[dict[str
         ndcg = next((v for k, v in figs.items() if k.startswith("ndcg@") and k.endswith(":reward")), None)
         algo, seconds = trained.get(r.policy, (r.policy, None))
         rows.append({"policy": algo, "train_seconds": seconds, "ndcg:reward": ndcg,
-                     **{k: figs.get(k) for k in ("truth", "snips", "dr")}})
+                     **{k: figs.get(k) for k in ("truth", "snips", "dr", "dm")}})
     return rows
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from mtf_core.diagnostics import overlap_summary
     from mtf_core.runs import RunStore
 
     log, ctx = _evaluation_inputs(args)
@@ -231,15 +234,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if explicit:
                 raise
             print(f"warning: skipping {p}: {exc}", file=sys.stderr)
-    from mtf_core.compare import lift_over
+    from mtf_core.compare import add_lifts
     from mtf_core.selection import CRITERIA, regret, select
 
     table = [{"policy": r.policy, "figures": _headline(r)} for r in results]
-    base = table[0]["figures"]
-    for row in table:
-        for name, fig in row["figures"].items():
-            lift = lift_over(fig, base[name]) if name in base else None
-            fig.update(lift or {})
+    add_lifts(table, results)
 
     selection = select(results, args.select)
     regrets = {c: regret(results, select(results, c)["chosen"]) for c in CRITERIA}
@@ -265,9 +264,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("lift: over the first policy; * = the 95% intervals do not overlap")
     for r in results:
         if r.diagnostics:
-            d = r.diagnostics
-            print(f"overlap {r.policy}: {d['verdict']} (ess share {d['ess_share']:.3f}, support "
-                  f"{d['support_coverage']:.2f}, clipped {d['clipped_share']:.3f})")
+            print(f"overlap {r.policy}: {overlap_summary(r.diagnostics)}")
     print(f"choice by {args.select}: {selection['reason']}")
     if any(v is not None for v in regrets.values()):
         print("regret against the simulator's truth: " + ", ".join(
@@ -280,12 +277,14 @@ def _print_algo_table(args: argparse.Namespace, rows: list[dict[str, object]], s
     if args.json:
         _emit({"log": args.log, "algorithms": rows, "selection": selection, "regret": regrets})
         return EXIT_OK
-    print(f"{'policy':<12}{'train s':>9}  {'truth [95% CI]':<28}{'SNIPS [95% CI]':<28}{'DR [95% CI]':<28}"
-          f"{'NDCG reward':<16}")
+    columns = ("truth", "snips", "dr", "dm")
+    print(f"{'policy':<12}{'train s':>9}  " + "".join(f"{k.upper() + ' [95% CI] verdict':<44}" for k in columns)
+          + "NDCG reward")
     for row in rows:
-        cells = [_ci(row[k]) if row.get(k) else "n/a" for k in ("truth", "snips", "dr", "ndcg:reward")]
+        cells = [f"{_ci(row[k])} {_short_verdict(row[k])}" if row.get(k) else "n/a" for k in columns]
         secs = f"{row['train_seconds']:.1f}" if row.get("train_seconds") is not None else "-"
-        print(f"{row['policy']:<12}{secs:>9}  {cells[0]:<28}{cells[1]:<28}{cells[2]:<28}{cells[3]:<16}")
+        ndcg = f"{row['ndcg:reward']['value']:.3f}" if row.get("ndcg:reward") else "n/a"
+        print(f"{row['policy']:<12}{secs:>9}  " + "".join(f"{c:<44}" for c in cells) + ndcg)
     print(f"choice by {args.select}: {selection['reason']}")
     return EXIT_OK
 

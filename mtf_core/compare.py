@@ -11,8 +11,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from mtf_core.evaluate import EvaluationResult
+from mtf_core.evaluate.paired import paired_difference
 
-__all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "lift_frame", "build_report"]
+__all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "lift_frame", "add_lifts", "paired_lifts",
+           "build_report"]
 
 
 def ope_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
@@ -49,6 +51,39 @@ def lift_over(figure: Mapping[str, object], reference: Mapping[str, object]) -> 
                                     reference.get("ci_high"))
     separated = None not in (low, high, ref_low, ref_high) and (low > ref_high or high < ref_low)  # type: ignore[operator]
     return {"lift": value / ref - 1.0, "separated": bool(separated)}  # type: ignore[operator]
+
+
+def paired_lifts(results: Sequence[EvaluationResult], baseline: str) -> pd.DataFrame:
+    """Paired lift of every policy over `baseline` for each estimate and the truth (same users resampled for
+    both): policy, estimator, difference with its interval, relative lift with its interval, separated."""
+    base = next((r for r in results if r.policy == baseline), None)
+    if base is None:
+        return pd.DataFrame()
+    rows = []
+    for r in results:
+        if r is base:
+            continue
+        for estimator in r.unit_terms:
+            paired = paired_difference(r, base, estimator, n_boot=max(r.n_boot, 200), seed=r.seed)
+            if paired is not None:
+                rows.append(paired)
+    return pd.DataFrame(rows)
+
+
+def add_lifts(table: list[dict[str, object]], results: Sequence[EvaluationResult]) -> None:
+    """Add each figure's lift over the first policy: paired for estimates and the truth, else whether the
+    separate intervals separate (re-ranking metrics)."""
+    base, base_figures = results[0], table[0]["figures"]
+    for row, result in zip(table, results):
+        for name, fig in row["figures"].items():  # type: ignore[union-attr]
+            paired = paired_difference(result, base, name, n_boot=max(result.n_boot, 200), seed=result.seed) \
+                if result is not base else None
+            if paired is not None:
+                fig.update({"lift": paired["lift"], "lift_ci": [paired["lift_low"], paired["lift_high"]],
+                            "difference": paired["difference"], "difference_ci": [paired["ci_low"], paired["ci_high"]],
+                            "separated": paired["separated"], "paired": True})
+            elif name in base_figures:  # type: ignore[operator]
+                fig.update(lift_over(fig, base_figures[name]) or {})  # type: ignore[index]
 
 
 def lift_frame(frame: pd.DataFrame, key: str, baseline: str) -> pd.DataFrame:

@@ -32,7 +32,7 @@ from typing import Mapping
 import numpy as np
 
 __all__ = ["TRUSTWORTHY", "CARE", "NOT_SUPPORTED", "THRESHOLDS", "overlap_diagnostics", "estimator_verdicts",
-           "draw_ratio_limit"]
+           "draw_ratio_limit", "overlap_summary", "thresholds_text"]
 
 TRUSTWORTHY, CARE, NOT_SUPPORTED = "trustworthy", "use with care", "not supported by this log"
 THRESHOLDS = {
@@ -84,3 +84,27 @@ def estimator_verdicts(diag: Mapping[str, object], smoothing_bias_to_se: float |
                 "ncis": TRUSTWORTHY if overlap_ok and cap_ok else CARE}
     verdicts["dm"] = TRUSTWORTHY if verdicts["dr"] == TRUSTWORTHY and dm_inside_dr else CARE
     return verdicts
+
+
+def overlap_summary(diag: Mapping[str, object]) -> str:
+    """One line: the verdict per estimator and the figures behind it."""
+    verdicts = diag.get("verdicts") or {}
+    coverage = diag.get("support_coverage")
+    return (", ".join(f"{k.upper()} {v}" for k, v in verdicts.items())  # type: ignore[union-attr]
+            + f" (ESS {float(diag['ess']):.0f} = {float(diag['ess_share']):.1%} of requests, "  # type: ignore[arg-type]
+            f"mean ratio {float(diag['mean_ratio']):.3f}, max {float(diag['max_ratio']):.3g}, "  # type: ignore[arg-type]
+            f"support coverage {'n/a' if coverage is None else f'{float(coverage):.1%}'}, "  # type: ignore[arg-type]
+            f"NCIS cap removes {float(diag['clipped_mass_share']):.1%} of the ratio mass)")  # type: ignore[arg-type]
+
+
+def thresholds_text() -> str:
+    """The verdict rules in words, for captions and reports."""
+    t, n = THRESHOLDS["trustworthy"], THRESHOLDS["not_supported"]
+    return (f"Trustworthy (IPS, SNIPS, DR): ESS share >= {t['ess_share_min']:.0%}, support coverage >= "
+            f"{t['support_coverage_min']:.0%} and, for a fixed weight vector, a kernel smoothing bias within "
+            f"{t['smoothing_bias_to_se_max']:.0%} of the standard error; IPS also needs the mean ratio within "
+            f"{t['mean_ratio_tolerance']:.0%} of 1, NCIS a cap that removes at most {t['clipped_mass_share_max']:.0%} "
+            f"of the ratio mass; DM only where DR is trustworthy and agrees with it. Not supported: ESS share < "
+            f"{n['ess_share_below']:.0%} or support coverage < {n['support_coverage_below']:.0%}. Support coverage is "
+            "the share of the policy's own probability mass where no single logged request would carry more than 1% "
+            "of the estimate.")

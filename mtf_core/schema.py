@@ -285,6 +285,17 @@ def _check_values(
         n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
         if n:
             problems.append(Problem("impressions", "position", "out_of_range", f"{n} negative positions", _examples(con, sql)))
+    weight_cols = [f"w_{t.name}" for t in tasks if f"w_{t.name}" in req and _type_ok("DOUBLE", req[f"w_{t.name}"])]
+    if weight_cols and len(weight_cols) == len(tasks):
+        # The logged weights are a point of the simplex: importance ratios are densities on it, so weights
+        # scaled by 10 (the same rankings) would make every ratio vanish.
+        total = " + ".join(f"coalesce({quote_ident(c)}::DOUBLE, 0)" for c in weight_cols)
+        sql = f"SELECT request_id FROM requests WHERE abs(({total}) - 1) > 1e-6"
+        n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
+        if n:
+            problems.append(Problem("requests", ",".join(weight_cols), "not_on_simplex",
+                                    f"{n} requests have weights that do not sum to 1 (within 1e-6); logged "
+                                    "fusion weights must lie on the simplex", _examples(con, sql)))
     if "logging_logp" in req:
         sql = "SELECT request_id FROM requests WHERE isnan(logging_logp) OR isinf(logging_logp)"
         n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]

@@ -5,7 +5,7 @@ import streamlit as st
 
 from mtf_core import plots
 from mtf_core.compare import lift_frame, metric_frame, ope_frame
-from mtf_core.diagnostics import THRESHOLDS
+from mtf_core.diagnostics import thresholds_text
 from mtf_core.errors import LogError
 from mtf_core.selection import CRITERIA, regret, select
 from ui.common import (KEY_COMPARISON, cached_evaluation, current_log, current_reward, log_version, page_setup,
@@ -66,11 +66,7 @@ st.subheader("Can these estimates be trusted?")
 diag_rows = [{"policy": r.policy, **r.diagnostics} for r in results if r.diagnostics]
 if diag_rows:
     st.dataframe(pd.DataFrame(diag_rows), width="stretch", hide_index=True)
-    t, n = THRESHOLDS["trustworthy"], THRESHOLDS["not_supported"]
-    st.caption(f"trustworthy: ESS share >= {t['ess_share_min']:.0%}, support coverage >= "
-               f"{t['support_coverage_min']:.0%}, clipped <= {t['clipped_share_max']:.0%}; not supported: ESS share < "
-               f"{n['ess_share_below']:.0%} or coverage < {n['support_coverage_below']:.0%}. Support coverage is the share "
-               "of the policy's actions where the logging policy acts at least at its own 1st-percentile density.")
+    st.caption(thresholds_text())
 with_ratios = [r for r in results if r.ratios is not None and not r.policy == "logging"]
 if with_ratios:
     which = st.selectbox("Importance ratios of", [r.policy for r in with_ratios])

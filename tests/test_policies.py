@@ -131,11 +131,12 @@ def test_early_stopping_restores_the_best_checkpoint(medium_log):
     assert len(curve) >= 3
     best_step, best_value = max(curve, key=lambda x: x[1])
     assert result.best_step == best_step and result.best_value == pytest.approx(best_value)
-    _, val_rows = time_split(medium_log, 0.25)
-    ctx = prepare(medium_log.subset(val_rows), spec)
+    train_rows, val_rows = time_split(medium_log, 0.25)
+    # The validation estimate rests on a direct model fitted to the training sessions only.
+    ctx = prepare(medium_log.subset(val_rows), spec, fitted_on=prepare(medium_log.subset(train_rows), spec))
     with torch.no_grad():
-        restored = point_value(ctx, target_actions(result.policy, ctx.log, "v", stochastic=False))
-    assert restored == pytest.approx(best_value, rel=1e-6)
+        restored, estimator = point_value(ctx, target_actions(result.policy, ctx.log, "v", stochastic=False))
+    assert estimator == "dr" and restored == pytest.approx(best_value, rel=1e-6)
     if result.stopped_early:
         assert len(result.history) < 120 + 10
 

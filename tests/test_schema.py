@@ -39,6 +39,11 @@ CASES = [
     ("out_of_range", ["UPDATE impressions SET y_watch_time = -2 WHERE request_id = 4 AND position = 0"],
      "impressions", "y_watch_time"),
     ("bad_kind", ["UPDATE tasks SET kind = 'ordinal' WHERE name = 'like'"], "tasks", "kind"),
+    ("not_on_simplex", ["UPDATE requests SET w_click = 10 * w_click, w_like = 10 * w_like, w_finish = 10 * w_finish, "
+                        "w_share = 10 * w_share, w_watch_time = 10 * w_watch_time"],
+     "requests", "w_click,w_like,w_finish,w_share,w_watch_time"),
+    ("out_of_range", ["UPDATE requests SET logging_logp = 'Infinity'::DOUBLE WHERE request_id = 6"],
+     "requests", "logging_logp"),
 ]
 
 
