@@ -63,7 +63,7 @@ def test_diagnostics_of_constructed_ratios():
 def test_verdicts_per_estimator():
     from mtf_core.diagnostics import CARE, estimator_verdicts
 
-    good = {"ess_share": 0.5, "support_coverage": 0.99, "mean_ratio": 1.02, "clipped_mass_share": 0.0}
+    good = {"ess": 5000.0, "ess_share": 0.5, "support_coverage": 0.99, "mean_ratio": 1.02, "clipped_mass_share": 0.0}
     assert set(estimator_verdicts(good, None, True).values()) == {TRUSTWORTHY}
     assert estimator_verdicts(good, None, False)["dm"] == CARE  # DM only when the data check it
     unbalanced = {**good, "mean_ratio": 1.3}
@@ -72,6 +72,8 @@ def test_verdicts_per_estimator():
     assert estimator_verdicts({**good, "clipped_mass_share": 0.2}, None, True)["ncis"] == CARE
     assert estimator_verdicts(good, 0.6, True)["snips"] == CARE  # kernel smoothing bias too large
     assert set(estimator_verdicts({**good, "support_coverage": 0.3}, None, True).values()) == {NOT_SUPPORTED}
+    assert estimator_verdicts({**good, "ess": 200.0}, None, True)["dr"] == CARE  # too few effective requests
+    assert set(estimator_verdicts({**good, "ess": 20.0}, None, True).values()) == {NOT_SUPPORTED}
 
 
 def _result(policy: str, value: float, low: float, high: float, per_request, truth: float | None = None):

@@ -8,6 +8,7 @@ Poisson bootstrap of Chamandy et al., 2012), which keeps the requests of one use
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -49,8 +50,11 @@ def poisson_counts(n_units: int, n_boot: int, seed: int, chunk: int = 100) -> It
 
 
 def percentile_interval(estimates: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bounds per column of resampled estimates `[B, F]`; NaN for a column with no finite value
+    (a figure with no data in a scope), which callers report as None."""
     tail = (1 - level) / 2
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # "All-NaN slice": the empty figures described above
         return np.nanquantile(estimates, tail, axis=0), np.nanquantile(estimates, 1 - tail, axis=0)
 
 

@@ -1,0 +1,45 @@
+"""Calibration against the simulator's truth over many seeds: verdicts that keep their word, kernels with
+unit mass on the simplex. Deterministic (fixed seeds); about a minute on 2 cores."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.calibration import FIXED_TARGETS, kernel_mass, run_study, summarise
+from mtf_core.diagnostics import NOT_SUPPORTED, TRUSTWORTHY
+
+pytestmark = pytest.mark.slow
+N_SEEDS = 20
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return run_study(range(N_SEEDS), n_users=400, n_boot=200, folder=tmp_path_factory.mktemp("calibration"))
+
+
+def test_intervals_called_trustworthy_cover_the_truth(study):
+    trusted = study[study["verdict"] == TRUSTWORTHY]
+    for estimator in ("ips", "snips", "dr", "dm"):
+        rows = trusted[trusted["estimator"] == estimator]
+        assert len(rows) >= N_SEEDS, f"{estimator}: too few trustworthy cases ({len(rows)}) to judge"
+        assert rows["covered"].mean() >= 0.90, (estimator, rows.groupby("target")["covered"].mean().to_dict())
+
+
+def test_targets_far_from_the_log_are_not_called_trustworthy(study):
+    far = study[study["target"].isin(["fixed: far", "fixed: mid-simplex"])]
+    assert (far["verdict"] != TRUSTWORTHY).all()
+    assert (far["verdict"] == NOT_SUPPORTED).mean() >= 0.8
+
+
+def test_ips_of_the_logging_mean_vector_is_unbiased(study):
+    summary = summarise(study).set_index(["target", "estimator"])
+    ips = summary.loc[("fixed: logging mean", "ips")]
+    assert abs(ips["bias"]) <= 0.05 * ips["truth"] and ips["coverage"] >= 0.9
+
+
+@pytest.mark.parametrize("target", ["fixed: logging mean", "fixed: mid-simplex", "fixed: near a vertex"])
+def test_kernel_mass_under_the_logging_policy_is_one(study, tiny_log, target):
+    chosen = study[(study["target"] == target) & (study["estimator"] == "ips")]["concentration"]
+    for concentration in sorted(set(chosen)):
+        mass = kernel_mass(tiny_log, concentration, FIXED_TARGETS[target], n_draws=400_000)
+        assert mass == pytest.approx(1.0, abs=0.03), (target, concentration, mass)
