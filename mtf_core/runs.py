@@ -41,7 +41,7 @@ import torch
 from mtf_core.errors import EXIT_UNUSABLE, LogError
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.reward import RewardSpec
-from mtf_core.store import LogData
+from mtf_core.store import LogData, pid_alive
 
 __all__ = ["RunStore", "RunRecord", "policy_classes", "policy_from_files"]
 
@@ -146,16 +146,6 @@ def _sha256(*paths: Path) -> str:
 def _policy_digest(folder: Path) -> str:
     """What `policy_sha256` records: both policy files ("v2:"), so neither can change unnoticed."""
     return "v2:" + _sha256(folder / "policy.pt", folder / "policy.json")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunStore:
@@ -284,7 +274,7 @@ class RunStore:
             rows = con.execute("SELECT run_id, pid, host FROM runs WHERE status = 'running'").fetchall()
         host, me = os.uname().nodename, os.getpid()
         dead = [r for r, pid, h in rows if h == host and pid is not None
-                and (not _pid_alive(int(pid)) or (int(pid) == me and not self._owned_by_live_thread(r)))]
+                and (not pid_alive(int(pid)) or (int(pid) == me and not self._owned_by_live_thread(r)))]
         for run_id in dead:
             self.mark_if_running(run_id, "interrupted")
         return dead

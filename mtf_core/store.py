@@ -419,19 +419,59 @@ def write_log(
     return build_atomically(out, lambda con: _write_tables(con, tables, tasks, meta))
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_leftovers(out: Path) -> None:
+    """Delete the temporary files (and their WALs) of earlier builds of `out` whose process was killed."""
+    for leftover in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = leftover.name.rsplit("tmp-", 1)[-1].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _refuse_if_open_elsewhere(out: Path) -> None:
+    """A file another process holds open (a writer, a DuckDB shell) must not be replaced under it."""
+    if not out.exists():
+        return
+    try:
+        duckdb.connect(str(out), read_only=True).close()
+    except duckdb.IOException as exc:
+        if "lock" in str(exc).lower():
+            raise LogError(f"{out}: is open in another process (a DuckDB shell, the app, a training); close it "
+                           "before replacing it", EXIT_UNUSABLE) from exc
+    except duckdb.Error:
+        pass  # not a readable database (or a stale WAL from a crash): replacing it is what --force asked for
+
+
 def build_atomically(out: Path, build: Callable[[duckdb.DuckDBPyConnection], None]) -> Path:
     """Build a DuckDB file under a temporary sibling name, then rename it over `out`; on any failure (or a
-    kill) nothing is left in place of `out`."""
+    kill) nothing is left in place of `out`. A stale `out.wal` (left by a crashed writer) belongs to the old
+    file: it is moved aside before the rename and deleted after, so DuckDB never replays it on the new one."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_leftovers(out)
+    _refuse_if_open_elsewhere(out)
     tmp = temporary_path(out)
     tmp.unlink(missing_ok=True)
+    stale_wal, moved_wal = Path(str(out) + ".wal"), Path(str(tmp) + ".old-wal")
     try:
         con = duckdb.connect(str(tmp))
         try:
             build(con)
         finally:
             con.close()
+        if stale_wal.exists():
+            os.replace(stale_wal, moved_wal)
         os.replace(tmp, out)
+        moved_wal.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)

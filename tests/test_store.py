@@ -179,3 +179,53 @@ def test_import_without_declared_tasks_infers_continuous_ones_and_validates(tiny
     kinds = {t.name: t.kind for t in load_log(out).tasks}
     assert kinds == {t.name: t.kind for t in tiny_log.tasks}
     assert kinds["watch_time"] == "continuous" and kinds["click"] == "binary"
+
+
+def test_force_replaces_a_log_beside_a_stale_wal_and_cleans_dead_leftovers(tmp_path):
+    """A crashed writer leaves `log.duckdb.wal`; --force must give a readable new log, not 'WAL does not match'."""
+    import shutil
+    from pathlib import Path
+
+    from mtf_core.simulate import SimConfig, generate
+    from mtf_core.store import load_log
+
+    out = tmp_path / "log.duckdb"
+    config = SimConfig(n_users=40, sessions_per_user=2, n_items=200, seed=5)
+    generate(config, str(out))
+    # A WAL that does not belong to the new file: another database's, left beside ours.
+    other = tmp_path / "other.duckdb"
+    con = duckdb.connect(str(other))
+    con.execute("PRAGMA disable_checkpoint_on_shutdown")
+    con.execute("CREATE TABLE t AS SELECT range AS x FROM range(1000)")
+    shutil.copy(str(other) + ".wal", str(out) + ".wal")
+    con.close()
+    assert Path(str(out) + ".wal").stat().st_size > 0
+    (tmp_path / ".log.duckdb.tmp-999999999").write_bytes(b"half-written by a killed process")
+    generate(config, str(out), force=True)
+    assert load_log(out).n_requests > 0
+    assert not Path(str(out) + ".wal").exists()
+    assert not (tmp_path / ".log.duckdb.tmp-999999999").exists()
+
+
+def test_force_refuses_to_replace_a_log_open_in_another_process(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from mtf_core.errors import LogError
+    from mtf_core.simulate import SimConfig, generate
+
+    out = tmp_path / "log.duckdb"
+    config = SimConfig(n_users=40, sessions_per_user=2, n_items=200, seed=5)
+    generate(config, str(out))
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(out)!r}); "
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(LogError, match="open in another process"):
+            generate(config, str(out), force=True)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    time.sleep(0.1)
+    generate(config, str(out), force=True)  # once closed, --force replaces it
