@@ -122,25 +122,40 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _evaluation_inputs(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from mtf_core.evaluate import check_log_for_evaluation, prepare
     from mtf_core.reward import load_reward_spec
     from mtf_core.store import load_log
 
+    from mtf_core.evaluate import check_log_for_evaluation
+
     log = load_log(args.log)
     check_log_for_evaluation(log)
-    spec = load_reward_spec(args.reward, log.task_names)
-    return log, prepare(log, spec)
+    return log, load_reward_spec(args.reward, log.task_names)
 
 
-def _evaluate_one(ctx, text: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _evaluation_sample(args: argparse.Namespace, log, spec, policies: list[str]):  # type: ignore[no-untyped-def]
+    """`--sample`: auto holds out what the evaluated runs held out from training, else all requests."""
+    from mtf_core.evaluate import evaluation_sample
+    from mtf_core.runs import RunStore
+
+    share = None
+    if args.sample == "held-out":
+        share = RunStore(args.runs).held_out_share(policies, log) or 0.2
+    elif args.sample == "auto":
+        share = RunStore(args.runs).held_out_share(policies, log)
+    return evaluation_sample(log, spec, share)
+
+
+def _evaluate_one(sample, text: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from mtf_core.evaluate import evaluate_policy, policy_for_truth, target_actions
     from mtf_core.policies.resolve import resolve_policy
 
+    ctx = sample.ctx
     policy, label = resolve_policy(text, ctx.log, args.runs)
     stochastic = bool(getattr(args, "stochastic", False))
     actions = target_actions(policy, ctx.log, label, stochastic=stochastic, seed=args.seed)
     truth_fn = None if policy is None else policy_for_truth(policy, actions.stochastic)
-    return evaluate_policy(ctx, actions, k=args.k, n_boot=args.n_boot, seed=args.seed, truth_policy=truth_fn)
+    return evaluate_policy(ctx, actions, k=args.k, n_boot=args.n_boot, seed=args.seed, truth_policy=truth_fn,
+                           sample=sample.description)
 
 
 def _ci(row: dict[str, object]) -> str:
@@ -153,12 +168,12 @@ def _ci(row: dict[str, object]) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mtf_core.diagnostics import overlap_summary
 
-    _, ctx = _evaluation_inputs(args)
-    result = _evaluate_one(ctx, args.policy, args)
+    log, spec = _evaluation_inputs(args)
+    result = _evaluate_one(_evaluation_sample(args, log, spec, [args.policy]), args.policy, args)
     if args.json:
         _emit(result.to_json())
         return EXIT_OK
-    print(f"policy {result.policy} on {result.log} ({result.n_requests} requests)")
+    print(f"policy {result.policy} on {result.log}: {result.sample}")
     if result.ground_truth:
         print(f"  simulator truth      {_ci(result.ground_truth)}")
     for row in result.ope:
@@ -204,12 +219,12 @@ def _train_all(args: argparse.Namespace, log, spec) -> dict[str, tuple[str, floa
     return trained
 
 
-def _algo_table(results, trained: dict[str, tuple[str, float]]) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+def _algo_table(table, trained: dict[str, tuple[str, float]]) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
     rows = []
-    for r in results:
-        figs = _headline(r)
+    for r in table:
+        figs = r["figures"]
         ndcg = next((v for k, v in figs.items() if k.startswith("ndcg@") and k.endswith(":reward")), None)
-        algo, seconds = trained.get(r.policy, (r.policy, None))
+        algo, seconds = trained.get(r["policy"], (r["policy"], None))
         rows.append({"policy": algo, "train_seconds": seconds, "ndcg:reward": ndcg,
                      **{k: figs.get(k) for k in ("truth", "snips", "dr", "dm")}})
     return rows
@@ -219,17 +234,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from mtf_core.diagnostics import overlap_summary
     from mtf_core.runs import RunStore
 
-    log, ctx = _evaluation_inputs(args)
-    trained = _train_all(args, log, ctx.resolved.spec) if args.algo else {}
+    log, spec = _evaluation_inputs(args)
+    trained = _train_all(args, log, spec) if args.algo else {}
     explicit = bool(args.policy) or bool(trained)
     policies = list(args.policy or []) + (["logging", *trained] if trained else [])
     if not explicit:
         policies = ["logging"] + [f"run:{r.run_id}" for r in RunStore(args.runs).list_runs()
-                                  if r.status == "finished" and r.data_fingerprint == ctx.log.fingerprint]
+                                  if r.status == "finished" and r.data_fingerprint == log.fingerprint]
+    sample = _evaluation_sample(args, log, spec, policies)
+    print(f"evaluating on {sample.description}", file=sys.stderr)
     results = []
     for p in policies:
         try:
-            results.append(_evaluate_one(ctx, p, args))
+            results.append(_evaluate_one(sample, p, args))
         except LogError as exc:
             if explicit:
                 raise
@@ -243,13 +260,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     selection = select(results, args.select)
     regrets = {c: regret(results, select(results, c)["chosen"]) for c in CRITERIA}
     if trained:
-        return _print_algo_table(args, _algo_table(results, trained), selection, regrets)
+        return _print_algo_table(args, _algo_table(table, trained), selection, regrets, results[0].sample)
     if args.json:
-        _emit({"log": args.log, "baseline": table[0]["policy"], "policies": table,
+        _emit({"log": args.log, "sample": results[0].sample, "baseline": table[0]["policy"], "policies": table,
                "selection": {k: selection[k] for k in ("criterion", "chosen", "ranking", "reason")},
                "regret": regrets, "results": [r.to_json() for r in results]})
         return EXIT_OK
-    names = list(base)
+    names = list(table[0]["figures"])
     print(f"{'figure':<22}" + "".join(f"{row['policy'][:34]:>36}" for row in table))
     for name in names:
         cells = []
@@ -261,7 +278,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             lift = f" {fig.get('lift', 0):+.1%}{'*' if fig.get('separated') else ''}" if row is not table[0] else ""
             cells.append(f"{fig['value']:>10.4f} [{fig['ci_low']:.3f},{fig['ci_high']:.3f}]{lift:>9}")
         print(f"{name:<22}" + "".join(f"{c:>36}" for c in cells))
-    print("lift: over the first policy; * = the 95% intervals do not overlap")
+    print("lift over the first policy: for estimates and the truth a paired difference (the same users resampled "
+          "for both; * = its 95% interval excludes 0); for re-ranking metrics * = the separate 95% intervals do "
+          "not overlap")
     for r in results:
         if r.diagnostics:
             print(f"overlap {r.policy}: {overlap_summary(r.diagnostics)}")
@@ -273,20 +292,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _print_algo_table(args: argparse.Namespace, rows: list[dict[str, object]], selection: dict[str, object],
-                      regrets: dict[str, float | None]) -> int:
+                      regrets: dict[str, float | None], sample: str) -> int:
     if args.json:
-        _emit({"log": args.log, "algorithms": rows, "selection": selection, "regret": regrets})
+        _emit({"log": args.log, "sample": sample, "algorithms": rows, "selection": selection, "regret": regrets})
         return EXIT_OK
     columns = ("truth", "snips", "dr", "dm")
+    print(f"on {sample}; lift: paired difference over the logging policy [95% CI]")
     print(f"{'policy':<12}{'train s':>9}  " + "".join(f"{k.upper() + ' [95% CI] verdict':<44}" for k in columns)
-          + "NDCG reward")
+          + f"{'truth lift [95% CI]':<30}{'DR lift':<30}NDCG reward")
     for row in rows:
         cells = [f"{_ci(row[k])} {_short_verdict(row[k])}" if row.get(k) else "n/a" for k in columns]
+        lifts = [_paired(row.get(k)) for k in ("truth", "dr")]
         secs = f"{row['train_seconds']:.1f}" if row.get("train_seconds") is not None else "-"
         ndcg = f"{row['ndcg:reward']['value']:.3f}" if row.get("ndcg:reward") else "n/a"
-        print(f"{row['policy']:<12}{secs:>9}  " + "".join(f"{c:<44}" for c in cells) + ndcg)
+        print(f"{row['policy']:<12}{secs:>9}  " + "".join(f"{c:<44}" for c in cells)
+              + "".join(f"{c:<30}" for c in lifts) + ndcg)
     print(f"choice by {args.select}: {selection['reason']}")
     return EXIT_OK
+
+
+def _paired(figure: dict[str, object] | None) -> str:
+    if not figure or not figure.get("paired"):
+        return "-"
+    low, high = figure["difference_ci"]  # type: ignore[misc]
+    return f"{figure['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--algo", help="train these algorithms with their defaults first (comma list, or "
                                           "'all') and compare them with the logging policy")
             p.add_argument("--select", choices=["mean", "lower_bound", "cvar"], default="lower_bound",
-                           help="how to choose a policy: DR mean, lower 95%% bound, or CVaR of the worst 10%%")
+                           help="how to choose a policy: the mean or the lower 95%% bound of one estimator for "
+                                "every policy (DR where all have it, else DM), or CVaR of the worst 10%%")
         p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
         p.add_argument("--runs", default="runs", help="run store folder")
         p.add_argument("--k", type=int, default=None, help="NDCG cut-off (default: items shown)")
@@ -343,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stochastic", action="store_true",
                        help="evaluate a stochastic policy's full distribution (exact density ratios) instead of "
                             "the mean weights it would serve (kernelised ratios)")
+        p.add_argument("--sample", choices=["auto", "held-out", "all"], default="auto",
+                       help="which requests: auto = the latest sessions that the evaluated runs held out from "
+                            "training (all requests when no run held any out), held-out, or all (in-sample for "
+                            "runs trained on this log)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from mtf_core.evaluate import EvaluationResult
 from mtf_core.evaluate.paired import paired_difference
 
-__all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "lift_frame", "add_lifts", "paired_lifts",
+__all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "add_lifts", "paired_lifts",
            "build_report"]
 
 
@@ -84,22 +84,6 @@ def add_lifts(table: list[dict[str, object]], results: Sequence[EvaluationResult
                             "separated": paired["separated"], "paired": True})
             elif name in base_figures:  # type: ignore[operator]
                 fig.update(lift_over(fig, base_figures[name]) or {})  # type: ignore[index]
-
-
-def lift_frame(frame: pd.DataFrame, key: str, baseline: str) -> pd.DataFrame:
-    """Relative lift of every policy over `baseline` per (key, segment), and whether the CIs separate."""
-    if frame.empty:
-        return frame
-    base = frame[frame["policy"] == baseline].set_index([key, "segment"], drop=False)
-    out = []
-    for _, row in frame.iterrows():
-        if (row[key], row["segment"]) not in base.index:
-            continue
-        lift = lift_over(row, base.loc[(row[key], row["segment"])])
-        if lift is not None:
-            out.append({"policy": row["policy"], key: row[key], "segment": row["segment"], "value": row["value"],
-                        **lift})
-    return pd.DataFrame(out)
 
 
 def build_report(title: str, results: Sequence[EvaluationResult], figures: Sequence[tuple[str, go.Figure]],

@@ -328,6 +328,17 @@ class RunStore:
                                  con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])))
         shutil.rmtree(self.root / run_id, ignore_errors=True)
 
+    def held_out_share(self, policy_refs: list[str], log: LogData) -> float | None:
+        """The share of latest sessions that the `run:` policies trained on this log held out from training
+        (the largest, so no run is judged on sessions it saw); None where no such run held any out."""
+        shares = []
+        for ref in policy_refs:
+            if ref.startswith("run:"):
+                run = self.get(ref[len("run:"):])
+                if run.data_fingerprint == log.fingerprint:
+                    shares.append(float(run.config.get("validation_share", 0.0) or 0.0))
+        return max(shares) if shares and max(shares) > 0 else None
+
     # ------------------------------------------------------------------ policies
     def load_policy(self, run_id: str, log: LogData | None = None) -> FusionPolicy:
         """Rebuild a run's policy; checks its status, its file's hash and that it fits the log's tasks."""

@@ -4,12 +4,12 @@ import pandas as pd
 import streamlit as st
 
 from mtf_core import plots
-from mtf_core.compare import lift_frame, metric_frame, ope_frame
+from mtf_core.compare import metric_frame, ope_frame, paired_lifts
 from mtf_core.diagnostics import thresholds_text
 from mtf_core.errors import LogError
 from mtf_core.selection import CRITERIA, regret, select
 from ui.common import (KEY_COMPARISON, cached_evaluation, current_log, current_reward, log_version, page_setup,
-                       policy_choices, runs_dir, show_error)
+                       policy_choices, run_store, runs_dir, show_error)
 
 page_setup()
 st.title("Compare")
@@ -25,6 +25,9 @@ with st.form("compare_form"):
     n_boot = st.select_slider("Bootstrap resamples", [100, 200, 500, 1000], value=200)
     stochastic = st.checkbox("Evaluate stochastic policies as distributions (exact density ratios)", False,
                              help="Off: each policy is evaluated at the mean weights it would serve")
+    in_sample = st.checkbox("Evaluate on all requests (in-sample for runs trained on this log)", False,
+                            help="Off: runs trained on this log are judged on the latest sessions they held out from "
+                                 "training, with the direct model fitted on the earlier sessions")
     go = st.form_submit_button("Compare", type="primary")
 
 if go:
@@ -33,12 +36,14 @@ if go:
         st.warning("Pick at least one policy.")
         st.stop()
     path, mtime = log_version()
+    share = None if in_sample else run_store().held_out_share(refs, log)
     results = []
     bar = st.progress(0.0, text="Evaluating...")
     try:
         for i, ref in enumerate(refs):
             bar.progress(i / len(refs), text=f"Evaluating {ref} ({i + 1} of {len(refs)})...")
-            results.append(cached_evaluation(path, mtime, ref, spec.to_json(), str(runs_dir()), n_boot, stochastic))
+            results.append(cached_evaluation(path, mtime, ref, spec.to_json(), str(runs_dir()), n_boot, stochastic,
+                                             share))
     except LogError as exc:
         show_error(exc)
         st.stop()
@@ -50,17 +55,25 @@ if not results:
     st.info("Pick policies and press Compare.")
     st.stop()
 
+st.info(f"Evaluated on {results[0].sample}.")
 ope = ope_frame(results)
 metrics = metric_frame(results)
 overall = ope[ope["segment"].isna()]
 st.plotly_chart(plots.forest_plot(overall.rename(columns={"estimator": "label"}), "label",
                                   "Policy value: off-policy estimates and the simulator's truth"), width="stretch")
 baseline = st.selectbox("Baseline for lifts", [r.policy for r in results])
-lifts = lift_frame(overall, "estimator", baseline)
+lifts = paired_lifts(results, baseline)
 if not lifts.empty:
-    st.dataframe(lifts.pivot_table(index="estimator", columns="policy", values="lift").style.format("{:+.1%}"),
-                 width="stretch")
-    st.caption("Lift over the baseline; look for separated intervals in the plot above before trusting a lift.")
+    verdicts = {(o["policy"], o["estimator"]): o.get("verdict") for o in ope.to_dict("records")
+                if o.get("segment") is None}
+    lifts["verdict"] = [verdicts.get((p, e), "") for p, e in zip(lifts["policy"], lifts["estimator"])]
+    st.dataframe(lifts[["policy", "estimator", "difference", "ci_low", "ci_high", "lift", "separated", "verdict"]]
+                 .rename(columns={"ci_low": "difference: low", "ci_high": "difference: high",
+                                  "separated": "interval excludes 0"}),
+                 width="stretch", hide_index=True)
+    st.caption("Paired lifts over the baseline: the same users resampled for both policies (and, for the truth, "
+               "the simulator's common random numbers), so the interval is that of the difference itself. A lift "
+               "whose estimate is 'not supported by this log' says nothing the log can check.")
 
 st.subheader("Can these estimates be trusted?")
 diag_rows = [{"policy": r.policy, **r.diagnostics} for r in results if r.diagnostics]

@@ -18,12 +18,15 @@ if not results:
 
 title = st.text_input("Title", value="Fusion policy comparison")
 ope, metrics = ope_frame(results), metric_frame(results)
+# By segment: the truth where the simulator gives one, else DR where every policy has it, else DM; named as such.
+by_segment = next(e for e in ("truth", "dr", "dm") if set(ope.loc[ope["estimator"] == e, "policy"]) == set(
+    r.policy for r in results) or e == "dm")
 figures = [
     ("Policy value with 95% intervals", plots.forest_plot(ope[ope["segment"].isna()].rename(
         columns={"estimator": "label"}), "label", "Policy value: estimates and truth")),
-    ("Truth by segment" if (ope["estimator"] == "truth").any() else "DR by segment",
-     plots.forest_plot(ope[(ope["estimator"] == ("truth" if (ope["estimator"] == "truth").any() else "dm"))
-                           & ope["segment"].notna()], "segment", "Value by segment")),
+    (f"{'Truth' if by_segment == 'truth' else by_segment.upper()} by segment",
+     plots.forest_plot(ope[(ope["estimator"] == by_segment) & ope["segment"].notna()], "segment",
+                       f"Value by segment ({'simulator truth' if by_segment == 'truth' else by_segment.upper()})")),
     ("Ranking metrics", plots.forest_plot(metrics[metrics["segment"].isna() & metrics["metric"].str.startswith(
         "ndcg")], "metric", "NDCG on the logged candidates")),
 ]

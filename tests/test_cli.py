@@ -98,6 +98,12 @@ def test_train_then_evaluate_the_run(generated, tmp_path):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["policy"] == f"run:{run_id}" and doc["ground_truth"]["value"] > 0
+    # The run held out the latest 20% of sessions: by default it is judged on those, and says so.
+    assert doc["sample"].startswith("held out: the latest 20% of sessions")
+    assert doc["n_requests"] < json.loads(run("info", str(generated), "--json").stdout)["tables"]["requests"]
+    proc = run("evaluate", str(generated), "--policy", f"run:{run_id}", "--runs", str(runs), "--json", "--n-boot",
+               "50", "--sample", "all")
+    assert json.loads(proc.stdout)["sample"].startswith("all ")
 
 
 def test_train_rejects_a_bad_setting_without_traceback(generated, tmp_path):

@@ -13,6 +13,7 @@ import torch
 from mtf_core.evaluate import (
     bootstrap_ratio,
     evaluate_policy,
+    expected_under,
     gauc,
     ground_truth,
     ndcg_at_k,
@@ -240,3 +241,66 @@ def test_ideal_dcg_counts_only_columns_that_are_exactly_zero_one():
     discount = 1.0 / torch.log2(torch.arange(3, dtype=torch.float64) + 2.0)
     reference = (torch.sort(gains.double(), dim=1, descending=True).values[:, :3] * discount[:, None]).sum(1)
     torch.testing.assert_close(_ideal_dcg(gains, discount), reference, rtol=0, atol=1e-15)
+
+
+def test_direct_model_fit_matches_polyfit_per_segment(tiny_log):
+    from mtf_core.evaluate.direct import fit_direct
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=tiny_log.n_requests)
+    y = 2.0 * x + rng.normal(size=tiny_log.n_requests) + tiny_log.segment
+    model, fit = fit_direct(tiny_log.segment, len(tiny_log.segments), x, y, tiny_log.user_id)
+    for s in range(len(tiny_log.segments)):
+        m = tiny_log.segment == s
+        slope, intercept = np.polyfit(x[m], y[m], 1)
+        assert model.slope[s] == pytest.approx(slope) and model.intercept[s] == pytest.approx(intercept)
+    assert fit.stats[:, 0].sum() == tiny_log.n_requests and len(fit.user_id) == len(np.unique(tiny_log.user_id))
+
+
+@pytest.mark.parametrize("held_out", [None, 0.3])
+def test_model_based_sums_reproduce_the_point_estimates(tiny_log, held_out):
+    """Refitting the direct model from the resampled users' sums must give the point estimate when every user is
+    drawn once: the algebra of the bootstrap and of the point estimate agree (in-sample and held out)."""
+    from mtf_core.evaluate import evaluation_sample
+    from mtf_core.evaluate.direct import ModelTerms, _values_from_sums
+    from mtf_core.evaluate.policy_value import _target_terms
+    from mtf_core.evaluate.ratios import importance_ratio
+
+    sample = evaluation_sample(tiny_log, RewardSpec.default(tiny_log.task_names), held_out)
+    ctx = sample.ctx
+    policy = parse_static("click=0.4,like=0.2,finish=0.2,share=0.1,watch_time=0.1", tiny_log.task_names,
+                          tiny_log.segments)
+    actions = target_actions(policy, ctx.log, "p")
+    result = evaluate_policy(ctx, actions, n_boot=50, with_truth=False)
+    ratios = importance_ratio(ctx, actions)
+    target = _target_terms(ctx, actions, expected_under(ctx, actions.weights))
+    logged = ctx.logged
+    x_logged = ctx.logged_expected @ ctx.resolved.coefficients
+    rho = ratios.values
+    seg = ctx.log.segment
+    n_seg = len(ctx.log.segments)
+    fit = ctx.direct_fit
+    fit_by_seg = np.stack([fit.stats[fit.segment == s].sum(0) for s in range(n_seg)])
+    per_request = np.stack([np.ones_like(rho), target.x, target.penalty, 1 - rho, target.x - rho * x_logged,
+                            rho * (logged.total + logged.penalty) - target.penalty], 1)
+    eval_by_seg = np.stack([per_request[seg == s].sum(0) for s in range(n_seg)])
+    values = _values_from_sums(np.concatenate([fit_by_seg, eval_by_seg], 1)[None], ["dm", "dr"])[0]
+    dm, dr = result.estimate("dm"), result.estimate("dr")
+    assert values[0] == pytest.approx(dm["value"], rel=1e-9)
+    assert values[1 + n_seg] == pytest.approx(dr["value"], rel=1e-9)
+    for row in (dm, dr):
+        assert row["ci_low"] <= row["value"] <= row["ci_high"]
+
+
+def test_truth_of_the_logging_policy_on_held_out_sessions_is_the_logged_reward(tiny_log):
+    """Common random numbers replay the log, so over the held-out sessions the truth of the logging policy is
+    exactly the logged reward of those sessions (and the direct model comes from the earlier sessions)."""
+    from mtf_core.evaluate import evaluation_sample
+
+    sample = evaluation_sample(tiny_log, RewardSpec.default(tiny_log.task_names), 0.3)
+    assert sample.held_out and sample.ctx.log.n_requests < tiny_log.n_requests
+    result = evaluate_policy(sample.ctx, target_actions(None, sample.ctx.log, "logging"), n_boot=20)
+    assert result.ground_truth["n_requests"] == sample.ctx.log.n_requests
+    assert result.ground_truth["value"] == pytest.approx(sample.ctx.logged.total.mean(), rel=1e-9)
+    full = prepare(tiny_log, RewardSpec.default(tiny_log.task_names))
+    assert not np.allclose(sample.ctx.direct.intercept, full.direct.intercept)  # fitted without the held-out part

@@ -11,7 +11,7 @@ from pathlib import Path
 import streamlit as st
 
 from mtf_core.errors import LogError
-from mtf_core.evaluate import EvalContext, EvaluationResult
+from mtf_core.evaluate import EvalContext, EvaluationResult, EvaluationSample
 from mtf_core.reward import RewardSpec
 from mtf_core.runs import RunStore
 from mtf_core.store import LogData, load_log
@@ -101,17 +101,27 @@ def current_reward(log: LogData) -> RewardSpec:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def cached_evaluation(path: str, mtime: float, policy_ref: str, reward_json: str, runs: str, n_boot: int,
-                      stochastic: bool) -> EvaluationResult:
-    """Evaluate one policy (cached per log version, policy, reward and settings)."""
+                      stochastic: bool, held_out_share: float | None = None) -> EvaluationResult:
+    """Evaluate one policy (cached per log version, policy, reward, sample and settings)."""
     from mtf_core.evaluate import evaluate_policy, policy_for_truth, target_actions
     from mtf_core.policies.resolve import resolve_policy
 
-    log = _cached_log(path, mtime)
-    ctx = cached_context(path, mtime, reward_json)
-    policy, label = resolve_policy(policy_ref, log, runs)
-    actions = target_actions(policy, log, label, stochastic=stochastic)
+    sample = cached_sample(path, mtime, reward_json, held_out_share)
+    policy, label = resolve_policy(policy_ref, sample.ctx.log, runs)
+    actions = target_actions(policy, sample.ctx.log, label, stochastic=stochastic)
     truth = None if policy is None else policy_for_truth(policy, actions.stochastic)
-    return evaluate_policy(ctx, actions, n_boot=n_boot, truth_policy=truth)
+    return evaluate_policy(sample.ctx, actions, n_boot=n_boot, truth_policy=truth, sample=sample.description)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def cached_sample(path: str, mtime: float, reward_json: str, held_out_share: float | None) -> EvaluationSample:
+    """The requests an evaluation runs on: all, or the latest sessions held out from training."""
+    from mtf_core.evaluate import evaluation_sample
+
+    if not held_out_share:
+        ctx = cached_context(path, mtime, reward_json)
+        return EvaluationSample(ctx, False, f"all {ctx.log.n_requests:,} requests")
+    return evaluation_sample(_cached_log(path, mtime), RewardSpec.from_json(reward_json), held_out_share)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

@@ -16,7 +16,9 @@ from mtf_core.evaluate.bootstrap import N_BOOT, bootstrap_ratio
 from mtf_core.evaluate.context import (
     CHUNK,
     EvalContext,
+    EvaluationSample,
     check_log_for_evaluation,
+    evaluation_sample,
     prepare,
     reward_preview,
     time_split,
@@ -30,7 +32,7 @@ from mtf_core.evaluate.rerank import expected_under, gauc, ndcg_at_k, rerank_cor
 from mtf_core.evaluate.truth import ground_truth, policy_for_truth
 
 __all__ = [
-    "CHUNK", "N_BOOT", "EvalContext", "prepare", "check_log_for_evaluation", "reward_preview", "time_split",
+    "CHUNK", "N_BOOT", "EvalContext", "EvaluationSample", "evaluation_sample", "prepare", "check_log_for_evaluation", "reward_preview", "time_split",
     "TargetActions", "target_actions", "DirectModel", "direct_value", "Estimator", "OPEInputs", "Ratio", "IPS",
     "SNIPS", "NCIS", "DR", "DM", "ESTIMATORS", "ImportanceRatios", "importance_ratio", "ndcg_at_k", "gauc",
     "rerank_core", "rerank_metrics", "top_signals", "expected_under", "streamed_rerank", "bootstrap_ratio",

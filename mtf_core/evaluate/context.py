@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from mtf_core.errors import LogError
-from mtf_core.evaluate.direct import DirectModel, fit_direct
+from mtf_core.evaluate.direct import DirectFitData, DirectModel, fit_direct
 from mtf_core.reward import (
     ResolvedReward,
     RewardParts,
@@ -21,7 +21,8 @@ from mtf_core.reward import (
 from mtf_core.simulate import SimConfig, position_curve
 from mtf_core.store import LogData
 
-__all__ = ["CHUNK", "EvalContext", "prepare", "check_log_for_evaluation", "reward_preview", "time_split"]
+__all__ = ["CHUNK", "EvalContext", "prepare", "check_log_for_evaluation", "reward_preview", "time_split",
+           "EvaluationSample", "evaluation_sample"]
 
 CHUNK = 32_768  # requests per batch: amortises per-op overhead; a batch of scores (13 MB) stays in cache
 
@@ -35,6 +36,7 @@ class EvalContext:
     logged: RewardParts  # observed composite reward of the logged actions
     logged_expected: np.ndarray  # (R, K)
     direct: DirectModel
+    direct_fit: DirectFitData  # what the direct model was fitted on (these requests, or training sessions)
     unit: np.ndarray  # (R,) user index 0..U-1, the bootstrap's cluster
     unit_segment: np.ndarray  # (U,)
     sim_config: SimConfig | None
@@ -63,12 +65,15 @@ def prepare(log: LogData, spec: RewardSpec, fitted_on: EvalContext | None = None
                 else resolve_reward(spec, log.task_names, log.labels, shown, expected, curve))
     feedback = np.nan_to_num(log.labels).sum(1)
     logged = request_reward(resolved, feedback, log.continued, log.returned, log.weights, expected)
-    direct = fitted_on.direct if fitted_on is not None else fit_direct(
-        log.segment, len(log.segments), expected @ resolved.coefficients, logged.immediate + logged.session)
+    if fitted_on is not None:
+        direct, direct_fit = fitted_on.direct, fitted_on.direct_fit
+    else:
+        direct, direct_fit = fit_direct(log.segment, len(log.segments), expected @ resolved.coefficients,
+                                        logged.immediate + logged.session, log.user_id)
     users, unit = np.unique(log.user_id, return_inverse=True)
     unit_segment = np.zeros(len(users), dtype=np.int64)
     unit_segment[unit] = log.segment
-    return EvalContext(log, resolved, logged, expected, direct, unit, unit_segment, sim, n_top)
+    return EvalContext(log, resolved, logged, expected, direct, direct_fit, unit, unit_segment, sim, n_top)
 
 
 def check_log_for_evaluation(log: LogData) -> None:
@@ -103,3 +108,31 @@ def time_split(log: LogData, validation_share: float) -> tuple[np.ndarray, np.nd
     val_sessions = sessions[order[len(sessions) - n_val:]] if n_val else sessions[:0]
     is_val = np.isin(log.session_id, val_sessions)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+@dataclass(frozen=True)
+class EvaluationSample:
+    """The requests an evaluation runs on, and what that means for the figures."""
+
+    ctx: EvalContext
+    held_out: bool
+    description: str
+
+
+def evaluation_sample(log: LogData, spec: RewardSpec, held_out_share: float | None) -> EvaluationSample:
+    """All requests (`held_out_share` None or 0), or the latest sessions held out from training.
+
+    Held out, the direct model and the reward's normalisation are fitted on the earlier sessions, so a policy
+    trained on those sessions is judged on requests that nothing it depends on has seen; on simulator logs
+    the truth covers the same sessions. Figures on all requests are in-sample for policies trained on them."""
+    if not held_out_share:
+        return EvaluationSample(prepare(log, spec), False, f"all {log.n_requests:,} requests")
+    train_rows, val_rows = time_split(log, held_out_share)
+    if len(val_rows) == 0 or len(train_rows) == 0:
+        raise LogError(f"{log.path}: too few sessions to hold out {held_out_share:.0%} of them; evaluate with "
+                       "--sample all (in-sample figures)")
+    fitted_on = prepare(log.subset(train_rows), spec)
+    held = log.subset(val_rows)
+    return EvaluationSample(prepare(held, spec, fitted_on), True,
+                            f"held out: the latest {held_out_share:.0%} of sessions ({held.n_requests:,} requests), "
+                            "with the direct model fitted on the earlier sessions")

@@ -21,7 +21,7 @@ from mtf_core.reward import penalty
 if TYPE_CHECKING:
     from mtf_core.evaluate.context import EvalContext
 
-__all__ = ["DirectModel", "fit_direct", "direct_value", "model_based_intervals", "ModelTerms"]
+__all__ = ["DirectModel", "DirectFitData", "fit_direct", "direct_value", "model_based_intervals", "ModelTerms"]
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,27 @@ def _coefficients(n: np.ndarray, sx: np.ndarray, sy: np.ndarray, sxx: np.ndarray
     return intercept, slope
 
 
-def fit_direct(segment: np.ndarray, n_seg: int, x: np.ndarray, y: np.ndarray) -> DirectModel:
-    """Per-segment least squares of the logged reward `y` on the expected immediate reward `x` `[R]`."""
+@dataclass(frozen=True)
+class DirectFitData:
+    """What the direct model was fitted on, per user: the sufficient statistics (n, sum x, sum y, sum x^2,
+    sum xy) `[U,5]`, so that a bootstrap resample of users refits it on exactly those users' requests."""
+
+    user_id: np.ndarray  # (U,)
+    segment: np.ndarray  # (U,)
+    stats: np.ndarray  # (U, 5)
+
+
+def fit_direct(segment: np.ndarray, n_seg: int, x: np.ndarray, y: np.ndarray, user_id: np.ndarray
+               ) -> tuple[DirectModel, DirectFitData]:
+    """Per-segment least squares of the logged reward `y` on the expected immediate reward `x` `[R]`, and
+    the per-user statistics it rests on."""
     sums = [np.bincount(segment, weights=v, minlength=n_seg) for v in (np.ones_like(x), x, y, x * x, x * y)]
-    return DirectModel(*_coefficients(*sums))
+    users, unit = np.unique(user_id, return_inverse=True)
+    stats = np.stack([np.bincount(unit, weights=v, minlength=len(users))
+                      for v in (np.ones_like(x), x, y, x * x, x * y)], 1)
+    unit_segment = np.zeros(len(users), dtype=np.int64)
+    unit_segment[unit] = segment
+    return DirectModel(*_coefficients(*sums)), DirectFitData(users, unit_segment, stats)
 
 
 def direct_value(ctx: "EvalContext", expected: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -71,27 +88,37 @@ class ModelTerms:
 def model_based_intervals(ctx: "EvalContext", terms: ModelTerms, n_boot: int, seed: int, level: float = 0.95
                           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Bootstrap intervals of DM (and DR where ratios exist), overall and per segment, refitting the direct
-    model in every resample. Returns {estimator: (low `[1+S]`, high `[1+S]`)}, overall first.
+    model in every resample on the data it was fitted on (`ctx.direct_fit`: the same requests, or the
+    training sessions for a held-out evaluation, whose users are resampled jointly with the evaluated ones).
+    Returns {estimator: (low `[1+S]`, high `[1+S]`)}, overall first.
 
     Above BLB_THRESHOLD users the model's two coefficients per segment are estimated so precisely that they
     are held fixed and the bag of little bootstraps resamples the per-request terms."""
-    unit, unit_segment = ctx.unit, ctx.unit_segment
-    n_units, n_seg = len(unit_segment), len(ctx.log.segments)
+    n_eval_units, n_seg = len(ctx.unit_segment), len(ctx.log.segments)
     rho = np.zeros_like(terms.reward) if terms.ratio is None else terms.ratio
-    per_request = np.stack([
-        np.ones_like(terms.x_logged), terms.x_logged, terms.y_fit, terms.x_logged**2, terms.x_logged * terms.y_fit,
-        terms.x_target, terms.penalty_target,
-        1.0 - rho, terms.x_target - rho * terms.x_logged, rho * (terms.reward + terms.penalty_logged) - terms.penalty_target,
-    ], 1)
-    per_unit = np.stack([np.bincount(unit, weights=c, minlength=n_units) for c in per_request.T], 1)  # (U, 10)
+    per_request = np.stack([np.ones_like(rho), terms.x_target, terms.penalty_target, 1.0 - rho,
+                            terms.x_target - rho * terms.x_logged,
+                            rho * (terms.reward + terms.penalty_logged) - terms.penalty_target], 1)
+    evaluated = np.stack([np.bincount(ctx.unit, weights=c, minlength=n_eval_units) for c in per_request.T], 1)
     names = ["dm"] if terms.ratio is None else ["dm", "dr"]
+    # One row per user of either part: the fit's statistics beside the evaluated requests' terms.
+    eval_users = np.unique(ctx.log.user_id)
+    fit = ctx.direct_fit
+    users = np.union1d(eval_users, fit.user_id)
+    per_unit = np.zeros((len(users), 5 + evaluated.shape[1]))
+    per_unit[np.searchsorted(users, fit.user_id), :5] = fit.stats
+    per_unit[np.searchsorted(users, eval_users), 5:] = evaluated
+    segment = np.zeros(len(users), dtype=np.int64)
+    segment[np.searchsorted(users, fit.user_id)] = fit.segment
+    segment[np.searchsorted(users, eval_users)] = ctx.unit_segment
+    n_units = len(users)
     if n_units > BLB_THRESHOLD:
-        return _fixed_model_intervals(ctx, per_unit, names, n_boot, seed, level)
-    one_hot = (unit_segment[:, None] == np.arange(n_seg)[None, :]).astype(np.float64)  # (U, S)
+        return _fixed_model_intervals(ctx, evaluated, names, n_boot, seed, level)
+    one_hot = (segment[:, None] == np.arange(n_seg)[None, :]).astype(np.float64)  # (U, S)
     by_segment = torch.from_numpy((per_unit[:, None, :] * one_hot[:, :, None]).reshape(n_units, -1))
     estimates = []
     for counts in poisson_counts(n_units, n_boot, seed):
-        sums = (counts.double() @ by_segment).numpy().reshape(len(counts), n_seg, -1)  # (b, S, 10)
+        sums = (counts.double() @ by_segment).numpy().reshape(len(counts), n_seg, -1)  # (b, S, 11)
         estimates.append(_values_from_sums(sums, names))
     low, high = percentile_interval(np.concatenate(estimates), level)
     width = 1 + n_seg
@@ -99,9 +126,11 @@ def model_based_intervals(ctx: "EvalContext", terms: ModelTerms, n_boot: int, se
 
 
 def _values_from_sums(sums: np.ndarray, names: list[str]) -> np.ndarray:
-    """DM and DR `[b, len(names) * (1+S)]` (overall, then per segment) from per-segment sums `[b,S,10]`."""
-    n, sx, sy, sxx, sxy, s_xt, s_pt, s_one_minus_rho, s_xt_rho_xl, s_rest = np.moveaxis(sums, -1, 0)
-    a, b = _coefficients(n, sx, sy, sxx, sxy)
+    """DM and DR `[b, len(names) * (1+S)]` (overall, then per segment) from per-segment sums `[b,S,11]`:
+    the fit's (n, x, y, x^2, xy), then the evaluated requests' (n, x_target, penalty_target, 1 - rho,
+    x_target - rho x_logged, rho (r + penalty_logged) - penalty_target)."""
+    n_fit, sx, sy, sxx, sxy, n, s_xt, s_pt, s_one_minus_rho, s_xt_rho_xl, s_rest = np.moveaxis(sums, -1, 0)
+    a, b = _coefficients(n_fit, sx, sy, sxx, sxy)
     numerators = {"dm": a * n + b * s_xt - s_pt, "dr": a * s_one_minus_rho + b * s_xt_rho_xl + s_rest}
     out = []
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -112,13 +141,13 @@ def _values_from_sums(sums: np.ndarray, names: list[str]) -> np.ndarray:
     return np.concatenate(out, 1)
 
 
-def _fixed_model_intervals(ctx: "EvalContext", per_unit: np.ndarray, names: list[str], n_boot: int, seed: int,
+def _fixed_model_intervals(ctx: "EvalContext", evaluated: np.ndarray, names: list[str], n_boot: int, seed: int,
                            level: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Intervals with the model held at its fit: evaluated `[U,6]` per evaluated user (layout as above)."""
     n_seg = len(ctx.log.segments)
     a, b = ctx.direct.intercept[ctx.unit_segment], ctx.direct.slope[ctx.unit_segment]
-    n = per_unit[:, 0]
-    numerators = {"dm": a * n + b * per_unit[:, 5] - per_unit[:, 6],
-                  "dr": a * per_unit[:, 7] + b * per_unit[:, 8] + per_unit[:, 9]}
+    n, s_xt, s_pt, s_one_minus_rho, s_xt_rho_xl, s_rest = evaluated.T
+    numerators = {"dm": a * n + b * s_xt - s_pt, "dr": a * s_one_minus_rho + b * s_xt_rho_xl + s_rest}
     out = {}
     for name in names:
         cols_num = [numerators[name]] + [np.where(ctx.unit_segment == s, numerators[name], 0.0) for s in range(n_seg)]

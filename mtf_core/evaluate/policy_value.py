@@ -44,6 +44,7 @@ class EvaluationResult:
     unit_segment: np.ndarray | None = None
     n_boot: int = 0
     seed: int = 0
+    sample: str = ""  # which requests: all of them, or the held-out latest sessions
 
     @property
     def bandwidth(self) -> float | None:
@@ -57,7 +58,7 @@ class EvaluationResult:
         return {"log": self.log, "policy": self.policy, "reward": self.reward, "n_requests": self.n_requests,
                 "metrics": self.metrics, "ope": self.ope, "ground_truth": self.ground_truth,
                 "diagnostics": self.diagnostics, "diagnostics_by_segment": self.diagnostics_by_segment,
-                "ratios": self.ratio_info, "bandwidth": self.bandwidth, "notes": self.notes}
+                "ratios": self.ratio_info, "bandwidth": self.bandwidth, "sample": self.sample, "notes": self.notes}
 
 
 @dataclass
@@ -125,8 +126,10 @@ def _target_terms(ctx: EvalContext, actions: TargetActions, expected: np.ndarray
 
 def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = None, n_boot: int = N_BOOT,
                     seed: int = 0, with_truth: bool = True, truth_policy: Callable | None = None,
-                    progress: Callable[[float, str], None] | None = None) -> EvaluationResult:
-    """Metrics, off-policy estimates with verdicts, and (on simulator logs) the ground truth of one target."""
+                    progress: Callable[[float, str], None] | None = None, sample: str | None = None
+                    ) -> EvaluationResult:
+    """Metrics, off-policy estimates with verdicts, and (on simulator logs) the ground truth of one target.
+    `sample` says which requests `ctx` holds (see `evaluation_sample`)."""
     log, k = ctx.log, (k or ctx.n_top)
     report = progress or (lambda f, msg: None)
     metrics, expected = _ranking_metrics(ctx, actions, k, n_boot, seed)
@@ -144,7 +147,8 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     return EvaluationResult(log.path, actions.label, ctx.resolved.to_dict(), log.n_requests, metrics, ope, truth,
                             _notes(actions, ratios), None if ratios is None else ratios.describe(),
                             None if ratios is None else ratios.values, diagnostics, by_segment, target.value,
-                            unit_terms, ctx.unit_segment, n_boot, seed + 1)
+                            unit_terms, ctx.unit_segment, n_boot, seed + 1,
+                            sample or f"all {log.n_requests:,} requests")
 
 
 def _ranking_metrics(ctx: EvalContext, actions: TargetActions, k: int, n_boot: int, seed: int

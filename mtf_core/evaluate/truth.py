@@ -31,11 +31,14 @@ def truth_with_unit_terms(ctx: EvalContext, policy: Callable | None, form: str, 
     out = run_online(ctx.sim_config, policy, form, bias=None if bias is None else torch.from_numpy(bias))
     parts = request_reward(ctx.resolved, out.feedback_sum, out.continued, out.returned.astype(np.float64),
                            out.weights, out.expected_sum)
+    # Only the sessions the log view holds (all of them, or the held-out latest ones): session ids are the
+    # simulator's session index + 1, and every policy meets the same sessions under common random numbers.
+    in_view = np.isin(out.session + 1, np.unique(ctx.log.session_id))
     user = out.session // ctx.sim_config.sessions_per_user
     n_users = ctx.sim_config.n_users
-    total = parts.total
+    total = np.where(in_view, parts.total, 0.0)
     num = np.bincount(user, weights=total, minlength=n_users)
-    den = np.bincount(user, minlength=n_users).astype(np.float64)
+    den = np.bincount(user, weights=in_view.astype(np.float64), minlength=n_users)
     seg_u = np.zeros(n_users, dtype=np.int64)
     seg_u[user] = out.segment
     cols_num, cols_den = [num], [den]
@@ -45,7 +48,7 @@ def truth_with_unit_terms(ctx: EvalContext, policy: Callable | None, form: str, 
     low, high = bootstrap_ratio(np.stack(cols_num, 1), np.stack(cols_den, 1), n_boot, seed + 2)
     values = [float(n.sum() / d.sum()) if d.sum() > 0 else None for n, d in zip(cols_num, cols_den)]
     result: dict[str, object] = {"value": values[0], "ci_low": float(low[0]), "ci_high": float(high[0]),
-                                 "n_requests": int(total.shape[0])}
+                                 "n_requests": int(in_view.sum())}
     result["segments"] = [{"segment": name, "value": values[i + 1], "ci_low": finite_or_none(low[i + 1]),
                            "ci_high": finite_or_none(high[i + 1])} for i, name in enumerate(ctx.log.segments)]
     return result, np.stack([num, den], 1)
