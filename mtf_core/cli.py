@@ -318,6 +318,38 @@ def _paired(figure: dict[str, object] | None) -> str:
     return f"{figure['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
+def cmd_headroom(args: argparse.Namespace) -> int:
+    from mtf_core.evaluate import prepare
+    from mtf_core.headroom import headroom
+
+    log, spec = _evaluation_inputs(args)
+    if not log.is_simulated:
+        raise LogError(f"{args.log}: headroom needs a simulator log (the oracles are found against its truth)")
+    print(f"searching {args.candidates} candidate vectors and their refinements against the truth...",
+          file=sys.stderr)
+    result = headroom(prepare(log, spec), n_candidates=args.candidates, n_boot=args.n_boot, seed=args.seed)
+    if args.json:
+        _emit({"log": args.log, **result.to_json()})
+        return EXIT_OK
+    print(f"{'oracle':<28}{'chosen for':<12}{'per request [95% CI]':<30}per user over the horizon [95% CI]")
+    for row in result.rows:
+        low, high = row["per_request_ci"]
+        ulow, uhigh = row["per_user_ci"]
+        print(f"{row['oracle']:<28}{row['chosen_for']:<12}{row['per_request']:.3f} [{low:.3f}, {high:.3f}]"
+              f"{'':<6}{row['per_user']:.1f} [{ulow:.1f}, {uhigh:.1f}]")
+    gaps = result.gaps
+    print(f"best global over logging: {gaps['best_global_over_logging_share']:+.1%} per user; per segment over "
+          f"global: {gaps['per_segment_over_global_share_of_logging']:+.1%} of logging; feature-conditioned over "
+          f"per segment: {gaps['features_over_per_segment_share_of_logging']:+.1%} of logging")
+    print(f"myopic choice (best for immediate reward) loses {gaps['myopic_loss_share_of_long_term']:.1%} of the "
+          f"long-term per-user value; Spearman(immediate, long-term) over {result.n_candidates} vectors "
+          f"{result.spearman:.3f}")
+    dm = result.dm_error
+    print(f"linear direct model on the farthest candidate: {dm['dm']:.3f} vs truth {dm['truth']:.3f} "
+          f"({dm['relative_error']:.1%} error)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mtf_core", description="MTF Lab: multi-task fusion policies")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -379,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "runs trained on this log)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("headroom", help="oracle yardsticks of a simulator log, found against its truth")
+    p.add_argument("log")
+    p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
+    p.add_argument("--candidates", type=int, default=32, help="random candidate vectors before refinement")
+    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_headroom)
 
     p = sub.add_parser("train", help="train a fusion policy into the run store")
     p.add_argument("log")

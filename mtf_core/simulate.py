@@ -40,6 +40,10 @@ __all__ = [
     "SIM_TASKS",
     "simulate",
     "run_online",
+    "run_weight_tables",
+    "user_table",
+    "session_index",
+    "session_start_seconds",
     "logging_policy_fn",
     "position_curve",
     "PolicyFn",
@@ -95,10 +99,31 @@ class SimConfig:
     score_noise: tuple[float, ...] = (0.35, 0.6, 0.45, 0.8, 0.4)
     """Per task, the MTL prediction noise (std in logit space, or log space for watch time)."""
     score_bias: tuple[float, ...] = (0.1, -0.2, 0.0, 0.3, -0.1)
-    continue_base: tuple[float, ...] = (-0.65, 0.05, 0.0, -0.3)
-    continue_slope: float = 0.5
-    return_base: tuple[float, ...] = (-2.2, -1.8, -1.6, -1.5)
-    return_slope: float = 0.6
+    score_bias_segment: tuple[tuple[float, ...], ...] = _t(
+        [[0.4, 1.2, -0.6, 1.4, 0.5], [0.0, 0.4, 0.0, 0.5, 0.0], [-0.3, -0.5, 0.3, -0.4, -0.2], [-0.6, -1.0, 0.5, -1.0, -0.4]]
+    )
+    """Per segment, extra MTL bias (logit, or log for watch time): the model was trained mostly on casual
+    users, so it over-predicts likes and shares of new users and under-predicts those of power users."""
+    score_bias_clickbait: tuple[float, ...] = (0.5, 0.0, 0.6, 0.0, 0.3)
+    """Per task, MTL bias per unit of an item's clickbait: the model cannot see disappointment, so it
+    over-predicts the clicks, finishes and watch time of clickbait."""
+    taste_scale: float = 0.8
+    """Spread of each user's latent taste: satisfaction weight = segment's x exp(taste_scale * taste)."""
+    taste_rate_effect: float = 1.0
+    """How much a user's taste also moves their true like/finish/share rates (in logit space) where the MTL
+    model, trained on segment-level data, cannot see it: weights should follow the user's taste."""
+    disappointment: tuple[float, ...] = (1.4, 1.1, 0.8, 0.5)
+    """Per segment, satisfaction lost per click that does not end in a finish (clickbait that disappoints)."""
+    continue_base: tuple[float, ...] = (-2.6, -2.0, -2.0, -2.3)
+    continue_slope: float = 0.8
+    return_base: tuple[float, ...] = (-0.2, 0.3, 0.6, 0.9)
+    return_slope: float = 0.8
+    engagement_continue: float = 0.6
+    """How much a user's engagement (satisfaction built over earlier days) lengthens today's sessions."""
+    engagement_return: float = 1.5
+    """How much engagement brings a user back the next day."""
+    engagement_memory: float = 0.6
+    """Share of yesterday's engagement kept each day (the rest is today's mean satisfaction)."""
     start: str = "2026-01-05T00:00:00"
 
     def __post_init__(self) -> None:
@@ -110,9 +135,12 @@ class SimConfig:
             "logging_concentration": self.logging_concentration > 0,
             "segment tables": all(len(t) == s for t in (self.segment_shares, self.logging_weights, self.satisfaction,
                                                           self.task_gain, self.task_offset, self.continue_base,
-                                                          self.return_base)),
+                                                          self.return_base, self.score_bias_segment,
+                                                          self.disappointment)),
             "task tables": all(len(r) == _K for r in (*self.logging_weights, *self.satisfaction, *self.task_gain,
-                                                       *self.task_offset, self.score_noise, self.score_bias)),
+                                                       *self.task_offset, *self.score_bias_segment, self.score_noise,
+                                                       self.score_bias, self.score_bias_clickbait)),
+            "engagement_memory": 0.0 <= self.engagement_memory < 1.0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -149,17 +177,17 @@ def position_curve(config: SimConfig, n_positions: int | None = None) -> np.ndar
 
 @dataclass(frozen=True)
 class _World:
-    """The static part of the simulation: users and items."""
+    """The static part of the simulation: users and items (the same for any horizon and any policy)."""
 
     user_segment: np.ndarray  # (U,) index into config.segment_names
     user_latent: np.ndarray  # (U, D)
+    user_taste: np.ndarray  # (U, K) satisfaction multipliers: the user's own taste
     user_features: dict[str, np.ndarray]
     item_latent: np.ndarray  # (I, K, D) task-specific item directions
     item_bias: np.ndarray  # (I, K)
+    item_clickbait: np.ndarray  # (I,)
     item_length: np.ndarray  # (I,) mean watch minutes
     item_features: dict[str, np.ndarray]
-    session_user: np.ndarray  # (S,)
-    session_start: np.ndarray  # (S,) seconds after config.start
 
 
 def _build_world(config: SimConfig) -> _World:
@@ -189,11 +217,36 @@ def _build_world(config: SimConfig) -> _World:
         "f0": base @ item_projection[:, 0],
         "f1": base @ item_projection[:, 1],
     }
-    session_user = np.repeat(np.arange(config.n_users), config.sessions_per_user)
-    day = np.tile(np.arange(config.sessions_per_user), config.n_users)
-    session_start = day * 86400.0 + rng.uniform(6 * 3600, 23 * 3600, size=session_user.shape[0])
-    return _World(segment, latent, user_features, item_latent, item_bias, item_length, item_features,
-                  session_user, session_start)
+    # Taste: which signals satisfy this user, beyond the segment's habits. It lives in the same latent space
+    # that the features f0..f3 project (with noise), so features reveal it only partly. Drawn last, so that
+    # everything above is the same as in worlds without it.
+    taste_map = rng.normal(0.0, 1.0, size=(d, _K))
+    taste = np.exp(config.taste_scale * (latent - seg_centre[segment]) @ taste_map / np.sqrt(d))
+    return _World(segment, latent, taste, user_features, item_latent, item_bias, clickbait, item_length,
+                  item_features)
+
+
+def user_table(config: SimConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per simulated user: the segment name and the user features `[U,F]` (in `uf_*` column order)."""
+    world = _build_world(config)
+    features = np.stack([world.user_features[k] for k in world.user_features], 1)
+    return np.asarray(config.segment_names)[world.user_segment], features
+
+
+def session_index(config: SimConfig, day: np.ndarray | int, user: np.ndarray) -> np.ndarray:
+    """Session index of (day, user): day-major, so indices stay the same when the horizon grows."""
+    return np.asarray(day) * config.n_users + user
+
+
+def session_start_seconds(config: SimConfig, session: np.ndarray) -> np.ndarray:
+    """Start of a session in seconds after `config.start`: its day plus a time of day drawn per (user, day)."""
+    day, user = np.divmod(np.asarray(session), config.n_users)
+    out = np.empty(day.shape, dtype=np.float64)
+    for d in np.unique(day):
+        hours = np.random.default_rng([config.seed, 3, int(d)]).uniform(6 * 3600, 23 * 3600, config.n_users)
+        m = day == d
+        out[m] = d * 86400.0 + hours[user[m]]
+    return out
 
 
 @dataclass
@@ -209,8 +262,8 @@ class _StepDraws:
     logging_gamma_u: np.ndarray  # (S, K) uniforms turned into Gamma draws by inverse CDF
 
 
-def _draws(config: SimConfig, n_sessions: int, step: int) -> _StepDraws:
-    rng = np.random.default_rng([config.seed, 1, step])
+def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraws:
+    rng = np.random.default_rng([config.seed, 1, day, step])
     n, k = config.n_candidates, _K
     strides = _coprime_strides(config.n_items)
     return _StepDraws(
@@ -229,22 +282,30 @@ def _coprime_strides(n_items: int) -> np.ndarray:
     return cand[np.gcd(cand, n_items) == 1]
 
 
-def _return_uniforms(config: SimConfig, n_sessions: int) -> np.ndarray:
-    return np.random.default_rng([config.seed, 2]).random(n_sessions)
+def _return_uniforms(config: SimConfig, day: int) -> np.ndarray:
+    """Per user, the uniform that decides whether they come back the day after `day`."""
+    return np.random.default_rng([config.seed, 2, day]).random(config.n_users)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _conditional_probs(config: SimConfig, world: _World, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """`(A, N, K)`: P(click | examined), then P(like | click), P(finish | click), P(share | click), unused."""
+def _conditional_logits(config: SimConfig, world: _World, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """`(A, N, K)` logits of P(click | examined), then P(like | click), P(finish | click), P(share | click),
+    unused, as the MTL model can know them (segment, relevance, item): without the user's own taste."""
     seg = world.user_segment[users]
     u = world.user_latent[users]  # (A, D)
     relevance = np.einsum("ad,ankd->ank", u, world.item_latent[items]) / np.sqrt(config.latent_dim)
     gain = np.asarray(config.task_gain)[seg][:, None, :]
     offset = np.asarray(config.task_offset)[seg][:, None, :]
-    return _sigmoid(offset + gain * relevance + world.item_bias[items])
+    return offset + gain * relevance + world.item_bias[items]
+
+
+def _taste_logits(config: SimConfig, world: _World, users: np.ndarray) -> np.ndarray:
+    """`(A, 1, K)`: how the user's taste moves their like, finish and share rates (not clicks or watch time)."""
+    effect = config.taste_rate_effect * np.log(world.user_taste[users]) * np.array([0.0, 1.0, 1.0, 1.0, 0.0])
+    return effect[:, None, :]
 
 
 def _true_rates(world: _World, items: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -254,12 +315,16 @@ def _true_rates(world: _World, items: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.stack([click, click * p[..., 1], click * p[..., 2], click * p[..., 3], watch], axis=-1)
 
 
-def _mtl_scores(config: SimConfig, rates: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Noisy, biased predictions of `rates`: logit-space noise for binary tasks, log-space for watch time."""
-    sigma, bias = np.asarray(config.score_noise), np.asarray(config.score_bias)
+def _mtl_scores(config: SimConfig, rates: np.ndarray, noise: np.ndarray, segment: np.ndarray,
+                clickbait: np.ndarray) -> np.ndarray:
+    """Noisy, biased predictions of `rates` `(A, N, K)`: logit-space noise for binary tasks, log-space for
+    watch time; the bias depends on the user's segment and on the item's clickbait (`(A,)`, `(A, N)`)."""
+    sigma = np.asarray(config.score_noise)
+    bias = (np.asarray(config.score_bias) + np.asarray(config.score_bias_segment)[segment][:, None, :]
+            + clickbait[..., None] * np.asarray(config.score_bias_clickbait))  # (A, N, K)
     binary = np.clip(rates[..., :4], 1e-6, 1 - 1e-6)
-    logits = np.log(binary) - np.log1p(-binary) + bias[:4] + sigma[:4] * noise[..., :4]
-    watch = rates[..., 4] * np.exp(bias[4] + sigma[4] * noise[..., 4] - 0.5 * sigma[4] ** 2)
+    logits = np.log(binary) - np.log1p(-binary) + bias[..., :4] + sigma[:4] * noise[..., :4]
+    watch = rates[..., 4] * np.exp(bias[..., 4] + sigma[4] * noise[..., 4] - 0.5 * sigma[4] ** 2)
     return np.concatenate([_sigmoid(logits), watch[..., None]], axis=-1).astype(np.float32)
 
 
@@ -348,75 +413,139 @@ def _state(config: SimConfig, world: _World, users: np.ndarray, step: int, prev:
 
 def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
          keep_detail: bool = False, progress: Callable[[float], None] | None = None,
-         bias: torch.Tensor | None = None) -> tuple[_World, OnlineOutcome]:
-    """Step all sessions in lockstep. `policy=None` means the logging policy with its CRN draws."""
+         bias: torch.Tensor | None = None, first_day: int = 0, n_days: int | None = None,
+         user_weights: np.ndarray | None = None) -> tuple[_World, OnlineOutcome]:
+    """Run days in order, the sessions of one day in lockstep. `policy=None` is the logging policy with its
+    common-random-number draws. Days before `first_day` are lived under the logging policy and not
+    recorded (the history that later days inherit); days first_day .. first_day + n_days - 1 under `policy`.
+
+    `user_weights` `(P, U, K)`: instead of `policy`, P fixed weight tables (one vector per user), run side by
+    side as P replicas of every user in one lockstep run (users never interact, and replica p of a user
+    meets that user's random numbers). Session indices then count virtual users p * U + u."""
     world = _build_world(config)
-    n_sessions = world.session_user.shape[0]
-    active = np.ones(n_sessions, dtype=bool)
-    prev = np.zeros((n_sessions, _K), dtype=np.float32)
-    ema = np.zeros(n_sessions)
-    sat_total = np.zeros(n_sessions)
-    n_req = np.zeros(n_sessions, dtype=np.int64)
+    n_days = config.sessions_per_user if n_days is None else n_days
+    n_real = config.n_users
+    n_users = n_real if user_weights is None else user_weights.shape[0] * n_real
+    table = None if user_weights is None else user_weights.reshape(n_users, -1)
+    if table is not None:
+        world = _replicated(world, n_users // n_real)
+    sat_w = np.asarray(config.satisfaction)[world.user_segment] * world.user_taste  # (U, K)
+    cont_b, ret_b = np.asarray(config.continue_base), np.asarray(config.return_base)
+    disappoint = np.asarray(config.disappointment)
     curve = position_curve(config, config.n_candidates)
-    sat_w, cont_b = np.asarray(config.satisfaction), np.asarray(config.continue_base)
     logging_act = logging_policy_fn(config)
+    engagement = np.zeros(n_users)
+    active = np.ones(n_users, dtype=bool)
     chunks: list[dict[str, np.ndarray]] = []
-    for step in range(config.max_steps):
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        d = _draws(config, n_sessions, step)
-        users = world.session_user[idx]
-        items = (d.cand_base[idx, None] + d.cand_stride[idx, None] * np.arange(config.n_candidates)) % config.n_items
-        probs = _conditional_probs(config, world, users, items)
-        scores = _mtl_scores(config, _true_rates(world, items, probs), d.score_noise[idx])
-        state = _state(config, world, users, step, prev[idx], scores, items)
-        if policy is None:
-            weights = logging_act(state, d.logging_gamma_u[idx])
-        else:
-            with torch.no_grad():
-                weights = policy(state).double().numpy()
-        fused = fuse(torch.from_numpy(scores).double(), torch.from_numpy(weights).double(), form, bias=bias)
-        positions = rank_positions(fused).numpy()
-        y = _feedback(config, world, items, probs, positions, d.feedback_u[idx], d.watch_z[idx])
-        shown = positions < config.n_shown
-        y0 = np.nan_to_num(y)
-        feedback_sum = y0.sum(1)
-        expected_sum = (np.where(shown, curve[np.minimum(positions, config.n_candidates - 1)], 0.0)[..., None]
-                        * scores).sum(1)
-        seg = world.user_segment[users]
-        sat = (feedback_sum * sat_w[seg]).sum(1)
-        ema[idx] = np.where(step == 0, sat, 0.5 * ema[idx] + 0.5 * sat)
-        sat_total[idx] += sat
-        n_req[idx] += 1
-        p_cont = _sigmoid(cont_b[seg] + config.continue_slope * ema[idx])
-        cont = (d.continue_u[idx] < p_cont) & (step + 1 < config.max_steps)
-        prev[idx] = (feedback_sum / config.n_shown).astype(np.float32)
-        chunk = {"session": idx, "step": np.full(idx.size, step), "segment": state.segment.numpy(),
-                 "weights": weights, "feedback_sum": feedback_sum, "expected_sum": expected_sum, "continued": cont}
-        if keep_detail:
-            chunk.update({"items": items, "scores": scores, "labels": y, "positions": positions,
-                          "context": state.context.numpy()})
-        chunks.append(chunk)
-        active[idx] = cont
+    sessions: list[dict[str, np.ndarray]] = []
+    total_days = first_day + n_days
+    for day in range(total_days):
+        day_policy = policy if day >= first_day else None
+        prev = np.zeros((n_users, _K), dtype=np.float32)
+        ema, sat_total = np.zeros(n_users), np.zeros(n_users)
+        n_req = np.zeros(n_users, dtype=np.int64)
+        in_session = active.copy()
+        for step in range(config.max_steps):
+            idx = np.flatnonzero(in_session)
+            if idx.size == 0:
+                break
+            d = _draws(config, n_real, day, step)
+            if table is not None:
+                d = _tiled(d, n_users // n_real)
+            items = (d.cand_base[idx, None] + d.cand_stride[idx, None] * np.arange(config.n_candidates)) % config.n_items
+            known = _conditional_logits(config, world, idx, items)
+            probs = _sigmoid(known + _taste_logits(config, world, idx))
+            seg = world.user_segment[idx]
+            scores = _mtl_scores(config, _true_rates(world, items, _sigmoid(known)), d.score_noise[idx], seg,
+                                 world.item_clickbait[items])
+            state = _state(config, world, idx, step, prev[idx], scores, items)
+            if table is not None and day >= first_day:
+                weights = table[idx]
+            elif day_policy is None:
+                weights = logging_act(state, d.logging_gamma_u[idx])
+            else:
+                with torch.no_grad():
+                    weights = day_policy(state).double().numpy()
+            fused = fuse(torch.from_numpy(scores).double(), torch.from_numpy(weights).double(),
+                         form if day_policy is not None else "sum", bias=bias if day_policy is not None else None)
+            positions = rank_positions(fused).numpy()
+            y = _feedback(config, world, items, probs, positions, d.feedback_u[idx], d.watch_z[idx])
+            shown = positions < config.n_shown
+            feedback_sum = np.nan_to_num(y).sum(1)
+            # Satisfaction: the user's own taste of each signal, minus the clicks that did not end in a finish.
+            sat = (feedback_sum * sat_w[idx]).sum(1) - disappoint[seg] * (feedback_sum[:, 0] - feedback_sum[:, 2])
+            ema[idx] = np.where(step == 0, sat, 0.5 * ema[idx] + 0.5 * sat)
+            sat_total[idx] += sat
+            n_req[idx] += 1
+            p_cont = _sigmoid(cont_b[seg] + config.continue_slope * ema[idx]
+                              + config.engagement_continue * engagement[idx])
+            cont = (d.continue_u[idx] < p_cont) & (step + 1 < config.max_steps)
+            prev[idx] = (feedback_sum / config.n_shown).astype(np.float32)
+            if day >= first_day:
+                expected_sum = (np.where(shown, curve[np.minimum(positions, config.n_candidates - 1)], 0.0)[..., None]
+                                * scores).sum(1)
+                chunk = {"session": day * n_users + idx, "step": np.full(idx.size, step),
+                         "segment": state.segment.numpy(), "weights": weights, "feedback_sum": feedback_sum,
+                         "expected_sum": expected_sum, "continued": cont}
+                if keep_detail:
+                    chunk.update({"items": items, "scores": scores, "labels": y, "positions": positions,
+                                  "context": state.context.numpy()})
+                chunks.append(chunk)
+            in_session[idx] = cont
+        # The day ends: who comes back tomorrow, and what today did to their engagement.
+        mean_sat = sat_total / np.maximum(n_req, 1)
+        p_return = _sigmoid(ret_b[world.user_segment] + config.return_slope * np.where(active, mean_sat, 0.0)
+                            + config.engagement_return * engagement)
+        tomorrow = np.tile(_return_uniforms(config, day), n_users // n_real) < p_return
+        m = config.engagement_memory
+        engagement = np.where(active, m * engagement + (1 - m) * mean_sat, m * engagement)
+        if day >= first_day:
+            users = np.flatnonzero(active)
+            sessions.append({"session": day * n_users + users, "user": users,
+                             "n_requests": n_req[users], "returned": tomorrow[users]})
+        active = tomorrow
         if progress is not None:
-            progress(min(1.0, (step + 1) / config.max_steps))
-    returned_u = _return_uniforms(config, n_sessions)
-    seg_s = world.user_segment[world.session_user]
-    mean_sat = sat_total / np.maximum(n_req, 1)
-    returned = returned_u < _sigmoid(np.asarray(config.return_base)[seg_s] + config.return_slope * mean_sat)
+            progress((day + 1) / total_days)
+    return world, _outcome(chunks, sessions)
+
+
+def _replicated(world: _World, replicas: int) -> _World:
+    """The world with every user repeated `replicas` times (virtual user p * U + u is user u)."""
+    rep = lambda a: np.concatenate([a] * replicas)  # noqa: E731
+    return dataclasses.replace(world, user_segment=rep(world.user_segment), user_latent=rep(world.user_latent),
+                               user_taste=rep(world.user_taste),
+                               user_features={k: rep(v) for k, v in world.user_features.items()})
+
+
+def _tiled(draws: _StepDraws, replicas: int) -> _StepDraws:
+    """One step's draws, repeated for every replica of the users."""
+    return _StepDraws(*(np.concatenate([getattr(draws, f.name)] * replicas)
+                        for f in dataclasses.fields(_StepDraws)))
+
+
+def run_weight_tables(config: SimConfig, user_weights: np.ndarray,
+                      progress: Callable[[float], None] | None = None) -> OnlineOutcome:
+    """Ground truth of P fixed weight tables `(P, U, K)` (a vector per user: global, per segment or by user
+    features) in one run. Virtual user v = outcome.session % (P * U) is user v % U under table v // U."""
+    return _run(config, None, user_weights=user_weights, progress=progress)[1]
+
+
+def _outcome(chunks: list[dict[str, np.ndarray]], sessions: list[dict[str, np.ndarray]]) -> OnlineOutcome:
+    """Requests in session-major, step-minor order, with their sessions' flags."""
     cat = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    order = np.lexsort((cat["step"], cat["session"]))  # session-major, step-minor
+    order = np.lexsort((cat["step"], cat["session"]))
     cat = {k: v[order] for k, v in cat.items()}
+    sess = {k: np.concatenate([x[k] for x in sessions]) for k in sessions[0]}
+    by_session = dict(zip(sess["session"].tolist(), range(len(sess["session"]))))
+    row = np.array([by_session[s] for s in np.unique(cat["session"])])
+    returned = sess["returned"][row][np.searchsorted(np.unique(cat["session"]), cat["session"])]
     outcome = OnlineOutcome(
         session=cat.pop("session"), step=cat.pop("step"), segment=cat.pop("segment"), weights=cat.pop("weights"),
         feedback_sum=cat.pop("feedback_sum"), expected_sum=cat.pop("expected_sum"), continued=cat["continued"],
-        last=~cat.pop("continued"), returned=np.zeros(0, dtype=bool), detail=cat,
+        last=~cat.pop("continued"), returned=returned, detail=cat,
     )
-    outcome.returned = returned[outcome.session]
-    outcome.detail["session_returned"] = returned
-    outcome.detail["session_n_requests"] = n_req
-    return world, outcome
+    outcome.detail["sessions"] = sess  # type: ignore[assignment]
+    return outcome
 
 
 def run_online(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
@@ -427,13 +556,15 @@ def run_online(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
 
 
 def simulate(config: SimConfig, progress: Callable[[float], None] | None = None, policy: PolicyFn | None = None,
-             policy_label: str = "exploration") -> SimTables:
+             policy_label: str = "exploration", first_day: int = 0, n_days: int | None = None) -> SimTables:
     """Generate a log: column arrays for every table of DESIGN §2.
 
     Under the logging policy by default (with its exact `logging_logp`); with `policy`, under that policy,
-    whose density is unknown here, so `logging_logp` is NaN.
+    whose density is unknown here, so `logging_logp` is NaN. With `first_day`, the days before it are lived
+    under the logging policy (same users, items and tastes) and only days first_day .. + n_days are logged:
+    the later days of the same world.
     """
-    world, out = _run(config, policy, keep_detail=True, progress=progress)
+    world, out = _run(config, policy, keep_detail=True, progress=progress, first_day=first_day, n_days=n_days)
     det = out.detail
     n_req, n_cand = out.session.shape[0], config.n_candidates
     request_id = np.arange(1, n_req + 1, dtype=np.int64)
@@ -443,11 +574,11 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None,
     else:
         logp = np.full(n_req, np.nan)
     start = np.datetime64(datetime.fromisoformat(config.start))
-    ts = start + (world.session_start[out.session] * 1e6).astype("timedelta64[us]") + (
+    ts = start + (session_start_seconds(config, out.session) * 1e6).astype("timedelta64[us]") + (
         out.step * 45_000_000).astype("timedelta64[us]")
     requests = {
         "request_id": request_id, "session_id": out.session.astype(np.int64) + 1,
-        "user_id": world.session_user[out.session].astype(np.int64) + 1, "step": out.step.astype(np.int32),
+        "user_id": (out.session % config.n_users).astype(np.int64) + 1, "step": out.step.astype(np.int32),
         "ts": ts, **{f"w_{t}": out.weights[:, j] for j, t in enumerate(config.tasks)},
         "logging_logp": logp, "logging_policy": np.full(n_req, f"dirichlet(c={config.logging_concentration:g})"
                                                          if policy is None else policy_label),
@@ -475,11 +606,9 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None,
              **{f"uf_{k}": v.astype(np.float64) for k, v in world.user_features.items()}}
     items = {"item_id": np.arange(1, config.n_items + 1, dtype=np.int64),
              **{f"if_{k}": v.astype(np.float64) for k, v in world.item_features.items()}}
-    n_s = world.session_user.shape[0]
-    sessions = {"session_id": np.arange(1, n_s + 1, dtype=np.int64),
-                "user_id": world.session_user.astype(np.int64) + 1,
-                "n_requests": det["session_n_requests"].astype(np.int32),
-                "returned": det["session_returned"]}
+    sess = det["sessions"]  # only the sessions that happened (a user who did not come back has none that day)
+    sessions = {"session_id": sess["session"].astype(np.int64) + 1, "user_id": sess["user"].astype(np.int64) + 1,
+                "n_requests": sess["n_requests"].astype(np.int32), "returned": sess["returned"]}
     return SimTables(config, users, items, requests, impressions, sessions)
 
 

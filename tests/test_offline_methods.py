@@ -77,6 +77,31 @@ def test_progressive_rounds_append_logs_without_touching_the_source(tiny_log_pat
     assert hashlib.sha256(tiny_log_path.read_bytes()).hexdigest() == before
 
 
+def test_an_exploration_round_appends_traffic_of_the_source_users_and_items(tiny_log, monkeypatch):
+    import mtf_core.store as store
+    from mtf_core.policies.integrated import IntegratedConfig, IntegratedTrainer
+    from mtf_core.policies.objective import build_training_data
+
+    written = []
+    real_write = store.write_log
+    monkeypatch.setattr(store, "write_log", lambda path, tables, *a, **k: (written.append(tables),
+                                                                           real_write(path, tables, *a, **k))[1])
+    data = build_training_data(tiny_log, RewardSpec.default(tiny_log.task_names))
+    trainer = IntegratedTrainer(IntegratedConfig(rounds=2, steps_per_round=5, batch_size=64), data, 0)
+    n_before = trainer.transitions.n
+    trainer._explore_round(1)
+    assert trainer.transitions.n > n_before and len(written) == 1
+    tables = written[0]
+    assert np.isin(tables["requests"]["user_id"], tiny_log.user_id).all()  # the log's own users
+    assert np.isin(tables["impressions"]["item_id"], np.arange(1, len(tables["items"]["item_id"]) + 1)).all()
+    assert tables["requests"]["ts"].min() > tiny_log.ts.max()  # the day after the log
+    source_users = dict(zip(tiny_log.user_id.tolist(), tiny_log.user_features[:, 0].tolist()))
+    first_feature = [c for c in tables["users"] if c.startswith("uf_")][0]
+    for uid, value in zip(tables["users"]["user_id"], tables["users"][first_feature]):
+        if uid in source_users:
+            assert value == pytest.approx(source_users[uid], rel=1e-5)
+
+
 def test_soft_ranks_match_the_exact_top_l_when_cold_and_carry_gradients_when_warm():
     from mtf_core.evaluate import top_signals
     from mtf_core.policies.objective import soft_exam, soft_top_signals

@@ -54,8 +54,10 @@ def test_logging_logp_is_the_dirichlet_density(tiny_log):
         assert tiny_log.logging_logp[i] == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
-def test_segments_differ_in_logged_feedback(tiny_log_path):
-    con = duckdb.connect(str(tiny_log_path), read_only=True)
+def test_segments_differ_in_logged_feedback(tmp_path):
+    path = tmp_path / "segments.duckdb"
+    generate(SimConfig(n_users=800, sessions_per_user=3, n_items=800, seed=3), str(path))
+    con = duckdb.connect(str(path), read_only=True)
     rows = con.execute(
         "SELECT u.segment, avg(i.y_share) AS share, count(*) AS n FROM impressions i JOIN requests r USING (request_id) "
         "JOIN users u USING (user_id) WHERE i.position IS NOT NULL GROUP BY 1"
@@ -83,3 +85,58 @@ def test_config_round_trips_through_json():
 def test_invalid_config_is_refused():
     with pytest.raises(ValueError, match="n_shown"):
         SimConfig(n_candidates=5, n_shown=9)
+
+
+def test_later_days_are_the_same_world(tiny_log):
+    """Progressive rounds explore the days after the log in the same world: the same users with the same features
+    and segments, the same items, sessions that start after every logged one."""
+    from mtf_core.simulate import simulate
+
+    config = SimConfig.from_json(tiny_log.meta["simulator_config"])
+    later = simulate(config, first_day=config.sessions_per_user, n_days=2)
+    users = np.unique(later.requests["user_id"])
+    assert len(users) > 0 and np.isin(users, np.arange(1, config.n_users + 1)).all()
+    logged = simulate(config)
+    for name in logged.users:
+        np.testing.assert_array_equal(later.users[name], logged.users[name])
+    for name in logged.items:
+        np.testing.assert_array_equal(later.items[name], logged.items[name])
+    assert later.requests["ts"].min() > logged.requests["ts"].max()
+    assert not np.isin(later.sessions["session_id"], logged.sessions["session_id"]).any()
+
+
+def test_a_user_who_does_not_return_has_no_session_that_day(tiny_log):
+    config = SimConfig.from_json(tiny_log.meta["simulator_config"])
+    out = run_online(config, None)
+    sessions = out.detail["sessions"]
+    day, user = np.divmod(sessions["session"], config.n_users)
+    came_back = set(zip(day.tolist(), user.tolist()))
+    for d, u, returned in zip(day, user, sessions["returned"]):
+        if d + 1 < config.sessions_per_user:
+            assert ((d + 1, u) in came_back) == bool(returned)
+
+
+@pytest.mark.slow
+def test_the_best_weights_differ_by_segment(tmp_path):
+    """Personalisation pays in this world: the oracle's best vector per segment (found against the truth) weighs
+    share several times more for power users than for new users."""
+    from mtf_core import headroom as hr
+    from mtf_core.evaluate import prepare
+    from mtf_core.reward import RewardSpec
+    from mtf_core.simulate import user_table
+    from mtf_core.store import load_log
+
+    path = tmp_path / "personal.duckdb"
+    generate(SimConfig(n_users=500, sessions_per_user=3, n_items=800, seed=11), str(path))
+    log = load_log(path)
+    ctx = prepare(log, RewardSpec.default(log.task_names))
+    names, _ = user_table(ctx.sim_config)
+    seg = np.searchsorted(np.asarray(log.segments), names)
+    candidates = hr.candidate_vectors(ctx.sim_config, 32, 0)
+    tables = np.broadcast_to(candidates[:, None, :], (len(candidates), len(names), 5)).copy()
+    values = hr._per_user_values(ctx, tables, hr._immediate(ctx))
+    first = np.array([int(np.argmax(values[:, seg == s, 0].sum(1))) for s in range(len(log.segments))])
+    best, _, _ = hr._refine_per_segment(ctx, candidates[first], seg, 0, 0)
+    share = log.task_names.index("share")
+    power, new = best[log.segments.index("power"), share], best[log.segments.index("new"), share]
+    assert power > 3 * new, (power, new)

@@ -143,6 +143,8 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     if with_truth and ctx.sim_config is not None and (truth_policy is not None or actions.is_logging):
         truth, unit_terms["truth"] = truth_with_unit_terms(ctx, truth_policy, actions.form if truth_policy else "sum",
                                                            actions.bias if truth_policy else None, n_boot, seed)
+        per_user = unit_terms["truth"][:, 0]
+        unit_terms["truth_per_user"] = np.stack([per_user, np.ones_like(per_user)], 1)
     report(1.0, "done")
     return EvaluationResult(log.path, actions.label, ctx.resolved.to_dict(), log.n_requests, metrics, ope, truth,
                             _notes(actions, ratios), None if ratios is None else ratios.describe(),

@@ -53,7 +53,7 @@ class GradeConfig:
     """Adam learning rate."""
     clip_eps: float = 0.2
     """PPO clipping of the importance ratio."""
-    kl_coef: float = 0.02
+    kl_coef: float = 0.2
     """Weight of KL(policy || stage-1 policy)."""
     epochs_per_batch: int = 2
     """Gradient steps on each sampled batch."""

@@ -19,8 +19,10 @@ The lab's choices:
   and "inside the support" means a log-density at least the 1st percentile of that policy's own draws;
 - efficient exploration: per request, `n_explore_candidates` draws are scored by the critic ensemble,
   the lower half is dropped and one of the rest is played at random;
-- rounds need a simulator log (its config replays the world with a new seed per round); on other logs
-  training runs the first round only. New rounds live in memory; the source log is only read.
+- rounds need a simulator log: round r lives the day after the log's last day plus r - 1 in the same world
+  (same users, items and tastes; the days in between under the logging policy), under the exploration
+  policy, for a share of the users; on other logs training runs the first round only. New rounds live in
+  memory; the source log is only read.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,9 @@ from mtf_core.policies.base import StateBatch
 from mtf_core.policies.objective import TrainingData, build_training_data
 from mtf_core.policies.offline import EncodedPolicy, RankingFeatures, build_transitions, interior, mlp, soft_update
 from mtf_core.reward import request_reward
+
+if TYPE_CHECKING:
+    from mtf_core.simulate import SimTables
 
 __all__ = ["IntegratedConfig", "ActorPolicy", "IntegratedTrainer"]
 
@@ -138,6 +144,22 @@ def _logging_support(data: TrainingData) -> _Support:
     return _Support(alpha, threshold)
 
 
+def _user_share(tables: "SimTables", share: float, seed: int) -> "SimTables":
+    """The round's traffic of a random share of the users (the exploration bucket), whole sessions kept."""
+    import dataclasses
+
+    rng = np.random.default_rng(seed)
+    users = tables.requests["user_id"]
+    chosen = np.unique(users)[rng.random(len(np.unique(users))) < share]
+    keep_request = np.isin(users, chosen)
+    keep_impression = np.isin(tables.impressions["request_id"], tables.requests["request_id"][keep_request])
+    keep_session = np.isin(tables.sessions["user_id"], chosen)
+    return dataclasses.replace(
+        tables, requests={k: v[keep_request] for k, v in tables.requests.items()},
+        impressions={k: v[keep_impression] for k, v in tables.impressions.items()},
+        sessions={k: v[keep_session] for k, v in tables.sessions.items()})
+
+
 class IntegratedTrainer:
     """`rounds * steps_per_round` updates; a new round explores in the simulator and appends its log."""
 
@@ -212,20 +234,20 @@ class IntegratedTrainer:
         return act
 
     def _explore_round(self, round_index: int) -> dict[str, float]:
-        import dataclasses
-
         from mtf_core.simulate import SimConfig, simulate
         from mtf_core.store import load_log, simulator_tables, write_log
 
         cfg = self.config
         base = SimConfig.from_json(self.data.log.meta["simulator_config"])
-        config = dataclasses.replace(base, seed=base.seed + 1000 + round_index,
-                                     n_users=max(20, int(base.n_users * cfg.explore_user_share)))
         self.policy.eval()
         torch.manual_seed(self.seed + round_index)
         with torch.no_grad():
-            tables = simulate(config, policy=self.exploration_policy(cfg.explore_concentration),
-                              policy_label=f"integrated-round-{round_index}")
+            # The next day of the same world, after the logged days (and the earlier rounds' days).
+            tables = simulate(base, policy=self.exploration_policy(cfg.explore_concentration),
+                              policy_label=f"integrated-round-{round_index}",
+                              first_day=base.sessions_per_user + round_index - 1, n_days=1)
+        tables = _user_share(tables, cfg.explore_user_share, self.seed + round_index)
+        config = base
         self.policy.train()
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"round_{round_index}.duckdb"
