@@ -41,8 +41,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.users < 1 or args.candidates < 2 or not 1 <= args.shown <= args.candidates:
         raise LogError("generate: need --users >= 1, --candidates >= 2 and 1 <= --shown <= --candidates")
-    config = SimConfig(n_users=args.users, seed=args.seed, n_candidates=args.candidates, n_shown=args.shown,
-                       logging_concentration=args.concentration)
+    try:
+        config = SimConfig(n_users=args.users, seed=args.seed, n_candidates=args.candidates, n_shown=args.shown,
+                           logging_concentration=args.concentration, logging_mode=args.logging,
+                           exploration_share=args.exploration_share)
+    except ValueError as exc:
+        raise LogError(f"generate: {exc} (--exploration-share must lie in (0, 1], --concentration > 0)") from exc
     update, close = _progress_bar("simulating")
     start = time.perf_counter()
     try:
@@ -361,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=20, help="candidates per request (N)")
     p.add_argument("--shown", type=int, default=6, help="items shown per request (L)")
     p.add_argument("--concentration", type=float, default=10.0, help="logging Dirichlet concentration")
+    p.add_argument("--logging", choices=["dirichlet", "deterministic", "buckets", "mixed"], default="dirichlet",
+                   help="how the logged weights were chosen: every request explores (known density), one production "
+                        "vector per segment, an A/B test of fixed vectors, or production plus an exploration share")
+    p.add_argument("--exploration-share", type=float, default=0.1,
+                   help="with --logging mixed: the share of requests drawn from the exploration Dirichlet")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_generate)
 

@@ -35,6 +35,7 @@ from mtf_core.schema import Task
 
 __all__ = [
     "SimConfig",
+    "LOGGING_MODES",
     "SimTables",
     "OnlineOutcome",
     "SIM_TASKS",
@@ -57,6 +58,7 @@ SIM_TASKS = (
     Task("watch_time", "continuous", "minutes watched"),
 )
 _K = len(SIM_TASKS)
+LOGGING_MODES = ("dirichlet", "deterministic", "buckets", "mixed")
 
 PolicyFn = Callable[[StateBatch], torch.Tensor]
 
@@ -79,6 +81,15 @@ class SimConfig:
     latent_dim: int = 8
     logging_concentration: float = 10.0
     """Total Dirichlet concentration of the logging policy: higher explores less."""
+    logging_mode: str = "dirichlet"
+    """How the logged weights were chosen: `dirichlet` (every request explores, known density),
+    `deterministic` (one production vector per segment, as most companies run), `buckets` (an A/B test of
+    `n_buckets` fixed vectors, users assigned by id), or `mixed` (production traffic plus an
+    `exploration_share` of requests drawn from the Dirichlet, IntegratedRL-MTF's setting)."""
+    exploration_share: float = 0.1
+    """`mixed` only: the share of requests whose weights are drawn from the exploration Dirichlet."""
+    n_buckets: int = 3
+    """`buckets` only: the number of A/B arms (the production vector and variants of it)."""
     position_decay: float = 0.8
     segment_names: tuple[str, ...] = ("new", "casual", "core", "power")
     segment_shares: tuple[float, ...] = (0.2, 0.35, 0.3, 0.15)
@@ -133,6 +144,8 @@ class SimConfig:
             "sessions_per_user": self.sessions_per_user >= 1, "n_candidates": self.n_candidates >= 2,
             "n_shown": 1 <= self.n_shown <= self.n_candidates, "max_steps": self.max_steps >= 1,
             "logging_concentration": self.logging_concentration > 0,
+            "logging_mode": self.logging_mode in LOGGING_MODES,
+            "exploration_share": 0.0 < self.exploration_share <= 1.0, "n_buckets": 2 <= self.n_buckets <= 10,
             "segment tables": all(len(t) == s for t in (self.segment_shares, self.logging_weights, self.satisfaction,
                                                           self.task_gain, self.task_offset, self.continue_base,
                                                           self.return_base, self.score_bias_segment,
@@ -260,6 +273,7 @@ class _StepDraws:
     watch_z: np.ndarray  # (S, N)
     continue_u: np.ndarray  # (S,)
     logging_gamma_u: np.ndarray  # (S, K) uniforms turned into Gamma draws by inverse CDF
+    explore_u: np.ndarray  # (S,) mixed logging: the request explores when below the exploration share
 
 
 def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraws:
@@ -274,6 +288,7 @@ def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraw
         watch_z=rng.standard_normal((n_sessions, n), dtype=np.float32),
         continue_u=rng.random(n_sessions),
         logging_gamma_u=rng.random((n_sessions, k)),
+        explore_u=rng.random(n_sessions),  # drawn last: every earlier stream is unchanged
     )
 
 
@@ -356,12 +371,37 @@ def logging_alpha(config: SimConfig) -> np.ndarray:
     return np.asarray(config.logging_weights) * config.logging_concentration
 
 
-def logging_policy_fn(config: SimConfig) -> Callable[[StateBatch, np.ndarray], np.ndarray]:
-    """The logging policy as used inside `run_online`: a Dirichlet draw from the step's uniforms."""
-    alpha_by_sorted = logging_alpha(config)[np.argsort(config.segment_names)]
+def bucket_weights(config: SimConfig) -> np.ndarray:
+    """`buckets` logging: the A/B arms `(B, S, K)` (config segment order): the production vector per segment,
+    then variants that move a fifth of its weight onto one other task each (finish, like, share, ...)."""
+    base = np.asarray(config.logging_weights)
+    arms = [base]
+    for j in (2, 1, 3, 4, 0)[: config.n_buckets - 1]:
+        arms.append(0.8 * base + 0.2 * np.eye(_K)[j])
+    return np.stack(arms)
 
-    def act(state: StateBatch, uniforms: np.ndarray) -> np.ndarray:
-        return _dirichlet_from_uniforms(alpha_by_sorted[state.segment.numpy()], uniforms)
+
+def logging_policy_fn(config: SimConfig) -> Callable[[StateBatch, np.ndarray, np.ndarray, np.ndarray],
+                                                      tuple[np.ndarray, np.ndarray]]:
+    """The logging policy as used inside `run_online`: (weights `(A,K)`, explored `(A,)`) of the requests of
+    users `(A,)` from the step's uniforms, by `config.logging_mode`."""
+    order = np.argsort(config.segment_names)
+    alpha_by_sorted = logging_alpha(config)[order]
+    production = np.asarray(config.logging_weights)[order]
+    arms = bucket_weights(config)[:, order]
+
+    def act(state: StateBatch, uniforms: np.ndarray, explore_u: np.ndarray, users: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+        seg = state.segment.numpy()
+        if config.logging_mode == "dirichlet":
+            return _dirichlet_from_uniforms(alpha_by_sorted[seg], uniforms), np.ones(len(seg), dtype=bool)
+        if config.logging_mode == "buckets":
+            return arms[users % config.n_buckets, seg], np.zeros(len(seg), dtype=bool)
+        weights = production[seg].copy()
+        explored = (explore_u < config.exploration_share) if config.logging_mode == "mixed" else np.zeros(len(seg), bool)
+        if explored.any():
+            weights[explored] = _dirichlet_from_uniforms(alpha_by_sorted[seg[explored]], uniforms[explored])
+        return weights, explored
 
     return act
 
@@ -459,10 +499,11 @@ def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
             scores = _mtl_scores(config, _true_rates(world, items, _sigmoid(known)), d.score_noise[idx], seg,
                                  world.item_clickbait[items])
             state = _state(config, world, idx, step, prev[idx], scores, items)
+            explored = np.zeros(idx.size, dtype=bool)
             if table is not None and day >= first_day:
                 weights = table[idx]
             elif day_policy is None:
-                weights = logging_act(state, d.logging_gamma_u[idx])
+                weights, explored = logging_act(state, d.logging_gamma_u[idx], d.explore_u[idx], idx % n_real)
             else:
                 with torch.no_grad():
                     weights = day_policy(state).double().numpy()
@@ -486,6 +527,7 @@ def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
                                 * scores).sum(1)
                 chunk = {"session": day * n_users + idx, "step": np.full(idx.size, step),
                          "segment": state.segment.numpy(), "weights": weights, "feedback_sum": feedback_sum,
+                         "explored": explored,
                          "expected_sum": expected_sum, "continued": cont}
                 if keep_detail:
                     chunk.update({"items": items, "scores": scores, "labels": y, "positions": positions,
@@ -569,10 +611,18 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None,
     n_req, n_cand = out.session.shape[0], config.n_candidates
     request_id = np.arange(1, n_req + 1, dtype=np.int64)
     alpha = logging_alpha(config)[np.argsort(config.segment_names)][out.segment]
+    explored = det.pop("explored")
+    logp = np.full(n_req, np.nan)  # unknown: deterministic, bucketed and production traffic, or another policy
+    label = np.full(n_req, policy_label, dtype=object)
     if policy is None:
-        logp = torch.distributions.Dirichlet(torch.from_numpy(alpha)).log_prob(torch.from_numpy(out.weights)).numpy()
-    else:
-        logp = np.full(n_req, np.nan)
+        if explored.any():
+            logp[explored] = torch.distributions.Dirichlet(torch.from_numpy(alpha[explored])).log_prob(
+                torch.from_numpy(out.weights[explored])).numpy()
+        label[explored] = f"dirichlet(c={config.logging_concentration:g})"
+        if config.logging_mode == "buckets":
+            label[:] = np.char.add("bucket-", (((out.session % config.n_users)) % config.n_buckets).astype(str))
+        elif config.logging_mode in ("deterministic", "mixed"):
+            label[~explored] = "production"
     start = np.datetime64(datetime.fromisoformat(config.start))
     ts = start + (session_start_seconds(config, out.session) * 1e6).astype("timedelta64[us]") + (
         out.step * 45_000_000).astype("timedelta64[us]")
@@ -580,8 +630,7 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None,
         "request_id": request_id, "session_id": out.session.astype(np.int64) + 1,
         "user_id": (out.session % config.n_users).astype(np.int64) + 1, "step": out.step.astype(np.int32),
         "ts": ts, **{f"w_{t}": out.weights[:, j] for j, t in enumerate(config.tasks)},
-        "logging_logp": logp, "logging_policy": np.full(n_req, f"dirichlet(c={config.logging_concentration:g})"
-                                                         if policy is None else policy_label),
+        "logging_logp": logp, "logging_policy": label,
     }
     # Write candidates in (shown position, then item id) order: the order `load_log` reads without sorting.
     shown_2d = det["positions"] < config.n_shown
