@@ -265,7 +265,7 @@ def test_model_based_sums_reproduce_the_point_estimates(tiny_log, held_out):
     """Refitting the direct model from the resampled users' sums must give the point estimate when every user is
     drawn once: the algebra of the bootstrap and of the point estimate agree (in-sample and held out)."""
     from mtf_core.evaluate import evaluation_sample
-    from mtf_core.evaluate.direct import ModelTerms, _values_from_sums
+    from mtf_core.evaluate.direct import _values_from_sums
     from mtf_core.evaluate.policy_value import _target_terms
     from mtf_core.evaluate.ratios import importance_ratio
 
