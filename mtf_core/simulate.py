@@ -43,7 +43,6 @@ __all__ = [
     "run_online",
     "run_weight_tables",
     "user_table",
-    "session_index",
     "session_start_seconds",
     "logging_policy_fn",
     "position_curve",
@@ -246,13 +245,9 @@ def user_table(config: SimConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(config.segment_names)[world.user_segment], features
 
 
-def session_index(config: SimConfig, day: np.ndarray | int, user: np.ndarray) -> np.ndarray:
-    """Session index of (day, user): day-major, so indices stay the same when the horizon grows."""
-    return np.asarray(day) * config.n_users + user
-
-
 def session_start_seconds(config: SimConfig, session: np.ndarray) -> np.ndarray:
-    """Start of a session in seconds after `config.start`: its day plus a time of day drawn per (user, day)."""
+    """Start of a session (index day * n_users + user, day-major so indices stay put when the horizon grows)
+    in seconds after `config.start`: its day plus a time of day drawn per (user, day)."""
     day, user = np.divmod(np.asarray(session), config.n_users)
     out = np.empty(day.shape, dtype=np.float64)
     for d in np.unique(day):

@@ -77,7 +77,6 @@ class ModelTerms:
     """Per-request inputs of DM and DR, split so that the model's (a, b) can be refitted per resample."""
 
     x_logged: np.ndarray  # (R,) expected immediate reward of the logged ranking
-    y_fit: np.ndarray  # (R,) what the model is fitted to (logged reward before the penalty)
     x_target: np.ndarray  # (R,) expected immediate reward under the target (averaged over its draws)
     penalty_target: np.ndarray  # (R,)
     penalty_logged: np.ndarray  # (R,)

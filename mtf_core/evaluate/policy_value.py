@@ -188,8 +188,8 @@ def _off_policy(ctx: EvalContext, ratios: ImportanceRatios | None, target: _Targ
     log, n_units = ctx.log, len(ctx.unit_segment)
     logged = ctx.logged
     x_logged = ctx.logged_expected @ ctx.resolved.coefficients
-    terms = ModelTerms(x_logged, logged.immediate + logged.session, target.x, target.penalty, logged.penalty,
-                       logged.total, None if ratios is None else ratios.values)
+    terms = ModelTerms(x_logged, target.x, target.penalty, logged.penalty, logged.total,
+                       None if ratios is None else ratios.values)
     unit_terms: dict[str, np.ndarray] = {}
     rows: list[dict[str, object]] = []
     if ratios is not None:
