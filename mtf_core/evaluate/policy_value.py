@@ -135,8 +135,8 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     report = progress or (lambda f, msg: None)
     metrics, expected = _ranking_metrics(ctx, actions, k, n_boot, seed)
     report(0.5, "metrics done")
-    ratios = importance_ratio(ctx, actions, seed)
     target = _target_terms(ctx, actions, expected)
+    ratios = importance_ratio(ctx, actions, seed, dm_target=float(target.value.mean()))
     ope, unit_terms = _off_policy(ctx, ratios, target, n_boot, seed + 1)
     diagnostics, by_segment = _diagnostics(ctx, ratios, ope)
     report(0.7, "off-policy estimates done")
@@ -203,7 +203,7 @@ def _off_policy(ctx: EvalContext, ratios: ImportanceRatios | None, target: _Targ
             figs.add({"estimator": est.name}, num_u, den_u, ctx.unit_segment, log.segments)
         rows = figs.finish(n_boot, seed)
     intervals = model_based_intervals(ctx, terms, n_boot, seed)
-    q_logged = ctx.direct.intercept[log.segment] + ctx.direct.slope[log.segment] * x_logged - logged.penalty
+    q_logged = direct_value(ctx, ctx.logged_expected, log.weights)
     values = {"dm": target.value}
     if ratios is not None:
         values["dr"] = DR().terms(OPEInputs(logged.total, ratios.values, q_logged, target.value)).num
@@ -283,11 +283,12 @@ def _notes(actions: TargetActions, ratios: ImportanceRatios | None) -> list[str]
 
 def point_value(ctx: EvalContext, actions: TargetActions) -> tuple[float, str]:
     """A point estimate without intervals, for validation during training: DR where importance ratios exist
-    (with a fixed kernel concentration for deterministic targets), else DM. Returns (value, estimator)."""
+    (for a deterministic target, its kernel's concentration chosen anew by the same rule as `evaluate_policy`),
+    else DM. Returns (value, estimator)."""
     log = ctx.log
     expected = expected_under(ctx, actions.weights, actions.form, actions.bias) if actions.samples is None else None
     target = _target_terms(ctx, actions, expected if expected is not None else np.zeros((log.n_requests, 0)))
-    ratios = importance_ratio(ctx, actions)
+    ratios = importance_ratio(ctx, actions, dm_target=float(target.value.mean()))
     if ratios is None:
         return float(target.value.mean()), "dm"
     q_logged = direct_value(ctx, ctx.logged_expected, log.weights)

@@ -77,8 +77,10 @@ def concentration_grid(n_tasks: int) -> np.ndarray:
     return n_tasks * 2.0 ** np.arange(1, 15)
 
 
-def importance_ratio(ctx: EvalContext, actions: TargetActions, seed: int = 0) -> ImportanceRatios | None:
-    """The target's ratios against the logging policy; None where none exist (say why in actions.ope_note)."""
+def importance_ratio(ctx: EvalContext, actions: TargetActions, seed: int = 0, dm_target: float | None = None
+                     ) -> ImportanceRatios | None:
+    """The target's ratios against the logging policy; None where none exist (say why in actions.ope_note).
+    `dm_target`: the direct model's mean value of the target, where the caller has it (saves a re-ranking)."""
     log = ctx.log
     if actions.is_logging:
         return ImportanceRatios(np.ones(log.n_requests), "logged")
@@ -87,14 +89,16 @@ def importance_ratio(ctx: EvalContext, actions: TargetActions, seed: int = 0) ->
     if actions.stochastic and actions.logp_logged is not None:
         values = np.exp(np.clip(actions.logp_logged - log.logging_logp, -700, 700))
         return ImportanceRatios(values, "exact", target_logp_draws=actions.logp_samples, draws=actions.samples)
-    return _kernel_ratios(ctx, actions.weights, seed)
+    if dm_target is None:
+        dm_target = float(direct_value(ctx, expected_under(ctx, actions.weights), actions.weights).mean())
+    return _kernel_ratios(ctx, actions.weights, seed, dm_target)
 
 
-def _kernel_ratios(ctx: EvalContext, target: np.ndarray, seed: int) -> ImportanceRatios:
-    """Dirichlet-kernel ratios with the concentration chosen by the undersmoothing rule (module docstring)."""
+def _kernel_ratios(ctx: EvalContext, target: np.ndarray, seed: int, dm_target: float) -> ImportanceRatios:
+    """Dirichlet-kernel ratios with the concentration chosen by the undersmoothing rule (module docstring);
+    `dm_target` is the direct model's mean value of the target itself."""
     log = ctx.log
     reward = ctx.logged.total
-    dm_target = float(direct_value(ctx, expected_under(ctx, target), target).mean())
     gen = torch.Generator().manual_seed(seed)
     chosen = None
     for c in concentration_grid(target.shape[1]):
