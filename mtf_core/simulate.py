@@ -573,9 +573,9 @@ def _outcome(chunks: list[dict[str, np.ndarray]], sessions: list[dict[str, np.nd
     order = np.lexsort((cat["step"], cat["session"]))
     cat = {k: v[order] for k, v in cat.items()}
     sess = {k: np.concatenate([x[k] for x in sessions]) for k in sessions[0]}
-    by_session = dict(zip(sess["session"].tolist(), range(len(sess["session"]))))
-    row = np.array([by_session[s] for s in np.unique(cat["session"])])
-    returned = sess["returned"][row][np.searchsorted(np.unique(cat["session"]), cat["session"])]
+    # Sessions are recorded day by day, users ascending, so their indices are sorted: one searchsorted maps
+    # every request to its session's flag.
+    returned = sess["returned"][np.searchsorted(sess["session"], cat["session"])]
     outcome = OnlineOutcome(
         session=cat.pop("session"), step=cat.pop("step"), segment=cat.pop("segment"), weights=cat.pop("weights"),
         feedback_sum=cat.pop("feedback_sum"), expected_sum=cat.pop("expected_sum"), continued=cat["continued"],
