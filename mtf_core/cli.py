@@ -126,10 +126,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _evaluation_inputs(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from mtf_core.evaluate import check_log_for_evaluation
     from mtf_core.reward import load_reward_spec
     from mtf_core.store import load_log
-
-    from mtf_core.evaluate import check_log_for_evaluation
 
     log = load_log(args.log)
     check_log_for_evaluation(log)

@@ -3,7 +3,8 @@
 Two policies' estimates on one log share their users, so the interval of their difference resamples the
 same users for both (one Poisson bootstrap over the per-user terms of both). That is far tighter than
 comparing two separate intervals, because the users' own variation cancels; with the simulator's common
-random numbers the same holds for the truth.
+random numbers the same holds for the truth. For DM and DR the paired difference holds the direct model at
+its fit: the model's own uncertainty is inside each policy's interval (refitted per resample), not here.
 """
 
 from __future__ import annotations
