@@ -32,15 +32,16 @@ from mtf_core.store import LogData, load_log
 __all__ = ["FIXED_TARGETS", "run_study", "summarise", "kernel_mass"]
 
 FIXED_TARGETS = {
-    "fixed: logging mean": "click=0.6,like=0.08,finish=0.07,share=0.05,watch_time=0.2",
+    "fixed: logging mean": "click=0.4,like=0.15,finish=0.15,share=0.1,watch_time=0.2",
     "fixed: mid-simplex": "click=0.2,like=0.2,finish=0.2,share=0.2,watch_time=0.2",
     "fixed: near a vertex": "click=0.92,like=0.02,finish=0.02,share=0.02,watch_time=0.02",
     "fixed: far": "click=0.1,like=0.3,finish=0.3,share=0.2,watch_time=0.1",
+    "fixed: share-heavy": "click=0.05,like=0.15,finish=0.1,share=0.6,watch_time=0.1",
 }
 # Stochastic targets: Dirichlets around a mean, with a total concentration (the logging policy's is 10).
 STOCHASTIC_TARGETS = {
-    "stochastic: sharper logging": ((0.6, 0.08, 0.07, 0.05, 0.2), 20.0),
-    "stochastic: shifted": ((0.4, 0.15, 0.15, 0.1, 0.2), 20.0),
+    "stochastic: sharper logging": ((0.4, 0.15, 0.15, 0.1, 0.2), 20.0),
+    "stochastic: shifted": ((0.25, 0.2, 0.25, 0.15, 0.15), 20.0),
 }
 
 

@@ -44,9 +44,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         config = SimConfig(n_users=args.users, seed=args.seed, n_candidates=args.candidates, n_shown=args.shown,
                            logging_concentration=args.concentration, logging_mode=args.logging,
-                           exploration_share=args.exploration_share)
+                           exploration_share=args.exploration_share, per_item_share=args.per_item_share)
     except ValueError as exc:
-        raise LogError(f"generate: {exc} (--exploration-share must lie in (0, 1], --concentration > 0)") from exc
+        raise LogError(f"generate: {exc} (--exploration-share must lie in (0, 1], --per-item-share in [0, 1], "
+                       "--concentration > 0)") from exc
     update, close = _progress_bar("simulating")
     start = time.perf_counter()
     try:
@@ -110,6 +111,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from mtf_core.store import log_info
 
     info = log_info(args.log)
+    info["profile"] = _profile(args.log)
     if args.json:
         _emit(info)
         return EXIT_OK
@@ -122,6 +124,50 @@ def cmd_info(args: argparse.Namespace) -> int:
     meta = info.get("meta", {})
     if meta:
         print(f"source: {meta.get('source')}  created: {meta.get('created_at')}")  # type: ignore[union-attr]
+    profile = info["profile"]
+    if "mode" in profile:  # type: ignore[operator]
+        print(f"weights logged: {profile['mode']}; supports: {', '.join(profile['supports'])}")  # type: ignore[index]
+        print(f"  {profile['explanation']}")  # type: ignore[index]
+    else:
+        print(f"weights logged: unknown ({profile['error']})")  # type: ignore[index]
+    return EXIT_OK
+
+
+def _profile(path: str) -> dict[str, object]:
+    """The log's profile (how its weights were logged), or why it cannot be read."""
+    from mtf_core.profile import profile_log
+    from mtf_core.store import load_log
+
+    try:
+        return profile_log(load_log(path)).to_json()
+    except LogError as exc:
+        return {"error": str(exc)}
+
+
+def cmd_abtest(args: argparse.Namespace) -> int:
+    from mtf_core.abtest import ab_readout
+    from mtf_core.evaluate import prepare
+
+    log, spec = _evaluation_inputs(args)
+    ctx = prepare(log, spec)
+    if ctx.profile.mode != "A/B buckets":
+        raise LogError(f"{args.log}: not an A/B test log (its weights are logged as: {ctx.profile.mode}); an A/B "
+                       f"read-out needs a few fixed vectors per segment", EXIT_PROBLEMS)
+    table = ab_readout(ctx, n_boot=args.n_boot, seed=args.seed)
+    if args.json:
+        _emit({"log": args.log, "profile": ctx.profile.to_json(), "arms": table.to_dict("records")})
+        return EXIT_OK
+    print(f"A/B read-out of {args.log}: mean composite reward per request on each arm's own traffic, 95% intervals "
+          "over users; difference from the control (the arm with the most users)")
+    for row in table.to_dict("records"):
+        diff = ("control" if row["control"] else
+                f"{row['difference']:+.4f} [{row['difference_low']:+.4f}, {row['difference_high']:+.4f}]")
+        print(f"  {row['segment']:<10} {row['arm']:<60} {row['requests']:>7} req {row['users']:>6} users  "
+              f"{row['value']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]  {diff}")
+    shared = table.groupby("segment")["users_in_several_arms"].first()
+    if shared.sum():
+        print(f"warning: {int(shared.sum())} users met several arms: the test was not randomised by user, so the "
+              "arms' traffic shares users", file=sys.stderr)
     return EXIT_OK
 
 
@@ -161,6 +207,15 @@ def _evaluate_one(sample, text: str, args: argparse.Namespace):  # type: ignore[
                            sample=sample.description)
 
 
+def _evaluate_oracle(sample, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from mtf_core.headroom import evaluate_oracle
+
+    if sample.ctx.sim_config is None:
+        raise LogError(f"{args.log}: --oracle needs a simulator log (the oracle is found against its truth)")
+    print("finding the oracle against the truth (best vector per segment)...", file=sys.stderr)
+    return evaluate_oracle(sample.ctx, n_boot=args.n_boot, seed=args.seed, k=args.k, sample=sample.description)
+
+
 def _ci(row: dict[str, object]) -> str:
     v, lo, hi = row.get("value"), row.get("ci_low"), row.get("ci_high")
     if v is None:
@@ -181,7 +236,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  simulator truth      {_ci(result.ground_truth)}")
     for row in result.ope:
         if row["segment"] is None:
-            print(f"  {row['estimator']:<20} {_ci(row):<34} {row.get('verdict') or ''}")
+            rests_on = "; ".join(f"{k}: {row[k]}" for k in ("propensities", "model") if row.get(k))
+            print(f"  {row['estimator']:<20} {_ci(row):<34} {row.get('verdict') or '':<26} {rests_on}")
     for row in result.metrics:
         if row["segment"] is None:
             name = f"{row['name']} {row['task'] or 'reward'}"
@@ -200,7 +256,8 @@ def _short_verdict(figure: dict[str, object]) -> str:
 
 
 def _headline(result) -> dict[str, dict[str, object]]:  # type: ignore[no-untyped-def]
-    rows = {"truth": result.ground_truth} if result.ground_truth else {}
+    rows = {"truth": result.ground_truth, "truth_per_user": result.ground_truth["per_user"]} \
+        if result.ground_truth else {}
     rows.update({r["estimator"]: r for r in result.ope if r["segment"] is None})
     rows.update({f"{r['name']}:{r['task'] or 'reward'}": r for r in result.metrics
                  if r["segment"] is None and r["name"].startswith("ndcg")})
@@ -229,7 +286,8 @@ def _algo_table(table, trained: dict[str, tuple[str, float]]) -> list[dict[str, 
         ndcg = next((v for k, v in figs.items() if k.startswith("ndcg@") and k.endswith(":reward")), None)
         algo, seconds = trained.get(r["policy"], (r["policy"], None))
         rows.append({"policy": algo, "train_seconds": seconds, "ndcg:reward": ndcg,
-                     **{k: figs.get(k) for k in ("truth", "snips", "dr", "dm")}})
+                     **{k: figs.get(k) for k in ("truth", "truth_per_user", "snips", "dr", "dm")},
+                     **({"share_of_headroom": r["share_of_headroom"]} if "share_of_headroom" in r else {})})
     return rows
 
 
@@ -254,11 +312,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if explicit:
                 raise
             print(f"warning: skipping {p}: {exc}", file=sys.stderr)
-    from mtf_core.compare import add_lifts
+    if args.oracle:
+        results.append(_evaluate_oracle(sample, args))
+    from mtf_core.compare import add_lifts, headroom_shares
+    from mtf_core.headroom import ORACLE_LABEL
     from mtf_core.selection import CRITERIA, regret, select
 
     table = [{"policy": r.policy, "figures": _headline(r)} for r in results]
     add_lifts(table, results)
+    if args.oracle:
+        shares = headroom_shares(results, ORACLE_LABEL)
+        for row in table:
+            row["share_of_headroom"] = shares.get(row["policy"])  # type: ignore[arg-type]
 
     selection = select(results, args.select)
     regrets = {c: regret(results, select(results, c)["chosen"]) for c in CRITERIA}
@@ -291,7 +356,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if any(v is not None for v in regrets.values()):
         print("regret against the simulator's truth: " + ", ".join(
             f"{c}={v:.4f}" for c, v in regrets.items() if v is not None))
+    if args.oracle:
+        print("share of the oracle's headroom captured, (truth - logging) / (oracle - logging): " + ", ".join(
+            f"{row['policy']}={_share(row.get('share_of_headroom'))}" for row in table))
     return EXIT_OK
+
+
+def _share(value: object) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _print_algo_table(args: argparse.Namespace, rows: list[dict[str, object]], selection: dict[str, object],
@@ -302,14 +374,16 @@ def _print_algo_table(args: argparse.Namespace, rows: list[dict[str, object]], s
     columns = ("truth", "snips", "dr", "dm")
     print(f"on {sample}; lift: paired difference over the logging policy [95% CI]")
     print(f"{'policy':<12}{'train s':>9}  " + "".join(f"{k.upper() + ' [95% CI] verdict':<44}" for k in columns)
-          + f"{'truth lift [95% CI]':<30}{'DR lift':<30}NDCG reward")
+          + f"{'truth lift [95% CI]':<30}{'per-user truth lift':<30}{'DR lift':<30}{'NDCG reward':<13}"
+          + ("share of headroom" if args.oracle else ""))
     for row in rows:
         cells = [f"{_ci(row[k])} {_short_verdict(row[k])}" if row.get(k) else "n/a" for k in columns]
-        lifts = [_paired(row.get(k)) for k in ("truth", "dr")]
+        lifts = [_paired(row.get(k)) for k in ("truth", "truth_per_user", "dr")]
         secs = f"{row['train_seconds']:.1f}" if row.get("train_seconds") is not None else "-"
         ndcg = f"{row['ndcg:reward']['value']:.3f}" if row.get("ndcg:reward") else "n/a"
         print(f"{row['policy']:<12}{secs:>9}  " + "".join(f"{c:<44}" for c in cells)
-              + "".join(f"{c:<30}" for c in lifts) + ndcg)
+              + "".join(f"{c:<30}" for c in lifts) + f"{ndcg:<13}"
+              + (_share(row.get("share_of_headroom")) if args.oracle else ""))
     print(f"choice by {args.select}: {selection['reason']}")
     return EXIT_OK
 
@@ -340,16 +414,19 @@ def cmd_headroom(args: argparse.Namespace) -> int:
         ulow, uhigh = row["per_user_ci"]
         print(f"{row['oracle']:<28}{row['chosen_for']:<12}{row['per_request']:.3f} [{low:.3f}, {high:.3f}]"
               f"{'':<6}{row['per_user']:.1f} [{ulow:.1f}, {uhigh:.1f}]")
-    gaps = result.gaps
-    print(f"best global over logging: {gaps['best_global_over_logging_share']:+.1%} per user; per segment over "
-          f"global: {gaps['per_segment_over_global_share_of_logging']:+.1%} of logging; feature-conditioned over "
-          f"per segment: {gaps['features_over_per_segment_share_of_logging']:+.1%} of logging")
-    print(f"myopic choice (best for immediate reward) loses {gaps['myopic_loss_share_of_long_term']:.1%} of the "
-          f"long-term per-user value; Spearman(immediate, long-term) over {result.n_candidates} vectors "
-          f"{result.spearman:.3f}")
+    sign = lambda k: "" if k.startswith("myopic") else "+"  # noqa: E731 (a loss reads without a sign)
+    gap = {k: f"{v:{sign(k)}.1%} [{result.gap_intervals[k][0]:{sign(k)}.1%}, {result.gap_intervals[k][1]:{sign(k)}.1%}]"
+           for k, v in result.gaps.items()}
+    print("gaps, per-user value over the horizon (paired 95% intervals over users):")
+    print(f"  best global over logging: {gap['best_global_over_logging_share']} of logging")
+    print(f"  per segment over global: {gap['per_segment_over_global_share_of_logging']} of logging")
+    print(f"  feature-conditioned over per segment: {gap['features_over_per_segment_share_of_logging']} of logging")
+    print(f"  myopic choice (best for immediate reward) loses {gap['myopic_loss_share_of_long_term']} of the best "
+          "long-term vector's value")
+    print(f"Spearman(immediate, long-term) over {result.n_candidates} vectors: {result.spearman:.3f}")
     dm = result.dm_error
-    print(f"linear direct model on the farthest candidate: {dm['dm']:.3f} vs truth {dm['truth']:.3f} "
-          f"({dm['relative_error']:.1%} error)")
+    print(f"linear direct model on the worst of the farthest third of the candidates: {dm['dm']:.3f} vs truth "
+          f"{dm['truth']:.3f} ({dm['relative_error']:.1%} error)")
     return EXIT_OK
 
 
@@ -369,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "vector per segment, an A/B test of fixed vectors, or production plus an exploration share")
     p.add_argument("--exploration-share", type=float, default=0.1,
                    help="with --logging mixed: the share of requests drawn from the exploration Dirichlet")
+    p.add_argument("--per-item-share", type=float, default=0.0,
+                   help="share of requests whose candidates each get their own weights (logged as iw_* columns)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_generate)
 
@@ -405,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--select", choices=["mean", "lower_bound", "cvar"], default="lower_bound",
                            help="how to choose a policy: the mean or the lower 95%% bound of one estimator for "
                                 "every policy (DR where all have it, else DM), or CVaR of the worst 10%%")
+            p.add_argument("--oracle", action="store_true",
+                           help="simulator logs: add the best vector per segment, found against the truth, and "
+                                "report each policy's share of its headroom over the logging policy")
         p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
         p.add_argument("--runs", default="runs", help="run store folder")
         p.add_argument("--k", type=int, default=None, help="NDCG cut-off (default: items shown)")
@@ -419,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "runs trained on this log)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("abtest", help="A/B read-out of a log whose weights are a few fixed vectors per segment")
+    p.add_argument("log")
+    p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
+    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_abtest)
 
     p = sub.add_parser("headroom", help="oracle yardsticks of a simulator log, found against its truth")
     p.add_argument("log")

@@ -14,7 +14,7 @@ from mtf_core.evaluate import EvaluationResult
 from mtf_core.evaluate.paired import paired_difference
 
 __all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "add_lifts", "paired_lifts",
-           "build_report"]
+           "headroom_shares", "per_user_truth", "build_report"]
 
 
 def ope_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
@@ -84,6 +84,23 @@ def add_lifts(table: list[dict[str, object]], results: Sequence[EvaluationResult
                             "separated": paired["separated"], "paired": True})
             elif name in base_figures:  # type: ignore[operator]
                 fig.update(lift_over(fig, base_figures[name]) or {})  # type: ignore[index]
+
+
+def headroom_shares(results: Sequence[EvaluationResult], oracle: str, logging: str = "logging"
+                    ) -> dict[str, float | None]:
+    """Per policy, the share of the oracle's headroom it captures, by the long-term truth (per user over the
+    evaluated days, the oracle's own objective) on the same users: (truth - logging) / (oracle - logging).
+    None without truths, or when the oracle does not beat logging (then there is no headroom to share)."""
+    truth = {r.policy: per_user_truth(r) for r in results}
+    base, best = truth.get(logging), truth.get(oracle)
+    if base is None or best is None or best <= base:  # type: ignore[operator]
+        return {r.policy: None for r in results}
+    return {p: None if v is None else (v - base) / (best - base) for p, v in truth.items()}  # type: ignore[operator]
+
+
+def per_user_truth(result: EvaluationResult) -> float | None:
+    """The simulator's truth per user over the evaluated days (the long-term view), where there is one."""
+    return ((result.ground_truth or {}).get("per_user") or {}).get("value")  # type: ignore[union-attr]
 
 
 def build_report(title: str, results: Sequence[EvaluationResult], figures: Sequence[tuple[str, go.Figure]],

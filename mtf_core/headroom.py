@@ -24,14 +24,18 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from mtf_core.evaluate import EvaluationResult, evaluate_policy, policy_for_truth, target_actions
 from mtf_core.evaluate.bootstrap import bootstrap_ratio
 from mtf_core.evaluate.context import EvalContext
 from mtf_core.evaluate.direct import direct_value
 from mtf_core.evaluate.rerank import expected_under
+from mtf_core.policies.static import StaticPolicy
 from mtf_core.reward import request_reward
 from mtf_core.simulate import SimConfig, run_online, run_weight_tables, user_table
 
-__all__ = ["Headroom", "headroom", "candidate_vectors"]
+__all__ = ["Headroom", "headroom", "candidate_vectors", "segment_oracle", "evaluate_oracle", "ORACLE_LABEL"]
+
+ORACLE_LABEL = "oracle: best vector per segment"
 
 BATCH = 16  # weight tables per lockstep run
 
@@ -42,12 +46,14 @@ class Headroom:
 
     rows: list[dict[str, object]]  # one per oracle: name, reward, value per request and per user with CIs
     gaps: dict[str, float]
+    gap_intervals: dict[str, list[float]]  # paired 95% intervals over users
     spearman: float
     dm_error: dict[str, float]
     n_candidates: int
 
     def to_json(self) -> dict[str, object]:
-        return {"oracles": self.rows, "gaps": self.gaps, "spearman_immediate_vs_long_term": self.spearman,
+        return {"oracles": self.rows, "gaps": self.gaps, "gap_intervals": self.gap_intervals,
+                "spearman_immediate_vs_long_term": self.spearman,
                 "direct_model_error": self.dm_error, "n_candidates": self.n_candidates}
 
 
@@ -160,23 +166,67 @@ def _row(name: str, reward: str, total: np.ndarray, n_req: np.ndarray, n_boot: i
             "per_user_ci": [float(low[1]), float(high[1])]}
 
 
-def _logging_row(ctx: EvalContext, n_boot: int, seed: int) -> dict[str, object]:
+def _logging_totals(ctx: EvalContext) -> tuple[np.ndarray, np.ndarray]:
+    """The logging policy's long-term reward and request count per user."""
     config = ctx.sim_config
     assert config is not None
     run = run_online(config, None)
     total = request_reward(ctx.resolved, run.feedback_sum, run.continued, run.returned.astype(np.float64),
                            run.weights, run.expected_sum).total
     user = run.session % config.n_users
-    return _row("logging policy", "-", np.bincount(user, weights=total, minlength=config.n_users),
-                np.bincount(user, minlength=config.n_users).astype(np.float64), n_boot, seed)
+    return (np.bincount(user, weights=total, minlength=config.n_users),
+            np.bincount(user, minlength=config.n_users).astype(np.float64))
 
 
-def _truth_rows(ctx: EvalContext, named: list[tuple[str, str, np.ndarray]], n_boot: int, seed: int
-                ) -> list[dict[str, object]]:
-    """Each oracle's truth per request and per user (95% intervals over users) under the long-term reward."""
-    values = _per_user_values(ctx, np.stack([t for _, _, t in named]), _immediate(ctx))
-    return [_row(name, reward, per_user[:, 0], per_user[:, 2], n_boot, seed)
-            for (name, reward, _), per_user in zip(named, values)]
+def _gaps(per_user: dict[str, np.ndarray], n_boot: int, seed: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The headroom gaps as ratios of per-user sums, with paired 95% intervals: every oracle met the same users
+    and random numbers, so their per-user differences are resampled together."""
+    base, g, s, f, imm = (per_user[k] for k in ("logging", "global", "segment", "features", "myopic"))
+    ratios = {"per_segment_over_global_share_of_logging": (s - g, base),
+              "features_over_per_segment_share_of_logging": (f - s, base),
+              "myopic_loss_share_of_long_term": (g - imm, g),
+              "best_global_over_logging_share": (g - base, base)}
+    num = np.stack([n for n, _ in ratios.values()], 1)
+    den = np.stack([d for _, d in ratios.values()], 1)
+    low, high = bootstrap_ratio(num, den, n_boot, seed)
+    values = {k: float(n.sum() / d.sum()) for k, (n, d) in ratios.items()}
+    return values, {k: [float(lo), float(hi)] for k, lo, hi in zip(ratios, low, high)}
+
+
+def _users_by_segment(ctx: EvalContext) -> tuple[np.ndarray, np.ndarray]:
+    """Per simulated user: the index of its segment in the log's (sorted) segments, and its features."""
+    assert ctx.sim_config is not None
+    segment_of_user, features = user_table(ctx.sim_config)
+    return np.searchsorted(np.asarray(ctx.log.segments), segment_of_user), features
+
+
+def segment_oracle(ctx: EvalContext, n_candidates: int = 32, seed: int = 0) -> np.ndarray:
+    """The best vector per segment `[S,K]` (the log's segment order) for per-user long-term value, found
+    against the truth: the yardstick of the Compare page's share of headroom."""
+    if ctx.sim_config is None:
+        raise ValueError("the oracle needs a simulator log (its truth is the simulator)")
+    seg_sorted, _ = _users_by_segment(ctx)
+    candidates = candidate_vectors(ctx.sim_config, n_candidates, seed)
+    tables = np.broadcast_to(candidates[:, None, :], (len(candidates), len(seg_sorted), candidates.shape[1])).copy()
+    long_user = _per_user_values(ctx, tables, _immediate(ctx))[..., 0]
+    first = _best_per_segment(long_user, seg_sorted, len(ctx.log.segments))
+    return _refine_per_segment(ctx, candidates[first], seg_sorted, 0, seed)[0]
+
+
+def evaluate_oracle(ctx: EvalContext, n_boot: int = 500, seed: int = 0, k: int | None = None,
+                    sample: str | None = None) -> EvaluationResult:
+    """The per-segment oracle evaluated like any policy on the same requests (its truth is the yardstick)."""
+    policy = StaticPolicy(ctx.log.task_names, ctx.log.segments, segment_oracle(ctx, seed=seed), label=ORACLE_LABEL)
+    actions = target_actions(policy, ctx.log, ORACLE_LABEL, seed=seed)
+    return evaluate_policy(ctx, actions, k=k, n_boot=n_boot, seed=seed, truth_policy=policy_for_truth(policy, False),
+                           sample=sample)
+
+
+def _best_per_segment(long_user: np.ndarray, seg_sorted: np.ndarray, n_seg: int) -> np.ndarray:
+    """Per segment, the candidate `[C,U]` with the highest total long-term value over its users."""
+    best_global = int(np.argmax(long_user.sum(1)))
+    return np.array([int(np.argmax(long_user[:, seg_sorted == s].sum(1))) if np.any(seg_sorted == s)
+                     else best_global for s in range(n_seg)])
 
 
 def headroom(ctx: EvalContext, n_candidates: int = 48, n_boot: int = 500, seed: int = 0) -> Headroom:
@@ -185,8 +235,7 @@ def headroom(ctx: EvalContext, n_candidates: int = 48, n_boot: int = 500, seed: 
     if config is None:
         raise ValueError("headroom needs a simulator log (its truth is the simulator)")
     log = ctx.log
-    segment_of_user, features = user_table(config)
-    seg_sorted = np.searchsorted(np.asarray(log.segments), segment_of_user)
+    seg_sorted, features = _users_by_segment(ctx)
     candidates = candidate_vectors(config, n_candidates, seed)
     tables = np.broadcast_to(candidates[:, None, :], (len(candidates), config.n_users, candidates.shape[1])).copy()
     values = _per_user_values(ctx, tables, _immediate(ctx))  # (C, U, 3)
@@ -195,8 +244,7 @@ def headroom(ctx: EvalContext, n_candidates: int = 48, n_boot: int = 500, seed: 
     per_request_immediate = immediate_total.sum(1) / n_req.sum(1)
     best_global = int(np.argmax(per_user_long))
     best_immediate = int(np.argmax(per_request_immediate))
-    per_segment = np.array([int(np.argmax(long_user[:, seg_sorted == s].sum(1))) if np.any(seg_sorted == s)
-                            else best_global for s in range(len(log.segments))])
+    per_segment = _best_per_segment(long_user, seg_sorted, len(log.segments))
     per_segment_imm = np.array([int(np.argmax(immediate_total[:, seg_sorted == s].sum(1)
                                               / np.maximum(n_req[:, seg_sorted == s].sum(1), 1)))
                                 if np.any(seg_sorted == s) else best_immediate for s in range(len(log.segments))])
@@ -212,28 +260,24 @@ def headroom(ctx: EvalContext, n_candidates: int = 48, n_boot: int = 500, seed: 
         ("best vector per segment", "immediate", per_segment_imm[seg_sorted]),
         ("best feature-conditioned", "immediate", by_features_imm),
     ]
-    rows = [_logging_row(ctx, n_boot, seed), *_truth_rows(ctx, named, n_boot, seed)]
-    value = {(r["oracle"], r["chosen_for"]): r for r in rows}
-    base = value[("logging policy", "-")]["per_user"]
-    g, s, f = (value[(n, "long-term")]["per_user"] for n in
-               ("best global vector", "best vector per segment", "best feature-conditioned"))
-    imm = value[("best global vector", "immediate")]["per_user"]
-    gaps = {"per_segment_over_global_share_of_logging": (s - g) / base,
-            "features_over_per_segment_share_of_logging": (f - s) / base,
-            "myopic_loss_share_of_long_term": (g - imm) / g,
-            "best_global_over_logging_share": (g - base) / base}
+    logging_total, logging_requests = _logging_totals(ctx)
+    values = _per_user_values(ctx, np.stack([t for _, _, t in named]), _immediate(ctx))  # (P, U, 3)
+    rows = [_row("logging policy", "-", logging_total, logging_requests, n_boot, seed),
+            *(_row(name, reward, v[:, 0], v[:, 2], n_boot, seed) for (name, reward, _), v in zip(named, values))]
+    gaps, gap_intervals = _gaps({"logging": logging_total, "global": values[0, :, 0], "segment": values[1, :, 0],
+                                 "features": values[2, :, 0], "myopic": values[3, :, 0]}, n_boot, seed)
     rho = float(spearmanr(per_request_immediate, per_user_long).statistic)
-    return Headroom(rows, gaps, rho, _dm_error(ctx, candidates, long_user, n_req), len(candidates))
+    return Headroom(rows, gaps, gap_intervals, rho, _dm_error(ctx, candidates, long_user, n_req), len(candidates))
 
 
 def _dm_error(ctx: EvalContext, candidates: np.ndarray, long_user: np.ndarray, n_req: np.ndarray
               ) -> dict[str, float]:
-    """The linear direct model's relative error per request on the three candidates farthest from the logging
-    mean (largest of them reported), against their truth."""
+    """The linear direct model's relative error per request, against the truth, on the third of the candidates
+    farthest from the logging mean (the largest of them reported: where a far policy would be misjudged)."""
     config = ctx.sim_config
     assert config is not None
     logging_mean = np.asarray(config.logging_weights).mean(0)
-    far = np.argsort(-np.abs(candidates - logging_mean).sum(1))[:3]
+    far = np.argsort(-np.abs(candidates - logging_mean).sum(1))[: max(len(candidates) // 3, 1)]
     errors = []
     for c in far:
         w = np.tile(candidates[c], (ctx.log.n_requests, 1))

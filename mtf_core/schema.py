@@ -1,7 +1,8 @@
 """The session-log schema of DESIGN §2 and `validate`, which reports every problem without crashing.
 
 Tasks are data: the per-task columns (`w_<task>`, `s_<task>`, `y_<task>`) follow whatever the `tasks`
-table declares. Every identifier that reaches SQL is checked against `IDENTIFIER` or against the log's
+table declares. `impressions` may also carry `iw_<task>` for every task: the weights that ranked that one
+candidate, for requests whose weights were perturbed per item (NULL: the request's `w_<task>`). Every identifier that reaches SQL is checked against `IDENTIFIER` or against the log's
 own columns first, and every value travels as a parameter.
 """
 
@@ -120,7 +121,8 @@ def read_tasks(con: duckdb.DuckDBPyConnection) -> list[Task]:
 
 
 def create_table_sql(
-    table: str, tasks: list[Task], user_features: list[str] = (), item_features: list[str] = ()  # type: ignore[assignment]
+    table: str, tasks: list[Task], user_features: list[str] = (), item_features: list[str] = (),  # type: ignore[assignment]
+    item_weights: bool = False,
 ) -> str:
     """CREATE TABLE statement of one log table for the given tasks and feature names (all checked)."""
     cols = dict(TABLES[table])
@@ -135,6 +137,8 @@ def create_table_sql(
     elif table == "impressions":
         cols.update({f"s_{t.name}": "DOUBLE" for t in tasks})
         cols.update({f"y_{t.name}": "DOUBLE" for t in tasks})
+        if item_weights:
+            cols.update({f"iw_{t.name}": "DOUBLE" for t in tasks})
     parts = [f"{quote_ident(c)} {ty}" for c, ty in cols.items()]
     if table in PRIMARY_KEYS:
         parts.append(f"PRIMARY KEY ({quote_ident(PRIMARY_KEYS[table])})")
@@ -184,6 +188,14 @@ def structure_problems(
                 problems.append(Problem(table, col, "missing_column", f"required column is missing ({expected})"))
             elif not _type_ok(expected, actual[col]):
                 problems.append(Problem(table, col, "wrong_type", f"expected {expected}, found {actual[col]}"))
+        if table == "impressions" and any(c.startswith("iw_") for c in actual):
+            for t in tasks:  # per-item weights are optional, but all or none
+                col = f"iw_{t.name}"
+                if col not in actual:
+                    problems.append(Problem(table, col, "missing_column", "per-item weights (iw_*) need a column for "
+                                            "every task"))
+                elif not _type_ok("DOUBLE", actual[col]):
+                    problems.append(Problem(table, col, "wrong_type", f"expected DOUBLE, found {actual[col]}"))
         prefix = {"users": "uf_", "items": "if_"}.get(table)
         for col, dtype in actual.items():
             if prefix and col.startswith(prefix) and dtype not in _NUMERIC_TYPES and not dtype.startswith("DECIMAL"):
@@ -254,6 +266,14 @@ def _check_values(
             n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
             if n:
                 problems.append(Problem("requests", w, "bad_weight", f"{n} weights are negative, NaN or NULL", _examples(con, sql)))
+        iw = f"iw_{t.name}"
+        if iw in imp and _type_ok("DOUBLE", imp[iw]):
+            sql = (f"SELECT request_id, item_id FROM impressions WHERE {quote_ident(iw)} < 0 "
+                   f"OR isnan({quote_ident(iw)}::DOUBLE) OR isinf({quote_ident(iw)}::DOUBLE)")
+            n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
+            if n:
+                problems.append(Problem("impressions", iw, "bad_weight", f"{n} per-item weights are negative, NaN "
+                                        "or infinite", _examples(con, sql)))
         upper = "1" if t.kind == "binary" else "'Infinity'::DOUBLE"
         for prefix, what in (("s_", "score"), ("y_", "label")):
             c = prefix + t.name
@@ -285,6 +305,17 @@ def _check_values(
         n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
         if n:
             problems.append(Problem("impressions", "position", "out_of_range", f"{n} negative positions", _examples(con, sql)))
+        # Positions are 0-based ranks: the shown items of a request sit at 0, 1, ..., m-1. 1-based positions
+        # or gaps would silently shift the position curve and every figure built on it.
+        sql = ("SELECT request_id, min(position) AS first, max(position) AS last, count(position) AS shown "
+               "FROM impressions WHERE position IS NOT NULL GROUP BY request_id "
+               "HAVING min(position) <> 0 OR max(position) <> count(position) - 1")
+        n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
+        if n:
+            problems.append(Problem("impressions", "position", "position_gap",
+                                    f"{n} requests do not show their items at positions 0, 1, ..., m-1 (positions "
+                                    "are 0-based ranks without gaps; columns: request_id, first, last, shown)",
+                                    _examples(con, sql)))
     weight_cols = [f"w_{t.name}" for t in tasks if f"w_{t.name}" in req and _type_ok("DOUBLE", req[f"w_{t.name}"])]
     if weight_cols and len(weight_cols) == len(tasks):
         # The logged weights are a point of the simplex: importance ratios are densities on it, so weights

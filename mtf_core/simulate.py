@@ -8,9 +8,16 @@ Model (all vectorised over sessions; the only Python loop runs over the steps of
   click: sigmoid(a + g * <u, v_click>), then like/finish/share conditional on a click, and watch time
   (minutes) after a click; the MTL scores are noisy, biased predictions of those per-impression rates;
 - the top L of the fused ranking are shown; examination falls with position as (1 + p) ** -decay;
-- a session continues with a probability that rises with an exponential average of recent satisfaction,
-  and its `returned` flag depends on the session's mean satisfaction (long-term != myopic);
-- the logging policy draws the weights from a Dirichlet around per-segment base weights.
+- satisfaction is the user's own taste of each observed signal, minus disappointment (clicks that do not
+  end in a finish) and regret (clicks on clickbait, which draws clicks and watch minutes, so today's signals
+  like it); a session continues with a probability that rises with recent satisfaction and with engagement
+  (satisfaction built over earlier days), and whether the user returns tomorrow depends on both, so
+  blends that win today's signals can lose sessions and days (long-term != myopic);
+- the MTL scores over-predict clickbait and are biased by segment, so a direct model built on them errs
+  where a policy moves far from the logged weights;
+- the logging policy is a legacy click- and watch-heavy blend: a Dirichlet around it (`dirichlet`), one
+  production vector (`deterministic`), A/B arms (`buckets`) or production plus an exploration share
+  (`mixed`); optionally a share of requests ranks each candidate with its own perturbed weights.
 
 Common random numbers: every random draw of (session, step) comes from a generator keyed by
 (seed, step) and is drawn for all sessions, active or not, so any policy run online meets the same users,
@@ -89,10 +96,14 @@ class SimConfig:
     """`mixed` only: the share of requests whose weights are drawn from the exploration Dirichlet."""
     n_buckets: int = 3
     """`buckets` only: the number of A/B arms (the production vector and variants of it)."""
+    per_item_share: float = 0.0
+    """The share of logged requests whose candidates are each ranked with their own weights, drawn from
+    Dirichlet(per_item_concentration * the request's weights): the data per-item policies learn from."""
+    per_item_concentration: float = 50.0
     position_decay: float = 0.8
     segment_names: tuple[str, ...] = ("new", "casual", "core", "power")
     segment_shares: tuple[float, ...] = (0.2, 0.35, 0.3, 0.15)
-    logging_weights: tuple[tuple[float, ...], ...] = _t([[0.6, 0.08, 0.07, 0.05, 0.2]] * 4)
+    logging_weights: tuple[tuple[float, ...], ...] = _t([[0.4, 0.15, 0.15, 0.1, 0.2]] * 4)
     """Per segment, the logging policy's mean weights (click, like, finish, share, watch_time): a legacy,
     click- and watch-time-heavy blend, as production systems often start from."""
     satisfaction: tuple[tuple[float, ...], ...] = _t(
@@ -117,6 +128,9 @@ class SimConfig:
     score_bias_clickbait: tuple[float, ...] = (0.5, 0.0, 0.6, 0.0, 0.3)
     """Per task, MTL bias per unit of an item's clickbait: the model cannot see disappointment, so it
     over-predicts the clicks, finishes and watch time of clickbait."""
+    score_bias_popularity: tuple[float, ...] = (0.4, 1.0, 0.4, 1.0, 0.3)
+    """Per task, MTL bias per standard deviation of an item's popularity: trained on exposure it favoured, the
+    model over-predicts popular items and under-predicts niche ones."""
     taste_scale: float = 0.8
     """Spread of each user's latent taste: satisfaction weight = segment's x exp(taste_scale * taste)."""
     taste_rate_effect: float = 1.0
@@ -124,13 +138,20 @@ class SimConfig:
     model, trained on segment-level data, cannot see it: weights should follow the user's taste."""
     disappointment: tuple[float, ...] = (1.4, 1.1, 0.8, 0.5)
     """Per segment, satisfaction lost per click that does not end in a finish (clickbait that disappoints)."""
+    clickbait_rates: tuple[float, ...] = (1.0, -0.3, -0.3, -0.3, 0.0)
+    """Per task, how an item's clickbait moves its true rates (logit): it draws clicks and costs quality."""
+    clickbait_length: float = 0.6
+    """How an item's clickbait lengthens it (log minutes): bait that keeps people watching."""
+    regret: tuple[float, ...] = (3.0, 2.4, 2.0, 1.6)
+    """Per segment, satisfaction lost per click on an item, per unit of its (positive) clickbait: content that
+    pays in today's signals and leaves the user less likely to stay and come back."""
     continue_base: tuple[float, ...] = (-2.6, -2.0, -2.0, -2.3)
-    continue_slope: float = 0.8
+    continue_slope: float = 1.2
     return_base: tuple[float, ...] = (-0.2, 0.3, 0.6, 0.9)
-    return_slope: float = 0.8
-    engagement_continue: float = 0.6
+    return_slope: float = 1.2
+    engagement_continue: float = 1.0
     """How much a user's engagement (satisfaction built over earlier days) lengthens today's sessions."""
-    engagement_return: float = 1.5
+    engagement_return: float = 2.0
     """How much engagement brings a user back the next day."""
     engagement_memory: float = 0.6
     """Share of yesterday's engagement kept each day (the rest is today's mean satisfaction)."""
@@ -145,13 +166,15 @@ class SimConfig:
             "logging_concentration": self.logging_concentration > 0,
             "logging_mode": self.logging_mode in LOGGING_MODES,
             "exploration_share": 0.0 < self.exploration_share <= 1.0, "n_buckets": 2 <= self.n_buckets <= 10,
+            "per_item_share": 0.0 <= self.per_item_share <= 1.0, "per_item_concentration": self.per_item_concentration > 0,
             "segment tables": all(len(t) == s for t in (self.segment_shares, self.logging_weights, self.satisfaction,
                                                           self.task_gain, self.task_offset, self.continue_base,
                                                           self.return_base, self.score_bias_segment,
-                                                          self.disappointment)),
+                                                          self.disappointment, self.regret)),
             "task tables": all(len(r) == _K for r in (*self.logging_weights, *self.satisfaction, *self.task_gain,
                                                        *self.task_offset, *self.score_bias_segment, self.score_noise,
-                                                       self.score_bias, self.score_bias_clickbait)),
+                                                       self.score_bias, self.score_bias_clickbait, self.score_bias_popularity,
+                                                       self.clickbait_rates)),
             "engagement_memory": 0.0 <= self.engagement_memory < 1.0,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -198,6 +221,7 @@ class _World:
     item_latent: np.ndarray  # (I, K, D) task-specific item directions
     item_bias: np.ndarray  # (I, K)
     item_clickbait: np.ndarray  # (I,)
+    item_popularity: np.ndarray  # (I,) the `popularity` feature, standardised
     item_length: np.ndarray  # (I,) mean watch minutes
     item_features: dict[str, np.ndarray]
 
@@ -220,8 +244,8 @@ def _build_world(config: SimConfig) -> _World:
     item_latent = base[:, None, :] * 0.5 + rng.normal(0.0, 0.85, size=(config.n_items, _K, d))
     # Clickbait: items that draw clicks but fewer likes, finishes and shares, so click-heavy fusion costs.
     clickbait = rng.normal(0.0, 1.0, config.n_items)
-    item_bias = rng.normal(0.0, 0.5, size=(config.n_items, _K)) + np.outer(clickbait, [1.0, -0.9, -1.1, -0.9, 0.0])
-    item_length = np.exp(rng.normal(0.0, 0.5, config.n_items))
+    item_bias = rng.normal(0.0, 0.5, size=(config.n_items, _K)) + np.outer(clickbait, config.clickbait_rates)
+    item_length = np.exp(rng.normal(0.0, 0.5, config.n_items) + config.clickbait_length * clickbait)
     item_projection = rng.normal(0.0, 1.0 / np.sqrt(d), size=(d, 2))
     item_features = {
         "length": item_length,
@@ -234,8 +258,9 @@ def _build_world(config: SimConfig) -> _World:
     # everything above is the same as in worlds without it.
     taste_map = rng.normal(0.0, 1.0, size=(d, _K))
     taste = np.exp(config.taste_scale * (latent - seg_centre[segment]) @ taste_map / np.sqrt(d))
-    return _World(segment, latent, taste, user_features, item_latent, item_bias, clickbait, item_length,
-                  item_features)
+    popularity = item_features["popularity"]
+    return _World(segment, latent, taste, user_features, item_latent, item_bias, clickbait,
+                  (popularity - popularity.mean()) / popularity.std(), item_length, item_features)
 
 
 def user_table(config: SimConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -269,6 +294,8 @@ class _StepDraws:
     continue_u: np.ndarray  # (S,)
     logging_gamma_u: np.ndarray  # (S, K) uniforms turned into Gamma draws by inverse CDF
     explore_u: np.ndarray  # (S,) mixed logging: the request explores when below the exploration share
+    per_item_u: np.ndarray  # (S,) the request is perturbed per item when below the per-item share
+    per_item_gamma_u: np.ndarray  # (S, N, K), or (S, 0, 0) when no request is perturbed per item
 
 
 def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraws:
@@ -283,7 +310,11 @@ def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraw
         watch_z=rng.standard_normal((n_sessions, n), dtype=np.float32),
         continue_u=rng.random(n_sessions),
         logging_gamma_u=rng.random((n_sessions, k)),
-        explore_u=rng.random(n_sessions),  # drawn last: every earlier stream is unchanged
+        explore_u=rng.random(n_sessions),
+        # Drawn last, and only when used: every earlier stream is the same with or without them.
+        per_item_u=rng.random(n_sessions) if config.per_item_share > 0 else np.ones(n_sessions),
+        per_item_gamma_u=(rng.random((n_sessions, n, k)) if config.per_item_share > 0
+                          else np.zeros((n_sessions, 0, 0))),
     )
 
 
@@ -326,12 +357,13 @@ def _true_rates(world: _World, items: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def _mtl_scores(config: SimConfig, rates: np.ndarray, noise: np.ndarray, segment: np.ndarray,
-                clickbait: np.ndarray) -> np.ndarray:
+                clickbait: np.ndarray, popularity: np.ndarray) -> np.ndarray:
     """Noisy, biased predictions of `rates` `(A, N, K)`: logit-space noise for binary tasks, log-space for
     watch time; the bias depends on the user's segment and on the item's clickbait (`(A,)`, `(A, N)`)."""
     sigma = np.asarray(config.score_noise)
     bias = (np.asarray(config.score_bias) + np.asarray(config.score_bias_segment)[segment][:, None, :]
-            + clickbait[..., None] * np.asarray(config.score_bias_clickbait))  # (A, N, K)
+            + clickbait[..., None] * np.asarray(config.score_bias_clickbait)
+            + popularity[..., None] * np.asarray(config.score_bias_popularity))  # (A, N, K)
     binary = np.clip(rates[..., :4], 1e-6, 1 - 1e-6)
     logits = np.log(binary) - np.log1p(-binary) + bias[..., :4] + sigma[:4] * noise[..., :4]
     watch = rates[..., 4] * np.exp(bias[..., 4] + sigma[4] * noise[..., 4] - 0.5 * sigma[4] ** 2)
@@ -374,6 +406,19 @@ def bucket_weights(config: SimConfig) -> np.ndarray:
     for j in (2, 1, 3, 4, 0)[: config.n_buckets - 1]:
         arms.append(0.8 * base + 0.2 * np.eye(_K)[j])
     return np.stack(arms)
+
+
+def _per_item_weights(config: SimConfig, weights: np.ndarray, per_item_u: np.ndarray, gamma_u: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(weights per candidate `(A,N,K)`, perturbed `(A,)`): the request's weights on every candidate, except
+    for the per-item share of requests, whose candidates each get a Dirichlet draw around them."""
+    item_weights = np.repeat(weights[:, None, :], config.n_candidates, axis=1)
+    perturbed = per_item_u < config.per_item_share
+    if perturbed.any():
+        alpha = np.maximum(config.per_item_concentration * weights[perturbed], 1e-3)[:, None, :]
+        item_weights[perturbed] = _dirichlet_from_uniforms(np.broadcast_to(alpha, gamma_u[perturbed].shape),
+                                                           gamma_u[perturbed])
+    return item_weights, perturbed
 
 
 def logging_policy_fn(config: SimConfig) -> Callable[[StateBatch, np.ndarray, np.ndarray, np.ndarray],
@@ -467,6 +512,8 @@ def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
     sat_w = np.asarray(config.satisfaction)[world.user_segment] * world.user_taste  # (U, K)
     cont_b, ret_b = np.asarray(config.continue_base), np.asarray(config.return_base)
     disappoint = np.asarray(config.disappointment)
+    regret = np.asarray(config.regret)
+    bait = np.maximum(world.item_clickbait, 0.0)
     curve = position_curve(config, config.n_candidates)
     logging_act = logging_policy_fn(config)
     engagement = np.zeros(n_users)
@@ -492,24 +539,30 @@ def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
             probs = _sigmoid(known + _taste_logits(config, world, idx))
             seg = world.user_segment[idx]
             scores = _mtl_scores(config, _true_rates(world, items, _sigmoid(known)), d.score_noise[idx], seg,
-                                 world.item_clickbait[items])
+                                 world.item_clickbait[items], world.item_popularity[items])
             state = _state(config, world, idx, step, prev[idx], scores, items)
-            explored = np.zeros(idx.size, dtype=bool)
+            explored = perturbed = np.zeros(idx.size, dtype=bool)
+            fused_weights = None
             if table is not None and day >= first_day:
                 weights = table[idx]
             elif day_policy is None:
                 weights, explored = logging_act(state, d.logging_gamma_u[idx], d.explore_u[idx], idx % n_real)
+                if config.per_item_share > 0:
+                    fused_weights, perturbed = _per_item_weights(config, weights, d.per_item_u[idx],
+                                                                 d.per_item_gamma_u[idx])
             else:
                 with torch.no_grad():
                     weights = day_policy(state).double().numpy()
-            fused = fuse(torch.from_numpy(scores).double(), torch.from_numpy(weights).double(),
+            fused = fuse(torch.from_numpy(scores).double(),
+                         torch.from_numpy(weights if fused_weights is None else fused_weights).double(),
                          form if day_policy is not None else "sum", bias=bias if day_policy is not None else None)
             positions = rank_positions(fused).numpy()
             y = _feedback(config, world, items, probs, positions, d.feedback_u[idx], d.watch_z[idx])
             shown = positions < config.n_shown
             feedback_sum = np.nan_to_num(y).sum(1)
             # Satisfaction: the user's own taste of each signal, minus the clicks that did not end in a finish.
-            sat = (feedback_sum * sat_w[idx]).sum(1) - disappoint[seg] * (feedback_sum[:, 0] - feedback_sum[:, 2])
+            sat = ((feedback_sum * sat_w[idx]).sum(1) - disappoint[seg] * (feedback_sum[:, 0] - feedback_sum[:, 2])
+                   - regret[seg] * (np.nan_to_num(y[..., 0]) * bait[items]).sum(1))
             ema[idx] = np.where(step == 0, sat, 0.5 * ema[idx] + 0.5 * sat)
             sat_total[idx] += sat
             n_req[idx] += 1
@@ -522,8 +575,11 @@ def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
                                 * scores).sum(1)
                 chunk = {"session": day * n_users + idx, "step": np.full(idx.size, step),
                          "segment": state.segment.numpy(), "weights": weights, "feedback_sum": feedback_sum,
-                         "explored": explored,
+                         "explored": explored & ~perturbed, "perturbed": perturbed,
                          "expected_sum": expected_sum, "continued": cont}
+                if keep_detail and config.per_item_share > 0:
+                    chunk["item_weights"] = (np.repeat(weights[:, None, :], config.n_candidates, axis=1)
+                                             if fused_weights is None else fused_weights)
                 if keep_detail:
                     chunk.update({"items": items, "scores": scores, "labels": y, "positions": positions,
                                   "context": state.context.numpy()})
@@ -606,7 +662,7 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None,
     n_req, n_cand = out.session.shape[0], config.n_candidates
     request_id = np.arange(1, n_req + 1, dtype=np.int64)
     alpha = logging_alpha(config)[np.argsort(config.segment_names)][out.segment]
-    explored = det.pop("explored")
+    explored, perturbed = det.pop("explored"), det.pop("perturbed")
     logp = np.full(n_req, np.nan)  # unknown: deterministic, bucketed and production traffic, or another policy
     label = np.full(n_req, policy_label, dtype=object)
     if policy is None:
@@ -618,6 +674,8 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None,
             label[:] = np.char.add("bucket-", (((out.session % config.n_users)) % config.n_buckets).astype(str))
         elif config.logging_mode in ("deterministic", "mixed"):
             label[~explored] = "production"
+        # The candidates of these requests were ranked by per-item draws: no density in the request's action space.
+        label[perturbed] = np.char.add(label[perturbed].astype(str), f"+per-item(c={config.per_item_concentration:g})")
     start = np.datetime64(datetime.fromisoformat(config.start))
     ts = start + (session_start_seconds(config, out.session) * 1e6).astype("timedelta64[us]") + (
         out.step * 45_000_000).astype("timedelta64[us]")
@@ -634,8 +692,9 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None,
     order = np.argsort(key, axis=1, kind="stable")
     for name in ("items", "positions"):
         det[name] = np.take_along_axis(det[name], order, axis=1)
-    for name in ("scores", "labels"):
-        det[name] = np.take_along_axis(det[name], order[..., None], axis=1)
+    for name in ("scores", "labels", "item_weights"):
+        if name in det:
+            det[name] = np.take_along_axis(det[name], order[..., None], axis=1)
     positions = det["positions"].reshape(-1)
     shown = positions < config.n_shown
     impressions = {
@@ -645,6 +704,9 @@ def simulate(config: SimConfig, progress: Callable[[float], None] | None = None,
         **{f"s_{t}": det["scores"][..., j].reshape(-1).astype(np.float64) for j, t in enumerate(config.tasks)},
         **{f"y_{t}": det["labels"][..., j].reshape(-1).astype(np.float64) for j, t in enumerate(config.tasks)},
     }
+    if "item_weights" in det:  # NULL (NaN) where the request's own weights ranked every candidate
+        per_item = np.where(perturbed[:, None, None], det["item_weights"], np.nan)
+        impressions.update({f"iw_{t}": per_item[..., j].reshape(-1) for j, t in enumerate(config.tasks)})
     users = {"user_id": np.arange(1, config.n_users + 1, dtype=np.int64),
              "segment": np.asarray(config.segment_names, dtype=object)[world.user_segment],
              **{f"uf_{k}": v.astype(np.float64) for k, v in world.user_features.items()}}

@@ -32,6 +32,7 @@ from mtf_core.schema import (
     read_tasks,
     structure_problems,
     table_columns,
+    validate,
 )
 
 __all__ = [
@@ -100,6 +101,9 @@ class LogData:
     returned: np.ndarray  # (R,) float64: the session's flag, NaN where unknown
     meta: Mapping[str, str]
     fingerprint: str
+    item_weights: np.ndarray | None = None
+    """(R, N, K) float32: the weights that ranked each candidate, where the log has per-item weights (`iw_*`);
+    a request that was not perturbed per item has its own weights on every candidate."""
 
     @property
     def n_requests(self) -> int:
@@ -146,6 +150,8 @@ class LogData:
                          "weights", "logging_logp", "scores", "labels", "positions", "mask", "item_features",
                          "continued", "returned")
         }
+        if self.item_weights is not None:
+            per_request["item_weights"] = self.item_weights[rows]
         return LogData(path=self.path, tasks=self.tasks, segments=self.segments,
                        user_feature_names=self.user_feature_names, item_feature_names=self.item_feature_names,
                        meta=self.meta, fingerprint=self.fingerprint, **per_request)
@@ -223,38 +229,47 @@ def _load_requests(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], uf: 
     return out
 
 
-def _candidate_columns(tasks: tuple[Task, ...]) -> str:
+def _candidate_columns(tasks: tuple[Task, ...], item_weights: bool = False) -> str:
     """The candidate columns as loading wants them, converted by DuckDB (in parallel, before the transfer):
     `position` (-1 where not shown), and `scores` and `labels` as one float32 array per row, task by task:
-    scores 0 where NULL or not finite, labels NaN where NULL or the item was not shown."""
+    scores 0 where NULL or not finite, labels NaN where NULL or the item was not shown; with `item_weights`,
+    the per-item weights too (NaN where NULL: the request's own weights)."""
     scores = (f"CASE WHEN isfinite({quote_ident('s_' + t.name)}::DOUBLE) THEN {quote_ident('s_' + t.name)}::FLOAT "
               "ELSE 0 END" for t in tasks)
     labels = (f"coalesce(CASE WHEN position IS NOT NULL THEN {quote_ident('y_' + t.name)}::FLOAT END, 'NaN'::FLOAT)"
               for t in tasks)
     k = len(tasks)
-    return (f"coalesce(position, -1)::INTEGER AS position, [{', '.join(scores)}]::FLOAT[{k}] AS scores, "
-            f"[{', '.join(labels)}]::FLOAT[{k}] AS labels")
+    columns = (f"coalesce(position, -1)::INTEGER AS position, [{', '.join(scores)}]::FLOAT[{k}] AS scores, "
+               f"[{', '.join(labels)}]::FLOAT[{k}] AS labels")
+    if item_weights:
+        weights = (f"coalesce({quote_ident('iw_' + t.name)}::FLOAT, 'NaN'::FLOAT)" for t in tasks)
+        columns += f", [{', '.join(weights)}]::FLOAT[{k}] AS item_weights"
+    return columns
 
 
 def _load_candidates(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...], itf: list[str],
-                     request_id: np.ndarray) -> dict[str, object]:
+                     request_id: np.ndarray, item_weights: bool = False) -> dict[str, object]:
     """Candidate rows in (request, shown position, item) order, as numpy: keys, layout, and scores and
     labels `[rows, K]`. DuckDB keeps insertion order and the writers insert in that order, so the sort
     below only runs for logs written otherwise."""
-    table = con.sql(f"SELECT request_id, item_id, {_candidate_columns(tasks)} FROM impressions").to_arrow_table()
+    table = con.sql(f"SELECT request_id, item_id, {_candidate_columns(tasks, item_weights)} FROM impressions"
+                    ).to_arrow_table()
     rid = table.column("request_id").to_numpy().astype(np.int64, copy=False)
     item = table.column("item_id").to_numpy().astype(np.int64, copy=False)
     position = np.array(table.column("position"), dtype=np.int32)  # owned: Arrow's zero-copy view is read-only
     scores, labels = (_fixed_rows(table.column(c), len(tasks)) for c in ("scores", "labels"))
+    weights = _fixed_rows(table.column("item_weights"), len(tasks)) if item_weights else None
     del table
     if not _in_candidate_order(rid, position, item):
         order = np.lexsort((item, np.where(position >= 0, position, np.iinfo(np.int32).max), rid))
         rid, item, position, scores, labels = rid[order], item[order], position[order], scores[order], labels[order]
+        weights = None if weights is None else weights[order]
     row, slot, known, counts, group_row = _slots(rid, request_id)
     # Every request present once, in order, with the same number of candidates: columns reshape as they are.
     uniform = (len(group_row) == len(request_id) and len(rid) > 0 and bool(known.all())
                and bool(np.all(counts == counts[0])) and bool(np.all(group_row == np.arange(len(group_row)))))
-    return {"scores": scores, "labels": labels, "position": position, "item_features": _item_features(con, itf, item),
+    return {"scores": scores, "labels": labels, "item_weights": weights, "position": position,
+            "item_features": _item_features(con, itf, item),
             "row": row, "slot": slot, "known": known, "uniform": uniform}
 
 
@@ -303,8 +318,10 @@ def _slots(rid: np.ndarray, request_id: np.ndarray
     return row, slot, known, counts, group_row
 
 
-def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | None = None) -> LogData:
-    """Read a whole log into dense arrays. Raises LogError when the log is too broken to use."""
+def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | None = None,
+             check: bool = True) -> LogData:
+    """Read a whole log into dense arrays. Raises LogError for anything `validate` refuses (`check=False`
+    reads what can be read: ragged requests as padding, unknown items and segments as zeros)."""
     con = open_log(path)
     try:
         columns = table_columns(con)
@@ -314,10 +331,13 @@ def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | N
         tasks = tuple(read_tasks(con))
         if not tasks:
             raise LogError(f"{path}: cannot load: the log declares no tasks (table `tasks` is empty)", EXIT_PROBLEMS)
-        problems = [p for p in structure_problems(con, columns, list(tasks))
-                    if p.kind in ("missing_column", "wrong_type")]
+        # One gate for every consumer (train, evaluate, compare, the app): what `validate` refuses, they refuse.
+        problems = validate(con) if check else [
+            p for p in structure_problems(con, columns, list(tasks)) if p.kind in ("missing_column", "wrong_type")]
         if problems:
-            raise LogError(f"{path}: cannot load: " + "; ".join(str(p) for p in problems[:5]), EXIT_PROBLEMS)
+            more = f" (and {len(problems) - 3} more; run `validate`)" if len(problems) > 3 else ""
+            raise LogError(f"{path}: cannot load, {len(problems)} validation problem(s): "
+                           + "; ".join(str(p) for p in problems[:3]) + more, EXIT_PROBLEMS)
         uf = _columns_with_prefix(columns["users"], "uf_")
         itf = _columns_with_prefix(columns.get("items", {}), "if_")
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall()) if "meta" in columns else {}
@@ -325,7 +345,8 @@ def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | N
         if progress:
             progress(0.4)
         request_id = np.asarray(req["request_id"], dtype=np.int64)
-        cand = _load_candidates(con, tasks, itf, request_id)
+        has_item_weights = any(c.startswith("iw_") for c in columns["impressions"])
+        cand = _load_candidates(con, tasks, itf, request_id, has_item_weights)
         if progress:
             progress(0.8)
         fp = fingerprint(con) if "meta" in columns else "unknown"
@@ -372,6 +393,11 @@ def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str],
     has_next = ~done
     prev[nxt[has_next]] = mean_feedback[has_next]
     ts = req["ts"]
+    weights = np.stack([_float(req["w_" + t.name]) for t in tasks], axis=1)
+    item_weights = None
+    if cand["item_weights"] is not None:
+        per_item = dense(cand["item_weights"], np.nan)
+        item_weights = np.where(np.isnan(per_item), weights[:, None, :].astype(np.float32), per_item)
     return LogData(
         path=path, tasks=tasks, segments=tuple(str(s) for s in segments),
         user_feature_names=tuple(c[3:] for c in uf), item_feature_names=tuple(c[3:] for c in itf),
@@ -381,10 +407,10 @@ def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str],
         user_features=(np.stack([_float(req[c], np.float32) for c in uf], axis=1) if uf
                        else np.zeros((r, 0), dtype=np.float32)),
         context=context_features(step, np.nan_to_num(prev)),
-        weights=np.stack([_float(req["w_" + t.name]) for t in tasks], axis=1),
+        weights=weights,
         logging_logp=_float(req["logging_logp"]), scores=scores, labels=labels, positions=positions, mask=mask,
         item_features=item_features, continued=has_next,
-        returned=_float(req["returned"]), meta=meta, fingerprint=fp,
+        returned=_float(req["returned"]), meta=meta, fingerprint=fp, item_weights=item_weights,
     )
 
 
@@ -487,7 +513,8 @@ def _write_tables(con: duckdb.DuckDBPyConnection, tables: Mapping[str, dict[str,
     for table in TABLES:
         if table == "items" and "items" not in tables:
             continue
-        con.execute(create_table_sql(table, list(tasks), uf, itf))
+        item_weights = table == "impressions" and any(c.startswith("iw_") for c in tables["impressions"])
+        con.execute(create_table_sql(table, list(tasks), uf, itf, item_weights))
     con.executemany("INSERT INTO meta VALUES (?, ?)", list(full_meta.items()))
     con.executemany("INSERT INTO tasks VALUES (?, ?, ?)", [(t.name, t.kind, t.description) for t in tasks])
     for table, cols in tables.items():
@@ -716,7 +743,8 @@ def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mappi
     for table in TABLES:
         if table == "items" and "items" not in sources:
             continue
-        con.execute(create_table_sql(table, tasks, uf, itf))
+        item_weights = table == "impressions" and any(c.startswith("iw_") for c in targets["impressions"])
+        con.execute(create_table_sql(table, tasks, uf, itf, item_weights))
     for table, cols in targets.items():
         _insert_table(con, table, sources[table], cols)
     if "sessions" not in sources:

@@ -4,12 +4,13 @@ import pandas as pd
 import streamlit as st
 
 from mtf_core import plots
-from mtf_core.compare import metric_frame, ope_frame, paired_lifts
+from mtf_core.compare import headroom_shares, metric_frame, ope_frame, paired_lifts, per_user_truth
 from mtf_core.diagnostics import thresholds_text
 from mtf_core.errors import LogError
+from mtf_core.headroom import ORACLE_LABEL
 from mtf_core.selection import CRITERIA, regret, select
-from ui.common import (KEY_COMPARISON, cached_evaluation, current_log, current_reward, log_version, page_setup,
-                       policy_choices, run_store, runs_dir, show_error)
+from ui.common import (cached_evaluation, cached_oracle_evaluation, current_comparison, current_log, current_reward,
+                       log_version, page_setup, policy_choices, run_store, runs_dir, show_error, store_comparison)
 
 page_setup()
 st.title("Compare")
@@ -28,10 +29,17 @@ with st.form("compare_form"):
     in_sample = st.checkbox("Evaluate on all requests (in-sample for runs trained on this log)", False,
                             help="Off: runs trained on this log are judged on the latest sessions they held out from "
                                  "training, with the direct model fitted on the earlier sessions")
+    oracle = st.checkbox("Add the oracle and each policy's share of its headroom", False,
+                         disabled=not log.is_simulated,
+                         help="Simulated logs only: the best weight vector per segment, found against the simulator's "
+                              "truth (about a minute on the demo log). Share of headroom = (truth - logging) / "
+                              "(oracle - logging).")
     go = st.form_submit_button("Compare", type="primary")
 
 if go:
     refs = [choices[p] for p in picked] + ([f"static:{static}"] if static.strip() else [])
+    if oracle and log.is_simulated and "logging" not in refs:
+        refs.insert(0, "logging")  # the share of headroom is measured from it
     if not refs:
         st.warning("Pick at least one policy.")
         st.stop()
@@ -44,13 +52,16 @@ if go:
             bar.progress(i / len(refs), text=f"Evaluating {ref} ({i + 1} of {len(refs)})...")
             results.append(cached_evaluation(path, mtime, ref, spec.to_json(), str(runs_dir()), n_boot, stochastic,
                                              share))
+        if oracle and log.is_simulated:
+            bar.progress(len(refs) / (len(refs) + 1), text="Finding the oracle against the simulator's truth...")
+            results.append(cached_oracle_evaluation(path, mtime, spec.to_json(), n_boot, share))
     except LogError as exc:
         show_error(exc)
         st.stop()
     bar.progress(1.0, text="Done")
-    st.session_state[KEY_COMPARISON] = results
+    store_comparison(results, log)
 
-results = st.session_state.get(KEY_COMPARISON)
+results = current_comparison(log)
 if not results:
     st.info("Pick policies and press Compare.")
     st.stop()
@@ -64,16 +75,32 @@ st.plotly_chart(plots.forest_plot(overall.rename(columns={"estimator": "label"})
 baseline = st.selectbox("Baseline for lifts", [r.policy for r in results])
 lifts = paired_lifts(results, baseline)
 if not lifts.empty:
-    verdicts = {(o["policy"], o["estimator"]): o.get("verdict") for o in ope.to_dict("records")
-                if o.get("segment") is None}
-    lifts["verdict"] = [verdicts.get((p, e), "") for p, e in zip(lifts["policy"], lifts["estimator"])]
-    st.dataframe(lifts[["policy", "estimator", "difference", "ci_low", "ci_high", "lift", "separated", "verdict"]]
+    overall_rows = {(o["policy"], o["estimator"]): o for o in ope.to_dict("records") if o.get("segment") is None}
+    keys = list(zip(lifts["policy"], lifts["estimator"]))
+    lifts["verdict"] = [overall_rows.get(k, {}).get("verdict", "") for k in keys]
+    lifts["rests on"] = ["; ".join(str(overall_rows.get(k, {}).get(f)) for f in ("propensities", "model")
+                                   if isinstance(overall_rows.get(k, {}).get(f), str)) for k in keys]
+    st.dataframe(lifts[["policy", "estimator", "difference", "ci_low", "ci_high", "lift", "separated", "verdict",
+                        "rests on"]]
                  .rename(columns={"ci_low": "difference: low", "ci_high": "difference: high",
                                   "separated": "interval excludes 0"}),
                  width="stretch", hide_index=True)
     st.caption("Paired lifts over the baseline: the same users resampled for both policies (and, for the truth, "
                "the simulator's common random numbers), so the interval is that of the difference itself. A lift "
                "whose estimate is 'not supported by this log' says nothing the log can check.")
+
+if any(r.policy == ORACLE_LABEL for r in results):
+    shares = headroom_shares(results, ORACLE_LABEL)
+    truth = {r.policy: per_user_truth(r) for r in results}
+    st.dataframe(pd.DataFrame({"policy": list(shares), "truth per user": [truth[p] for p in shares],
+                               "share of headroom": list(shares.values())}),
+                 column_config={"share of headroom": st.column_config.ProgressColumn(
+                     "share of the oracle's headroom", format="percent", min_value=0.0, max_value=1.0)},
+                 width="stretch", hide_index=True)
+    st.caption("How much of the way from the logging policy to the oracle (the best weight vector per segment for "
+               "the long term, found against the simulator's truth) each policy goes, by the truth per user over the "
+               "evaluated days (its reward summed over every request it kept the user for). Above 100%: it beats the "
+               "oracle (per-user or per-request weights can); below 0: it is worse than logging.")
 
 st.subheader("Can these estimates be trusted?")
 diag_rows = [{"policy": r.policy, **r.diagnostics} for r in results if r.diagnostics]

@@ -11,9 +11,11 @@ from mtf_core import plots
 from mtf_core.access import allowed_dirs, check_path_allowed, check_upload_size
 from mtf_core.errors import LogError
 from mtf_core.overview import log_overview
+from mtf_core.profile import profile_log
 from mtf_core.schema import IDENTIFIER, validate
 from mtf_core.store import import_log, log_info, open_log, read_mapping
-from ui.common import KEY_LOG, ROOT, current_log_path, ensure_demo, page_setup, show_error
+from ui.common import (KEY_LOG, ROOT, cached_ab_readout, current_log, current_log_path, current_reward, ensure_demo,
+                       load_log_checked, page_setup, show_error)
 
 page_setup()
 st.title("Data")
@@ -43,21 +45,37 @@ def _import_uploads(files: dict, mapping_text: str, name: str) -> str:  # type: 
     return str(out)
 
 
-source = st.radio("Log", ["Demo (simulated)", "DuckDB file on this machine", "Upload CSV/Parquet files"],
-                  horizontal=True)
-if source.startswith("Demo"):
-    st.session_state[KEY_LOG] = ensure_demo()
-elif source.startswith("DuckDB"):
+SOURCES = ["Demo (simulated)", "DuckDB file on this machine", "Upload CSV/Parquet files"]
+KEY_SOURCE = "mtf_log_source"  # which way the session's log was chosen; survives leaving the page
+
+
+def _use_log(path: str) -> None:
+    """Make `path` the session's log, only once it loads (what `validate` refuses, the app refuses too)."""
+    load_log_checked(path)
+    st.session_state[KEY_LOG] = path
+
+
+def _source_changed() -> None:
+    st.session_state[KEY_SOURCE] = st.session_state["_log_source_widget"]
+    if st.session_state[KEY_SOURCE] == SOURCES[0]:
+        st.session_state[KEY_LOG] = ensure_demo()
+
+
+if KEY_SOURCE not in st.session_state:
+    st.session_state[KEY_SOURCE] = SOURCES[0] if current_log_path() == ensure_demo() else SOURCES[1]
+source = st.radio("Log", SOURCES, index=SOURCES.index(st.session_state[KEY_SOURCE]), horizontal=True,
+                  key="_log_source_widget", on_change=_source_changed)
+if source == SOURCES[1]:
     with st.form("path_form"):
-        typed = st.text_input("Path to a .duckdb log", value=current_log_path())
+        typed = st.text_input("Path to a .duckdb log", value=current_log_path(), key="_log_path_input")
         if st.form_submit_button("Use this log"):
             try:
                 folders = [*allowed_dirs(), ROOT / "data"] if allowed_dirs() else []
-                st.session_state[KEY_LOG] = str(check_path_allowed(typed.strip(), folders))
+                _use_log(str(check_path_allowed(typed.strip(), folders)))
             except LogError as exc:
                 show_error(exc)
                 st.stop()
-else:
+elif source == SOURCES[2]:
     with st.form("upload_form"):
         st.caption("One file per table; columns named as in the schema need no mapping.")
         files = {t: st.file_uploader(f"{t} ({'required' if t in ('users', 'requests', 'impressions') else 'optional'})",
@@ -70,7 +88,7 @@ else:
         if st.form_submit_button("Import"):
             try:
                 path = _import_uploads({t: f for t, f in files.items() if f is not None}, mapping_text, name)
-                st.session_state[KEY_LOG] = path
+                _use_log(path)
                 st.success(f"Imported into {path}")
             except LogError as exc:
                 show_error(exc)
@@ -114,6 +132,19 @@ if problems:
     st.stop()
 st.success(f"Valid log: {info.get('meta', {}).get('source', 'unknown source')}, "
            f"time range {' to '.join(info.get('time_range', ['?', '?']))}")
+
+log = current_log()
+profile = profile_log(log)
+st.subheader("How the weights were logged")
+st.info(f"{profile.mode}. Supports: {', '.join(profile.supports)}.", icon="ℹ️")
+st.caption(profile.explanation[:1].upper() + profile.explanation[1:] + ".")
+if profile.mode == "A/B buckets":
+    arms = cached_ab_readout(path, mtime, current_reward(log).to_json())
+    st.plotly_chart(plots.forest_plot(arms.rename(columns={"arm": "policy"}), "segment",
+                                      "A/B read-out: each arm on its own traffic (mean reward per request, 95% CI)"),
+                    width="stretch")
+    st.dataframe(arms, width="stretch", hide_index=True)
+    st.caption("Differences are from each segment's control, the arm with the most users; intervals resample users.")
 
 tasks = [t["name"] for t in info["tasks"]]
 ov = _overview(path, mtime)

@@ -6,12 +6,12 @@ import streamlit as st
 
 from mtf_core import plots
 from mtf_core.compare import build_report, metric_frame, ope_frame
-from ui.common import KEY_COMPARISON, KEY_REPORT_HTML, current_log, current_reward, page_setup, run_store
+from ui.common import KEY_REPORT_HTML, current_comparison, current_log, current_reward, page_setup, run_store
 
 page_setup()
 st.title("Report")
 log = current_log()
-results = st.session_state.get(KEY_COMPARISON)
+results = current_comparison(log)
 if not results:
     st.info("Run a comparison on the Compare page first; the report is built from it.")
     st.stop()

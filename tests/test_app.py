@@ -21,7 +21,7 @@ def isolated_runs(tmp_path_factory, monkeypatch):
 
 
 def _run(page: str, at: AppTest | None = None) -> AppTest:
-    at = at or AppTest.from_file(str(ROOT / page), default_timeout=TIMEOUT)
+    at = at if at is not None else AppTest.from_file(str(ROOT / page), default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -95,6 +95,7 @@ def test_compare_two_runs_and_build_the_report():
     assert len(at.get("plotly_chart")) >= 2
     report = AppTest.from_file(str(ROOT / "pages/report.py"), default_timeout=TIMEOUT)
     report.session_state["mtf_comparison"] = at.session_state["mtf_comparison"]
+    report.session_state["mtf_comparison_for"] = at.session_state["mtf_comparison_for"]
     report.session_state["mtf_log_path"] = at.session_state["mtf_log_path"]
     report.run()
     assert not report.exception
@@ -104,3 +105,98 @@ def test_compare_two_runs_and_build_the_report():
     assert html.count('class="plotly-graph-div"') == 3
     assert "Plotly.newPlot" in html and "run:" in html
     assert html.count("<script") >= 3 and len(html) > 1_000_000  # plotly.js inlined: opens offline
+
+
+def test_compare_shows_each_policys_share_of_the_oracles_headroom(tmp_path):
+    from mtf_core.headroom import ORACLE_LABEL
+    from mtf_core.simulate import SimConfig, generate
+
+    path = tmp_path / "small.duckdb"
+    generate(SimConfig(n_users=150, sessions_per_user=2, n_items=500, seed=5), str(path))
+    at = AppTest.from_file(str(ROOT / "pages/compare.py"), default_timeout=TIMEOUT)
+    at.session_state["mtf_log_path"] = str(path)
+    at = _run("pages/compare.py", at)
+    at.multiselect[0].set_value([])
+    [w for w in at.text_input if "fixed weight" in w.label][0].set_value("like=0.5,finish=0.3,share=0.2")
+    [w for w in at.checkbox if "headroom" in w.label][0].check()
+    [s for s in at.select_slider][0].set_value(100)
+    at.button[0].click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    results = at.session_state["mtf_comparison"]
+    assert [r.policy for r in results][0] == "logging" and results[-1].policy == ORACLE_LABEL
+    table = next(d.value for d in at.dataframe if "share of headroom" in d.value.columns)
+    share = dict(zip(table["policy"], table["share of headroom"]))
+    assert share["logging"] == 0 and share[ORACLE_LABEL] == 1
+    assert results[-1].ground_truth["per_user"]["value"] > results[0].ground_truth["per_user"]["value"]
+
+
+def test_data_page_profiles_an_ab_log_and_reads_out_its_arms(tmp_path, monkeypatch):
+    from mtf_core.simulate import SimConfig, generate
+
+    path = tmp_path / "ab.duckdb"
+    generate(SimConfig(n_users=120, sessions_per_user=2, n_items=500, seed=5, logging_mode="buckets"), str(path))
+    monkeypatch.setenv("MTF_DATA_DIRS", str(tmp_path))
+    at = _run("pages/data.py")
+    at.radio[0].set_value("DuckDB file on this machine")
+    at.run()
+    at.text_input[0].set_value(str(path))
+    at.button[0].click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(i.value.startswith("A/B buckets") for i in at.info)
+    arms = next(d.value for d in at.dataframe if "arm" in d.value.columns)
+    assert len(arms) == 4 * 3 and arms["control"].sum() == 4
+
+
+def test_data_page_keeps_the_chosen_log_and_refuses_a_broken_one(tmp_path, monkeypatch):
+    """Issue 19: a path that does not load never becomes the session's log, and revisiting the Data page keeps
+    the log chosen there instead of switching back to the demo."""
+    import shutil
+
+    import duckdb
+
+    from mtf_core.simulate import SimConfig, generate
+
+    good, broken = tmp_path / "good.duckdb", tmp_path / "broken.duckdb"
+    generate(SimConfig(n_users=60, sessions_per_user=2, n_items=300, seed=1), str(good))
+    shutil.copy(good, broken)
+    con = duckdb.connect(str(broken))
+    con.execute("UPDATE impressions SET position = position + 1 WHERE position IS NOT NULL")
+    con.close()
+    monkeypatch.setenv("MTF_DATA_DIRS", str(tmp_path))
+    at = _run("pages/data.py")
+    at.radio[0].set_value("DuckDB file on this machine")
+    at.run()
+    at.text_input[0].set_value(str(good))
+    at.button[0].click()
+    at.run()
+    assert at.session_state["mtf_log_path"] == str(good)
+    at.text_input[0].set_value(str(broken))
+    at.button[0].click()
+    at.run()
+    assert any("position_gap" in e.value for e in at.error)
+    assert at.session_state["mtf_log_path"] == str(good)  # the broken path was refused, not stored
+    revisit = AppTest.from_file(str(ROOT / "pages/data.py"), default_timeout=TIMEOUT)
+    for key in ("mtf_log_path", "mtf_log_source"):
+        revisit.session_state[key] = at.session_state[key]
+    _run("pages/data.py", revisit)
+    assert revisit.session_state["mtf_log_path"] == str(good)
+    assert revisit.radio[0].value == "DuckDB file on this machine"
+
+
+def test_reward_widgets_show_the_sessions_spec():
+    """One owner: the session's reward spec sets every control (a loaded spec no longer leaves the sliders at their
+    old values), and the preview follows the controls."""
+    from mtf_core.reward import RewardSpec
+
+    coefficients = {"click": 0.0, "like": 2.5, "finish": 0.0, "share": 4.0, "watch_time": 0.0}
+    spec = RewardSpec(coefficients=coefficients, normalize=False, returned=3.0, vertex_penalty=6.0)
+    at = AppTest.from_file(str(ROOT / "pages/reward.py"), default_timeout=TIMEOUT)
+    at.session_state["mtf_reward_spec"] = spec.to_json()
+    _run("pages/reward.py", at)
+    sliders = {s.label: s.value for s in at.slider}
+    assert sliders["like"] == 2.5 and sliders["share"] == 4.0 and sliders["click"] == 0.0
+    assert sliders["When the user comes back the next day"] == 3.0
+    assert not [c for c in at.checkbox if c.label.startswith("Divide")][0].value
+    assert RewardSpec.from_json(at.session_state["mtf_reward_spec"]) == spec

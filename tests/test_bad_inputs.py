@@ -83,6 +83,15 @@ def test_bad_input_case(case, capsys, tmp_path, tiny_log_path, static_run):
         else:
             path = BAD / case["file"]
         code, text = _cli(capsys, "validate", str(path))
+    elif kind == "gate":  # train and evaluate refuse what validate refuses, with its message
+        path = tmp_path / "log.duckdb"
+        shutil.copy(tiny_log_path, path)
+        con = duckdb.connect(str(path))
+        con.execute(case["sql"])
+        con.close()
+        extra = (["--algo", "static", "--runs", str(tmp_path / "runs")] if case["command"] == "train"
+                 else ["--policy", "logging", "--n-boot", "10"])
+        code, text = _cli(capsys, case["command"], str(path), *extra)
     elif kind == "reward":
         code, text = _cli(capsys, "evaluate", str(tiny_log_path), "--policy", "logging", "--reward",
                           str(BAD / case["file"]), "--n-boot", "10")

@@ -26,7 +26,7 @@ def test_intervals_called_trustworthy_cover_the_truth(study):
 
 
 def test_targets_far_from_the_log_are_not_called_trustworthy(study):
-    far = study[study["target"].isin(["fixed: far", "fixed: mid-simplex"])]
+    far = study[study["target"].isin(["fixed: far", "fixed: share-heavy"])]
     assert (far["verdict"] != TRUSTWORTHY).all()
     assert (far["verdict"] == NOT_SUPPORTED).mean() >= 0.8
 

@@ -114,3 +114,21 @@ def test_train_rejects_a_bad_setting_without_traceback(generated, tmp_path):
 def test_unknown_run_is_a_clear_error(generated, tmp_path):
     proc = run("evaluate", str(generated), "--policy", "run:deadbeef", "--runs", str(tmp_path))
     assert proc.returncode == 2 and "no run 'deadbeef'" in proc.stderr
+
+
+def test_compare_with_the_oracle_reports_shares_of_its_headroom(generated, tmp_path):
+    proc = run("compare", str(generated), "--policy", "logging", "--policy", "static:like=0.5,finish=0.3,share=0.2",
+               "--oracle", "--n-boot", "50", "--runs", str(tmp_path / "runs"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["policy"]: row for row in json.loads(proc.stdout)["policies"]}
+    oracle = next(p for p in rows if p.startswith("oracle"))
+    assert rows["logging"]["share_of_headroom"] == 0 and rows[oracle]["share_of_headroom"] == 1
+    truth = {p: row["figures"]["truth_per_user"]["value"] for p, row in rows.items()}
+    static = next(p for p in rows if p.startswith("static"))
+    expected = (truth[static] - truth["logging"]) / (truth[oracle] - truth["logging"])
+    assert rows[static]["share_of_headroom"] == pytest.approx(expected)
+
+
+def test_generate_per_item_share_is_checked(tmp_path):
+    proc = run("generate", "--out", str(tmp_path / "x.duckdb"), "--users", "10", "--per-item-share", "1.5")
+    assert proc.returncode == 2 and "per_item_share" in proc.stderr and "Traceback" not in proc.stderr

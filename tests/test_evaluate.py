@@ -169,7 +169,7 @@ def test_kernel_estimates_converge_as_the_log_grows(tmp_path):
             generate(dataclasses.replace(one_step, n_users=n_users, seed=200 + seed), str(path))
             log = load_log(path)
             ctx = prepare(log, RewardSpec({t: 1.0 for t in log.task_names}))
-            policy = parse_static("click=0.6,like=0.08,finish=0.07,share=0.05,watch_time=0.2", log.task_names,
+            policy = parse_static("click=0.4,like=0.15,finish=0.15,share=0.1,watch_time=0.2", log.task_names,
                                   log.segments)
             result = evaluate_policy(ctx, target_actions(policy, log, "k"), n_boot=20,
                                      truth_policy=policy_for_truth(policy, False))

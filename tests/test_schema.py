@@ -36,6 +36,10 @@ CASES = [
     ("duplicate_position", ["UPDATE impressions SET position = 0 WHERE request_id = 1 AND position = 1"],
      "impressions", "position"),
     ("out_of_range", ["UPDATE impressions SET s_click = 1.7 WHERE request_id = 3"], "impressions", "s_click"),
+    ("missing_column", ["ALTER TABLE impressions ADD COLUMN iw_click DOUBLE"], "impressions", "iw_like"),
+    ("bad_weight", [*(f"ALTER TABLE impressions ADD COLUMN iw_{t} DOUBLE"
+                      for t in ("click", "like", "finish", "share", "watch_time")),
+                    "UPDATE impressions SET iw_share = -1 WHERE request_id = 2"], "impressions", "iw_share"),
     ("out_of_range", ["UPDATE impressions SET y_watch_time = -2 WHERE request_id = 4 AND position = 0"],
      "impressions", "y_watch_time"),
     ("bad_kind", ["UPDATE tasks SET kind = 'ordinal' WHERE name = 'like'"], "tasks", "kind"),

@@ -172,3 +172,38 @@ def test_logging_modes(tmp_path, mode):
         assert len(production) == len(log.segments)
     out = run_online(config, None)
     np.testing.assert_allclose(out.feedback_sum, np.nan_to_num(log.labels).sum(1), atol=1e-4)
+
+
+def test_per_item_share_logs_the_weights_that_ranked_each_candidate(tmp_path):
+    """A share of requests ranks each candidate with its own weights: they are stored (iw_*), they reproduce the
+    logged positions where the request's weights do not, those requests carry no density, and the rest of the
+    log is the same as without the share (its random numbers are drawn last)."""
+    import torch
+
+    from mtf_core.fusion import fuse, rank_positions
+    from mtf_core.schema import validate
+    from mtf_core.store import load_log
+
+    base = SimConfig(n_users=100, sessions_per_user=2, n_items=600, seed=4)
+    path = tmp_path / "per_item.duckdb"
+    generate(dataclasses.replace(base, per_item_share=0.3), str(path))
+    con = duckdb.connect(str(path), read_only=True)
+    assert validate(con) == []
+    con.close()
+    log = load_log(path)
+    perturbed = np.abs(log.item_weights - log.weights[:, None, :]).max((1, 2)) > 1e-6
+    assert 0.2 < perturbed.mean() < 0.4
+    assert np.isnan(log.logging_logp[perturbed]).all() and not np.isnan(log.logging_logp[~perturbed]).any()
+    scores = torch.from_numpy(log.scores).double()
+    by_item = rank_positions(fuse(scores, torch.from_numpy(log.item_weights).double(), "sum")).numpy()
+    by_request = rank_positions(fuse(scores, torch.from_numpy(log.weights).double(), "sum")).numpy()
+    shown = log.shown
+    np.testing.assert_array_equal(by_item[shown], log.positions[shown])
+    assert (by_request[perturbed][shown[perturbed]] != log.positions[perturbed][shown[perturbed]]).mean() > 0.1
+    out = run_online(dataclasses.replace(base, per_item_share=0.3), None)
+    np.testing.assert_allclose(out.feedback_sum, np.nan_to_num(log.labels).sum(1), atol=1e-4)
+    plain = load_log(generate(base, str(tmp_path / "plain.duckdb")))
+    assert plain.item_weights is None
+    first = lambda x: (x.step == 0) & (x.session_id <= base.n_users)  # noqa: E731 (every user's first request)
+    np.testing.assert_array_equal(plain.weights[first(plain)], log.weights[first(log)])
+    np.testing.assert_array_equal(np.sort(plain.scores[first(plain)], 1), np.sort(log.scores[first(log)], 1))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import duckdb
+import pandas as pd
 import streamlit as st
 
 from mtf_core.errors import LogError
@@ -24,21 +26,40 @@ KEY_LOG = "mtf_log_path"  # str: the log every page works on
 KEY_REWARD = "mtf_reward_spec"  # RewardSpec JSON text chosen on the Reward page
 KEY_LAST_RUN = "mtf_last_run"  # str: id of the run trained last in this session
 KEY_COMPARISON = "mtf_comparison"  # list of EvaluationResult from the Compare page
+KEY_COMPARISON_FOR = "mtf_comparison_for"  # (log fingerprint, reward JSON) the comparison was computed for
 KEY_REPORT_HTML = "mtf_report_html"  # str: the last HTML report built on the Report page
 
 
 @st.cache_resource(show_spinner="Generating the demo log (first start only)...")
 def ensure_demo() -> str:
-    """Generate `data/demo.duckdb` if absent (atomic, so concurrent sessions never see half a file)."""
-    if not DEMO_PATH.exists():
-        from mtf_core.simulate import SimConfig, generate
+    """Generate `data/demo.duckdb` if absent or made by an older simulator (atomic, so concurrent sessions
+    never see half a file)."""
+    from mtf_core.simulate import SimConfig, generate
 
+    current = SimConfig()
+    if not DEMO_PATH.exists() or _stored_config(DEMO_PATH) != current:
         try:
-            generate(SimConfig(), str(DEMO_PATH))
+            generate(current, str(DEMO_PATH), force=True)
         except LogError:
             if not DEMO_PATH.exists():  # another process won the race only if the file now exists
                 raise
     return str(DEMO_PATH)
+
+
+def _stored_config(path: Path) -> object:
+    """The simulator config a log was generated with, or None where it cannot be read."""
+    from mtf_core.simulate import SimConfig
+    from mtf_core.store import open_log
+
+    try:
+        con = open_log(path)
+        try:
+            row = con.execute("SELECT value FROM meta WHERE key = 'simulator_config'").fetchone()
+        finally:
+            con.close()
+        return SimConfig.from_json(row[0]) if row else None
+    except (LogError, ValueError, duckdb.Error):
+        return None
 
 
 def _mtime(path: str) -> float:
@@ -51,6 +72,11 @@ def _mtime(path: str) -> float:
 @st.cache_resource(show_spinner="Loading the log...", max_entries=4)
 def _cached_log(path: str, mtime: float) -> LogData:
     return load_log(path)
+
+
+def load_log_checked(path: str) -> LogData:
+    """Load (cached per file version) a log a user picked; raises LogError for anything `validate` refuses."""
+    return _cached_log(path, _mtime(path))
 
 
 def current_log_path() -> str:
@@ -113,6 +139,24 @@ def cached_evaluation(path: str, mtime: float, policy_ref: str, reward_json: str
     return evaluate_policy(sample.ctx, actions, n_boot=n_boot, truth_policy=truth, sample=sample.description)
 
 
+@st.cache_data(show_spinner="Reading out the A/B test...", max_entries=8)
+def cached_ab_readout(path: str, mtime: float, reward_json: str) -> pd.DataFrame:
+    """The A/B read-out of a bucketed log (see `abtest.ab_readout`)."""
+    from mtf_core.abtest import ab_readout
+
+    return ab_readout(cached_context(path, mtime, reward_json))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def cached_oracle_evaluation(path: str, mtime: float, reward_json: str, n_boot: int,
+                             held_out_share: float | None = None) -> EvaluationResult:
+    """The per-segment oracle (found against the simulator's truth) evaluated on the same requests."""
+    from mtf_core.headroom import evaluate_oracle
+
+    sample = cached_sample(path, mtime, reward_json, held_out_share)
+    return evaluate_oracle(sample.ctx, n_boot=n_boot, sample=sample.description)
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def cached_sample(path: str, mtime: float, reward_json: str, held_out_share: float | None) -> EvaluationSample:
     """The requests an evaluation runs on: all, or the latest sessions held out from training."""
@@ -130,6 +174,23 @@ def cached_context(path: str, mtime: float, reward_json: str) -> EvalContext:
     from mtf_core.evaluate import prepare
 
     return prepare(_cached_log(path, mtime), RewardSpec.from_json(reward_json))
+
+
+def store_comparison(results: list[EvaluationResult], log: LogData) -> None:
+    """Keep a comparison with what it was computed for, so that no page shows it for another log or reward."""
+    st.session_state[KEY_COMPARISON] = results
+    st.session_state[KEY_COMPARISON_FOR] = (log.fingerprint, current_reward(log).to_json())
+
+
+def current_comparison(log: LogData) -> list[EvaluationResult] | None:
+    """The session's comparison if it was computed for this log and reward; a stale one is cleared, saying so."""
+    results = st.session_state.get(KEY_COMPARISON)
+    if results and st.session_state.get(KEY_COMPARISON_FOR) != (log.fingerprint, current_reward(log).to_json()):
+        for key in (KEY_COMPARISON, KEY_COMPARISON_FOR, KEY_REPORT_HTML):
+            st.session_state.pop(key, None)
+        st.warning("The last comparison was computed for another log or reward, so it was cleared; run it again.")
+        return None
+    return results
 
 
 def log_version() -> tuple[str, float]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
 from mtf_core.errors import LogError
+from mtf_core.profile import LogProfile, profile_log
+from mtf_core import propensity
+from mtf_core.propensity import Propensities
 from mtf_core.evaluate.direct import DirectFitData, DirectModel, fit_direct
 from mtf_core.reward import (
     ResolvedReward,
@@ -41,6 +45,13 @@ class EvalContext:
     unit_segment: np.ndarray  # (U,)
     sim_config: SimConfig | None
     n_top: int
+    profile: LogProfile
+
+    @cached_property
+    def propensities(self) -> Propensities:
+        """The logging density importance ratios divide by, and where it comes from (estimated on first use:
+        training and re-ranking never need it)."""
+        return propensity.propensities(self.log, self.profile)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -73,7 +84,8 @@ def prepare(log: LogData, spec: RewardSpec, fitted_on: EvalContext | None = None
     users, unit = np.unique(log.user_id, return_inverse=True)
     unit_segment = np.zeros(len(users), dtype=np.int64)
     unit_segment[unit] = log.segment
-    return EvalContext(log, resolved, logged, expected, direct, direct_fit, unit, unit_segment, sim, n_top)
+    profile = profile_log(log)
+    return EvalContext(log, resolved, logged, expected, direct, direct_fit, unit, unit_segment, sim, n_top, profile)
 
 
 def check_log_for_evaluation(log: LogData) -> None:

@@ -17,11 +17,12 @@ from mtf_core.evaluate.ratios import ImportanceRatios, importance_ratio
 from mtf_core.evaluate.rerank import expected_under, gauc, rerank_metrics
 from mtf_core.evaluate.truth import truth_with_unit_terms
 from mtf_core.diagnostics import estimator_verdicts, overlap_diagnostics
-from mtf_core.propensity import logging_policy
 from mtf_core.reward import penalty
 from mtf_core.store import iter_chunks
 
-__all__ = ["EvaluationResult", "evaluate_policy", "point_value"]
+__all__ = ["EvaluationResult", "evaluate_policy", "point_value", "DIRECT_MODEL"]
+
+DIRECT_MODEL = "linear direct model (per segment, on the MTL-score expected reward)"
 
 
 @dataclass
@@ -138,6 +139,7 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     target = _target_terms(ctx, actions, expected)
     ratios = importance_ratio(ctx, actions, seed, dm_target=float(target.value.mean()))
     ope, unit_terms = _off_policy(ctx, ratios, target, n_boot, seed + 1)
+    _label_sources(ctx, ope, actions.is_logging)
     diagnostics, by_segment = _diagnostics(ctx, ratios, ope)
     report(0.7, "off-policy estimates done")
     truth = None
@@ -148,7 +150,7 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
         unit_terms["truth_per_user"] = np.stack([per_user, np.ones_like(per_user)], 1)
     report(1.0, "done")
     return EvaluationResult(log.path, actions.label, ctx.resolved.to_dict(), log.n_requests, metrics, ope, truth,
-                            _notes(actions, ratios), None if ratios is None else ratios.describe(),
+                            _notes(ctx, actions, ratios), None if ratios is None else ratios.describe(),
                             None if ratios is None else ratios.values, diagnostics, by_segment, target.value,
                             unit_terms, ctx.unit_segment, n_boot, seed + 1,
                             sample or f"all {log.n_requests:,} requests")
@@ -220,19 +222,30 @@ def _off_policy(ctx: EvalContext, ratios: ImportanceRatios | None, target: _Targ
     return rows, unit_terms
 
 
+def _label_sources(ctx: EvalContext, ope: list[dict[str, object]], is_logging: bool) -> None:
+    """Each estimate names what it rests on: the propensities (logged, mixture, estimated) and the model."""
+    for row in ope:
+        name = row["estimator"]
+        row["propensities"] = ("on-policy" if is_logging else ctx.propensities.source) if name != "dm" else None
+        row["model"] = DIRECT_MODEL if name in ("dm", "dr") else None
+
+
 def _draw_ratios(ctx: EvalContext, ratios: ImportanceRatios) -> np.ndarray | None:
     """Target/logging density ratios `[G,R]` of draws from the target (None where the target has no draws)."""
     if ratios.draws is None or ratios.target_logp_draws is None:
         return None
     import torch
 
-    log, model = ctx.log, logging_policy(ctx.log)
+    log, model = ctx.log, ctx.propensities.model
+    if model is None:
+        return None
     logging_logp = np.empty(ratios.target_logp_draws.shape)
     with torch.no_grad():
         for rows in iter_chunks(log.n_requests, context.CHUNK):
             dist = model.distribution(log.state(rows))
             draws = torch.from_numpy(ratios.draws[:, rows]).to(torch.float64).clamp(min=1e-12)
             logging_logp[:, rows] = dist.log_prob(draws / draws.sum(-1, keepdim=True)).numpy()
+    logging_logp += ctx.propensities.log_share
     return np.exp(np.clip(ratios.target_logp_draws - logging_logp, -700, 700))
 
 
@@ -269,13 +282,14 @@ def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[di
     return out[0], out[1:]
 
 
-def _notes(actions: TargetActions, ratios: ImportanceRatios | None) -> list[str]:
+def _notes(ctx: EvalContext, actions: TargetActions, ratios: ImportanceRatios | None) -> list[str]:
     if ratios is None:
-        return [actions.ope_note or "logging_logp is unknown for some requests, so IPS, SNIPS, DR and NCIS cannot "
-                "be computed; only the direct method (model-based) is shown"]
+        return [actions.ope_note or f"{ctx.profile.mode} log: {ctx.propensities.note}; only the direct method "
+                "(model-based) is shown"]
+    notes = [] if ctx.propensities.source == "logged" or actions.is_logging else [ctx.propensities.note]
     if ratios.kind != "kernel":
-        return []
-    return [f"{actions.label} is deterministic: its importance ratios smooth it with a Dirichlet kernel of "
+        return notes
+    return notes + [f"{actions.label} is deterministic: its importance ratios smooth it with a Dirichlet kernel of "
             f"concentration {ratios.concentration:g} centred on its weights (chosen so that the estimated "
             f"smoothing bias, {ratios.smoothing_bias:+.4f}, stays within a quarter of the standard error, "
             f"{ratios.standard_error:.4f}, where the grid allows); DR corrects the smoothing with the direct model"]

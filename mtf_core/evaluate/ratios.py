@@ -84,10 +84,11 @@ def importance_ratio(ctx: EvalContext, actions: TargetActions, seed: int = 0, dm
     log = ctx.log
     if actions.is_logging:
         return ImportanceRatios(np.ones(log.n_requests), "logged")
-    if actions.ope_note or np.isnan(log.logging_logp).any():
+    logging_logp = ctx.propensities.logp
+    if actions.ope_note or ctx.propensities.source is None or np.isnan(logging_logp).any():
         return None
     if actions.stochastic and actions.logp_logged is not None:
-        values = np.exp(np.clip(actions.logp_logged - log.logging_logp, -700, 700))
+        values = np.exp(np.clip(actions.logp_logged - logging_logp, -700, 700))
         return ImportanceRatios(values, "exact", target_logp_draws=actions.logp_samples, draws=actions.samples)
     if dm_target is None:
         dm_target = float(direct_value(ctx, expected_under(ctx, actions.weights), actions.weights).mean())
@@ -102,7 +103,7 @@ def _kernel_ratios(ctx: EvalContext, target: np.ndarray, seed: int, dm_target: f
     gen = torch.Generator().manual_seed(seed)
     chosen = None
     for c in concentration_grid(target.shape[1]):
-        values = np.exp(np.clip(dirichlet_kernel_logp(log.weights, target, c) - log.logging_logp, -700, 700))
+        values = np.exp(np.clip(dirichlet_kernel_logp(log.weights, target, c) - ctx.propensities.logp, -700, 700))
         se = _clustered_se(values * reward, ctx.unit)
         alpha = torch.from_numpy(1.0 + c * np.maximum(target, 0.0))
         kernel = torch.distributions.Dirichlet(alpha)

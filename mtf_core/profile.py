@@ -1,0 +1,98 @@
+"""What a log can support: how its fusion weights were logged, and so which estimates exist.
+
+Most production logs carry no density: one vector per segment, a few vectors in an A/B test, or production
+traffic with an exploration share. Importance weighting needs the logging density of every action it
+reweights, so the profile decides which estimators a log supports before any of them runs:
+- `known density` (every request has `logging_logp`): IPS, SNIPS, DR and NCIS with logged propensities;
+- `mixed` (only some requests have it: an exploration share): the same on the mixture, with requests without
+  a density treated as the part of the logging policy a smooth target never takes (ratio 0) and the density
+  of the rest scaled by their share;
+- `stochastic, density unknown` (weights vary within segments, no `logging_logp`): the same with estimated
+  propensities, labelled so;
+- `deterministic` (one vector per segment) and `A/B buckets` (a few fixed vectors): importance weighting
+  cannot reach a vector that was never logged; the direct model and re-ranking metrics (model-based), and for
+  buckets an on-policy read-out of the logged arms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from mtf_core.store import LogData
+
+__all__ = ["LogProfile", "profile_log", "MODES", "MAX_BUCKETS"]
+
+MODES = ("known density", "mixed", "stochastic, density unknown", "deterministic", "A/B buckets")
+MAX_BUCKETS = 10
+"""At most this many distinct vectors per segment, each carrying at least 1% of the segment's requests, read
+as an A/B test; more varied weights without a density are read as a stochastic policy of unknown density."""
+
+
+@dataclass(frozen=True)
+class LogProfile:
+    """How a log's weights were logged and what that allows (module docstring)."""
+
+    mode: str
+    share_with_density: float
+    vectors_per_segment: dict[str, int]  # distinct logged vectors among requests without a density
+    random_exposure: bool
+    supports: tuple[str, ...]
+    explanation: str
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _distinct_vectors(weights: np.ndarray, segment: np.ndarray, n_segments: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per segment, the number of distinct weight vectors (to 1e-9) and their request counts."""
+    rounded = np.round(weights, 9)
+    counts, shares = np.zeros(n_segments, dtype=np.int64), []
+    for s in range(n_segments):
+        rows = rounded[segment == s]
+        if len(rows) == 0:
+            shares.append(np.zeros(0))
+            continue
+        _, n = np.unique(rows, axis=0, return_counts=True)
+        counts[s] = len(n)
+        shares.append(n / n.sum())
+    return counts, shares
+
+
+def profile_log(log: LogData) -> LogProfile:
+    """Classify how `log`'s weights were logged (module docstring)."""
+    known = np.isfinite(log.logging_logp)
+    share = float(known.mean()) if log.n_requests else 0.0
+    random_exposure = str(log.meta.get("random_exposure", "")).lower() in ("true", "1", "yes")
+    unknown = ~known
+    counts, shares = _distinct_vectors(log.weights[unknown], log.segment[unknown], len(log.segments))
+    per_segment = {name: int(c) for name, c in zip(log.segments, counts)}
+    model_based = ("DM (model-based)", "re-ranking metrics (model-based)")
+    if share == 1.0:
+        mode, supports = "known density", ("IPS", "SNIPS", "DR", "NCIS", *model_based)
+        why = "every request logs the density of its weights: importance-weighted estimates use it as logged"
+    elif share > 0.0:
+        mode, supports = "mixed", ("IPS", "SNIPS", "DR", "NCIS", *model_based)
+        why = (f"{share:.1%} of requests log the density of their weights (an exploration share); the rest do not. "
+               "Importance weighting treats those as the part of the logging policy that a smooth target never "
+               "takes (ratio 0) and scales the density of the explored requests by their share: unbiased when "
+               "which requests explore is decided at random")
+    elif counts.max(initial=0) <= 1:
+        mode, supports = "deterministic", model_based
+        why = ("one weight vector per segment and no density: importance weighting cannot reach a vector that was "
+               "never logged, so every estimate of another policy rests on the direct model")
+    elif counts.max() <= MAX_BUCKETS and all(s.min(initial=1.0) >= 0.01 for s in shares):
+        mode, supports = "A/B buckets", ("A/B read-out of the logged arms", *model_based)
+        why = (f"at most {counts.max()} fixed vectors per segment and no density: an A/B test. Each logged arm can "
+               "be read out on its own traffic; importance weighting cannot reach a vector that was never "
+               "logged, so other policies rest on the direct model")
+    else:
+        mode = "stochastic, density unknown"
+        supports = ("IPS (estimated propensities)", "SNIPS (estimated propensities)",
+                    "DR (estimated propensities)", "NCIS (estimated propensities)", *model_based)
+        why = ("the weights vary within segments but no density was logged: importance-weighted estimates use "
+               "propensities estimated from the logged weights, and say so")
+    if random_exposure:
+        why += "; labels come from random exposure (meta flag random_exposure), so they are free of exposure bias"
+    return LogProfile(mode, share, per_segment, random_exposure, supports, why)
