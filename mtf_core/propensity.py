@@ -70,7 +70,10 @@ def propensities(log: LogData, profile: LogProfile | None = None, seed: int = 0)
         known = np.isfinite(log.logging_logp)
         log_share = math.log(profile.share_with_density)
         logp = np.where(known, log.logging_logp + log_share, np.inf)
-        return Propensities("logged (explored share)", logp, logging_policy(log), log_share, profile.explanation)
+        # The exploration part's density, for the target's own draws: the simulator's, or fitted to it alone.
+        model = logging_policy(log) if log.is_simulated else LoggingPolicy.from_log(
+            log.task_names, log.segments, log.segment[known], log.weights[known])
+        return Propensities("logged (explored share)", logp, model, log_share, profile.explanation)
     if profile.mode == "stochastic, density unknown":
         return estimate_propensities(log, seed)
     return Propensities(None, np.full(log.n_requests, np.nan), None, note=profile.explanation)

@@ -13,8 +13,8 @@ Model (all vectorised over sessions; the only Python loop runs over the steps of
   like it); a session continues with a probability that rises with recent satisfaction and with engagement
   (satisfaction built over earlier days), and whether the user returns tomorrow depends on both, so
   blends that win today's signals can lose sessions and days (long-term != myopic);
-- the MTL scores over-predict clickbait and are biased by segment, so a direct model built on them errs
-  where a policy moves far from the logged weights;
+- the MTL scores over-predict clickbait and popular items and are biased by segment, so a direct model
+  built on them errs where a policy moves far from the logged weights;
 - the logging policy is a legacy click- and watch-heavy blend: a Dirichlet around it (`dirichlet`), one
   production vector (`deterministic`), A/B arms (`buckets`) or production plus an exploration share
   (`mixed`); optionally a share of requests ranks each candidate with its own perturbed weights.
@@ -100,6 +100,7 @@ class SimConfig:
     """The share of logged requests whose candidates are each ranked with their own weights, drawn from
     Dirichlet(per_item_concentration * the request's weights): the data per-item policies learn from."""
     per_item_concentration: float = 50.0
+    """How closely per-item weights follow the request's: higher perturbs less."""
     position_decay: float = 0.8
     segment_names: tuple[str, ...] = ("new", "casual", "core", "power")
     segment_shares: tuple[float, ...] = (0.2, 0.35, 0.3, 0.15)
@@ -242,7 +243,7 @@ def _build_world(config: SimConfig) -> _World:
     }
     base = rng.normal(0.0, 1.0, size=(config.n_items, d))
     item_latent = base[:, None, :] * 0.5 + rng.normal(0.0, 0.85, size=(config.n_items, _K, d))
-    # Clickbait: items that draw clicks but fewer likes, finishes and shares, so click-heavy fusion costs.
+    # Clickbait: items that draw clicks and longer watching, a little less of the rest, and regret (in `_run`).
     clickbait = rng.normal(0.0, 1.0, config.n_items)
     item_bias = rng.normal(0.0, 0.5, size=(config.n_items, _K)) + np.outer(clickbait, config.clickbait_rates)
     item_length = np.exp(rng.normal(0.0, 0.5, config.n_items) + config.clickbait_length * clickbait)

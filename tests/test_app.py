@@ -27,6 +27,16 @@ def _run(page: str, at: AppTest | None = None) -> AppTest:
     return at
 
 
+def _choose_log(at: AppTest, path: Path) -> AppTest:
+    """On the Data page: pick "DuckDB file on this machine", type the path and submit it."""
+    at.radio[0].set_value("DuckDB file on this machine")
+    at.run()
+    at.text_input[0].set_value(str(path))
+    at.button[0].click()
+    at.run()
+    return at
+
+
 def _train_tiny_run(name: str) -> None:
     at = _run("pages/train.py")
     for field, value in TINY_GRADE.items():
@@ -137,12 +147,7 @@ def test_data_page_profiles_an_ab_log_and_reads_out_its_arms(tmp_path, monkeypat
     path = tmp_path / "ab.duckdb"
     generate(SimConfig(n_users=120, sessions_per_user=2, n_items=500, seed=5, logging_mode="buckets"), str(path))
     monkeypatch.setenv("MTF_DATA_DIRS", str(tmp_path))
-    at = _run("pages/data.py")
-    at.radio[0].set_value("DuckDB file on this machine")
-    at.run()
-    at.text_input[0].set_value(str(path))
-    at.button[0].click()
-    at.run()
+    at = _choose_log(_run("pages/data.py"), path)
     assert not at.exception, [e.value for e in at.exception]
     assert any(i.value.startswith("A/B buckets") for i in at.info)
     arms = next(d.value for d in at.dataframe if "arm" in d.value.columns)
@@ -165,16 +170,9 @@ def test_data_page_keeps_the_chosen_log_and_refuses_a_broken_one(tmp_path, monke
     con.execute("UPDATE impressions SET position = position + 1 WHERE position IS NOT NULL")
     con.close()
     monkeypatch.setenv("MTF_DATA_DIRS", str(tmp_path))
-    at = _run("pages/data.py")
-    at.radio[0].set_value("DuckDB file on this machine")
-    at.run()
-    at.text_input[0].set_value(str(good))
-    at.button[0].click()
-    at.run()
+    at = _choose_log(_run("pages/data.py"), good)
     assert at.session_state["mtf_log_path"] == str(good)
-    at.text_input[0].set_value(str(broken))
-    at.button[0].click()
-    at.run()
+    _choose_log(at, broken)
     assert any("position_gap" in e.value for e in at.error)
     assert at.session_state["mtf_log_path"] == str(good)  # the broken path was refused, not stored
     revisit = AppTest.from_file(str(ROOT / "pages/data.py"), default_timeout=TIMEOUT)

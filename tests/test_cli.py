@@ -132,3 +132,18 @@ def test_compare_with_the_oracle_reports_shares_of_its_headroom(generated, tmp_p
 def test_generate_per_item_share_is_checked(tmp_path):
     proc = run("generate", "--out", str(tmp_path / "x.duckdb"), "--users", "10", "--per-item-share", "1.5")
     assert proc.returncode == 2 and "per_item_share" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_info_profiles_the_log_and_abtest_reads_out_only_ab_logs(generated, tmp_path):
+    proc = run("info", str(generated), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["profile"]["mode"] == "known density"
+    proc = run("abtest", str(generated))
+    assert proc.returncode == 1 and "not an A/B test log" in proc.stderr and "Traceback" not in proc.stderr
+    ab = tmp_path / "ab.duckdb"
+    assert run("generate", "--out", str(ab), "--users", "80", "--seed", "3", "--logging", "buckets").returncode == 0
+    proc = run("abtest", str(ab), "--n-boot", "100", "--json")
+    assert proc.returncode == 0, proc.stderr
+    arms = json.loads(proc.stdout)["arms"]
+    assert {a["segment"] for a in arms} == {"casual", "core", "new", "power"}
+    assert all(a["ci_low"] <= a["value"] <= a["ci_high"] for a in arms)
+    assert sum(a["control"] for a in arms) == 4
