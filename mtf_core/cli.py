@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from mtf_core.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_UNUSABLE, LogError
+
+MAX_USERS = 100_000  # generate holds the whole log in memory: about 20 requests of 20 candidates per user
 
 __all__ = ["main", "build_parser"]
 
@@ -32,15 +36,31 @@ def _progress_bar(desc: str, enabled: bool = True) -> tuple[Callable[[float], No
     return update, bar.close
 
 
+def _strict(obj: object) -> object:
+    """The object with every non-finite float as null: `--json` output is strict JSON (no bare NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        return _strict(obj.item())
+    return obj
+
+
 def _emit(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(_strict(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from mtf_core.simulate import SimConfig, generate
 
-    if args.users < 1 or args.candidates < 2 or not 1 <= args.shown <= args.candidates:
-        raise LogError("generate: need --users >= 1, --candidates >= 2 and 1 <= --shown <= --candidates")
+    if not 1 <= args.users <= MAX_USERS or not 2 <= args.candidates <= 1000 or not 1 <= args.shown <= args.candidates:
+        raise LogError(f"generate: need 1 <= --users <= {MAX_USERS:,} (about 20 requests each, held in memory), "
+                       "2 <= --candidates <= 1000 and 1 <= --shown <= --candidates")
+    if not 0 <= args.seed < 2**63:
+        raise LogError("generate: --seed must lie in [0, 2**63)")
     try:
         config = SimConfig(n_users=args.users, seed=args.seed, n_candidates=args.candidates, n_shown=args.shown,
                            logging_concentration=args.concentration, logging_mode=args.logging,
@@ -176,6 +196,11 @@ def _evaluation_inputs(args: argparse.Namespace):  # type: ignore[no-untyped-def
     from mtf_core.reward import load_reward_spec
     from mtf_core.store import load_log
 
+    if getattr(args, "k", None) is not None and args.k < 1:
+        raise LogError(f"--k {args.k}: the NDCG cut-off must be at least 1")
+    if not 10 <= getattr(args, "n_boot", 10) <= 100_000:
+        raise LogError(f"--n-boot {args.n_boot}: use between 10 and 100,000 bootstrap resamples (200 or more for "
+                       "intervals you report)")
     log = load_log(args.log)
     check_log_for_evaluation(log)
     return log, load_reward_spec(args.reward, log.task_names)
@@ -523,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log")
     p.add_argument("--algo", required=True, help="static | cem | grade | batchrl | integrated | enhanced")
     p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
-    p.add_argument("--steps", type=int, help="training steps (the algorithm's main loop length)")
+    p.add_argument("--steps", type=int, help="training steps (the algorithm's main loop length; CEM: iterations; "
+                                              "IntegratedRL: steps per round)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an algorithm setting, e.g. --set group_size=16 (repeat)")
@@ -562,7 +588,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_STEP_FIELD = {"cem": "iterations"}
+_STEP_FIELD = {"cem": "iterations", "integrated": "steps_per_round"}
 
 
 def _train_params(args: argparse.Namespace) -> dict[str, object]:
@@ -629,4 +655,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except MemoryError:
+        print("error: out of memory; use a smaller log or smaller settings", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except Exception as exc:  # noqa: BLE001 - one line for the user, never a traceback (MTF_DEBUG=1 shows it)
+        if os.environ.get("MTF_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {first[:300]} (an unexpected failure; MTF_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
         return EXIT_UNUSABLE

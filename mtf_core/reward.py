@@ -55,6 +55,11 @@ class RewardSpec:
         for f in fields(self):
             if f.name not in ("coefficients", "normalize", "clip"):
                 _check_number(f.name, getattr(self, f.name))
+        if not isinstance(self.normalize, bool):
+            raise LogError(f"reward: 'normalize' must be true or false, got {self.normalize!r}")
+        for name in ("share_penalty", "vertex_penalty"):
+            if getattr(self, name) < 0:
+                raise LogError(f"reward: '{name}' must be >= 0 (a penalty), got {getattr(self, name)!r}")
         if self.clip is not None and (_check_number("clip", self.clip) <= 0):
             raise LogError("reward: 'clip' must be positive or null")
         if not 0 < self.vertex_threshold < 1:
@@ -79,6 +84,8 @@ class RewardSpec:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise LogError(f"{source}: not valid JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise LogError(f"{source}: JSON nested too deeply to be a reward spec") from exc
         if not isinstance(raw, dict):
             raise LogError(f"{source}: must be a JSON object")
         unknown = set(raw) - {f.name for f in fields(cls)}

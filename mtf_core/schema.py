@@ -305,6 +305,11 @@ def _check_values(
         n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
         if n:
             problems.append(Problem("impressions", "position", "out_of_range", f"{n} negative positions", _examples(con, sql)))
+        n_shown = con.execute("SELECT count(*) FROM impressions WHERE position IS NOT NULL").fetchone()[0]  # type: ignore[index]
+        n_rows = con.execute("SELECT count(*) FROM impressions").fetchone()[0]  # type: ignore[index]
+        if n_rows and not n_shown:
+            problems.append(Problem("impressions", "position", "nothing_shown", "no candidate was shown (every "
+                                    "position is NULL): there is no feedback to learn or evaluate from"))
         # Positions are 0-based ranks: the shown items of a request sit at 0, 1, ..., m-1. 1-based positions
         # or gaps would silently shift the position curve and every figure built on it.
         sql = ("SELECT request_id, min(position) AS first, max(position) AS last, count(position) AS shown "

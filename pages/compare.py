@@ -10,7 +10,8 @@ from mtf_core.errors import LogError
 from mtf_core.headroom import ORACLE_LABEL
 from mtf_core.selection import CRITERIA, regret, select
 from ui.common import (cached_evaluation, cached_oracle_evaluation, current_comparison, current_log, current_reward,
-                       log_version, page_setup, policy_choices, run_store, runs_dir, show_error, store_comparison)
+                       log_version, page_setup, plain, policy_choices, run_store, runs_dir, show_error, show_table,
+                       store_comparison)
 
 page_setup()
 st.title("Compare")
@@ -66,7 +67,7 @@ if not results:
     st.info("Pick policies and press Compare.")
     st.stop()
 
-st.info(f"Evaluated on {results[0].sample}.")
+st.info(plain(f"Evaluated on {results[0].sample}."))
 ope = ope_frame(results)
 metrics = metric_frame(results)
 overall = ope[ope["segment"].isna()]
@@ -80,7 +81,7 @@ if not lifts.empty:
     lifts["verdict"] = [overall_rows.get(k, {}).get("verdict", "") for k in keys]
     lifts["rests on"] = ["; ".join(str(overall_rows.get(k, {}).get(f)) for f in ("propensities", "model")
                                    if isinstance(overall_rows.get(k, {}).get(f), str)) for k in keys]
-    st.dataframe(lifts[["policy", "estimator", "difference", "ci_low", "ci_high", "lift", "separated", "verdict",
+    show_table(lifts[["policy", "estimator", "difference", "ci_low", "ci_high", "lift", "separated", "verdict",
                         "rests on"]]
                  .rename(columns={"ci_low": "difference: low", "ci_high": "difference: high",
                                   "separated": "interval excludes 0"}),
@@ -92,7 +93,7 @@ if not lifts.empty:
 if any(r.policy == ORACLE_LABEL for r in results):
     shares = headroom_shares(results, ORACLE_LABEL)
     truth = {r.policy: per_user_truth(r) for r in results}
-    st.dataframe(pd.DataFrame({"policy": list(shares), "truth per user": [truth[p] for p in shares],
+    show_table(pd.DataFrame({"policy": list(shares), "truth per user": [truth[p] for p in shares],
                                "share of headroom": list(shares.values())}),
                  column_config={"share of headroom": st.column_config.ProgressColumn(
                      "share of the oracle's headroom", format="percent", min_value=0.0, max_value=1.0)},
@@ -105,7 +106,7 @@ if any(r.policy == ORACLE_LABEL for r in results):
 st.subheader("Can these estimates be trusted?")
 diag_rows = [{"policy": r.policy, **r.diagnostics} for r in results if r.diagnostics]
 if diag_rows:
-    st.dataframe(pd.DataFrame(diag_rows), width="stretch", hide_index=True)
+    show_table(pd.DataFrame(diag_rows), width="stretch", hide_index=True)
     st.caption(thresholds_text())
 with_ratios = [r for r in results if r.ratios is not None and not r.policy == "logging"]
 if with_ratios:
@@ -119,7 +120,7 @@ for criterion in CRITERIA:
     choice = select(results, criterion)
     choices_rows.append({"criterion": criterion, "chosen": choice["chosen"], "why": choice["reason"],
                          "regret vs truth": regret(results, choice["chosen"])})
-st.dataframe(pd.DataFrame(choices_rows), width="stretch", hide_index=True)
+show_table(pd.DataFrame(choices_rows), width="stretch", hide_index=True)
 st.caption("mean: highest DR estimate; lower_bound: highest lower 95% bound; cvar: best value over the worst 10% "
            "of requests. Regret (simulator logs): truth of the best policy minus truth of the choice.")
 
@@ -135,7 +136,7 @@ if not shown.empty:
 
 for r in results:
     for note in r.notes:
-        st.info(f"{r.policy}: {note}")
+        st.info(plain(f"{r.policy}: {note}"))
 with st.expander("All figures as a table"):
-    st.dataframe(pd.concat([ope.assign(kind="value"), metrics.assign(kind="metric")], ignore_index=True),
+    show_table(pd.concat([ope.assign(kind="value"), metrics.assign(kind="metric")], ignore_index=True),
                  width="stretch")

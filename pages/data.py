@@ -15,7 +15,7 @@ from mtf_core.profile import profile_log
 from mtf_core.schema import IDENTIFIER, validate
 from mtf_core.store import import_log, log_info, open_log, read_mapping
 from ui.common import (KEY_LOG, ROOT, cached_ab_readout, current_log, current_log_path, current_reward, ensure_demo,
-                       load_log_checked, page_setup, show_error)
+                       load_log_checked, page_setup, plain, show_error, show_table)
 
 page_setup()
 st.title("Data")
@@ -89,7 +89,7 @@ elif source == SOURCES[2]:
             try:
                 path = _import_uploads({t: f for t, f in files.items() if f is not None}, mapping_text, name)
                 _use_log(path)
-                st.success(f"Imported into {path}")
+                st.success(plain(f"Imported into {path}"))
             except LogError as exc:
                 show_error(exc)
                 st.stop()
@@ -130,20 +130,20 @@ if problems:
     st.error(f"{len(problems)} validation problem(s); fix them before training:\n\n" +
              "\n".join(f"- {p}" for p in problems[:30]))
     st.stop()
-st.success(f"Valid log: {info.get('meta', {}).get('source', 'unknown source')}, "
-           f"time range {' to '.join(info.get('time_range', ['?', '?']))}")
+st.success(plain(f"Valid log: {info.get('meta', {}).get('source', 'unknown source')}, "
+                 f"time range {' to '.join(info.get('time_range', ['?', '?']))}"))
 
 log = current_log()
 profile = profile_log(log)
 st.subheader("How the weights were logged")
-st.info(f"{profile.mode}. Supports: {', '.join(profile.supports)}.", icon="ℹ️")
+st.info(plain(f"{profile.mode}. Supports: {', '.join(profile.supports)}."), icon="ℹ️")
 st.caption(profile.explanation[:1].upper() + profile.explanation[1:] + ".")
 if profile.mode == "A/B buckets":
     arms = cached_ab_readout(path, mtime, current_reward(log).to_json())
     st.plotly_chart(plots.forest_plot(arms.rename(columns={"arm": "policy"}), "segment",
                                       "A/B read-out: each arm on its own traffic (mean reward per request, 95% CI)"),
                     width="stretch")
-    st.dataframe(arms, width="stretch", hide_index=True)
+    show_table(arms, width="stretch", hide_index=True)
     st.caption("Differences are from each segment's control, the arm with the most users; intervals resample users.")
 
 tasks = [t["name"] for t in info["tasks"]]
@@ -155,5 +155,5 @@ right.plotly_chart(plots.correlation_heatmap(ov.label_correlation), width="stret
 st.plotly_chart(plots.score_distributions(ov.score_sample, tasks), width="stretch")
 st.plotly_chart(plots.segment_sizes(ov.segment_sizes), width="stretch")
 with st.expander("Tasks and tables"):
-    st.dataframe(info["tasks"], width="stretch")
+    show_table(info["tasks"], width="stretch")
     st.json(tables)

@@ -6,7 +6,8 @@ from mtf_core import plots
 from mtf_core.errors import LogError
 from mtf_core.evaluate import reward_preview
 from mtf_core.reward import RewardSpec
-from ui.common import KEY_REWARD, cached_context, current_log, current_reward, log_version, page_setup, show_error
+from ui.common import (KEY_REWARD, cached_context, current_log, current_reward, log_version, page_setup, plain,
+                       show_error)
 
 page_setup()
 st.title("Reward")
@@ -36,7 +37,7 @@ with st.sidebar.expander("Load or save a reward spec"):
             st.session_state[KEY_REWARD] = loaded.to_json()
             st.session_state.update(_widget_values(loaded))
             spec = loaded
-            st.success(f"Loaded {uploaded.name}: every control below now shows it")
+            st.success(plain(f"Loaded {uploaded.name}: every control below now shows it"))
         except LogError as exc:
             show_error(exc)
 

@@ -6,7 +6,7 @@ import streamlit as st
 from mtf_core import plots
 from mtf_core.errors import LogError
 from mtf_core.policies.train import ALGORITHMS, TrainConfig, config_fields, train_run
-from ui.common import KEY_LAST_RUN, current_log, current_reward, page_setup, run_store, show_error
+from ui.common import KEY_LAST_RUN, current_log, current_reward, page_setup, plain, run_store, show_error, show_table
 
 page_setup()
 st.title("Train")
@@ -68,7 +68,7 @@ if submitted:
     best = (f"; kept the best checkpoint, step {result.best_step} (held-out "
             f"{result.validation_estimator.upper()} {result.best_value:.4f})"
             + (", stopped early" if result.stopped_early else "")) if result.best_step is not None else ""
-    st.success(f"Run {run_id} {result.status} in {result.seconds:.1f}s{best}")
+    st.success(plain(f"Run {run_id} {result.status} in {result.seconds:.1f}s{best}"))
 
 st.subheader("Runs")
 runs = store.list_runs()
@@ -83,7 +83,7 @@ table = pd.DataFrame([{
     "estimator": str(r.summary.get("validation_estimator", "dr")).upper(),
     "same log": r.data_fingerprint == log.fingerprint,
 } for r in reversed(runs)])
-st.dataframe(table, width="stretch", hide_index=True)
+show_table(table, width="stretch", hide_index=True)
 
 by_id = {r.run_id: r for r in reversed(runs)}  # the listing above, not one catalogue read per option
 ids = list(by_id)

@@ -8,7 +8,7 @@ from mtf_core import plots
 from mtf_core.errors import LogError
 from mtf_core.policies.resolve import resolve_policy
 from mtf_core.segments import beta_marginals, segment_weights, ternary_samples, weights_by_feature
-from ui.common import current_log, log_version, page_setup, policy_choices, runs_dir, show_error
+from ui.common import current_log, log_version, page_setup, policy_choices, runs_dir, show_error, show_table
 
 page_setup()
 st.title("Weights by segment")
@@ -41,7 +41,7 @@ summary = pd.concat([p.summary for p in parts], ignore_index=True)
 st.plotly_chart(plots.segment_mean_weights(summary, log.task_names), width="stretch")
 concentration = summary.groupby(["policy", "segment"], sort=False)["concentration"].first().unstack("segment")
 st.write("Total concentration (higher = less exploration):")
-st.dataframe(concentration.round(1), width="stretch")
+show_table(concentration.round(1), width="stretch")
 
 target = parts[-1]
 st.plotly_chart(plots.beta_marginals(beta_marginals(target), log.task_names), width="stretch")

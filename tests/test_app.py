@@ -173,7 +173,7 @@ def test_data_page_keeps_the_chosen_log_and_refuses_a_broken_one(tmp_path, monke
     at = _choose_log(_run("pages/data.py"), good)
     assert at.session_state["mtf_log_path"] == str(good)
     _choose_log(at, broken)
-    assert any("position_gap" in e.value for e in at.error)
+    assert any("position_gap" in e.value.replace("\\", "") for e in at.error)  # shown as literal text
     assert at.session_state["mtf_log_path"] == str(good)  # the broken path was refused, not stored
     revisit = AppTest.from_file(str(ROOT / "pages/data.py"), default_timeout=TIMEOUT)
     for key in ("mtf_log_path", "mtf_log_source"):
@@ -198,3 +198,18 @@ def test_reward_widgets_show_the_sessions_spec():
     assert sliders["When the user comes back the next day"] == 3.0
     assert not [c for c in at.checkbox if c.label.startswith("Divide")][0].value
     assert RewardSpec.from_json(at.session_state["mtf_reward_spec"]) == spec
+
+
+def test_user_content_is_shown_as_text_and_downloads_are_spreadsheet_safe():
+    import pandas as pd
+
+    from ui.common import plain, spreadsheet_safe
+
+    source = "import: ![x](http://evil.example/p.png) **bold** [link](javascript:alert(1))"
+    escaped = plain(source)
+    assert "![" not in escaped and "](" not in escaped and "**" not in escaped
+    assert escaped.replace("\\", "") == source  # only escapes were added
+    frame = pd.DataFrame({"segment": ["=cmd|' /C calc'!A0", "+1", "-2", "@SUM(A1)", "casual"], "n": [1, 2, 3, 4, 5]})
+    safe = spreadsheet_safe(frame)
+    assert list(safe["segment"]) == ["'=cmd|' /C calc'!A0", "'+1", "'-2", "'@SUM(A1)", "casual"]
+    assert list(safe["n"]) == [1, 2, 3, 4, 5] and list(frame["segment"])[0].startswith("=")

@@ -92,6 +92,11 @@ def test_bad_input_case(case, capsys, tmp_path, tiny_log_path, static_run):
         extra = (["--algo", "static", "--runs", str(tmp_path / "runs")] if case["command"] == "train"
                  else ["--policy", "logging", "--n-boot", "10"])
         code, text = _cli(capsys, case["command"], str(path), *extra)
+    elif kind == "cli":  # settings and arguments out of range: one line, their allowed range, no traceback
+        deep = tmp_path / "deep.json"
+        deep.write_text("[" * 100_000 + "]" * 100_000)
+        argv = [a.format(log=tiny_log_path, tmp=tmp_path, deep=deep) for a in case["args"]]
+        code, text = _cli(capsys, *argv)
     elif kind == "reward":
         code, text = _cli(capsys, "evaluate", str(tiny_log_path), "--policy", "logging", "--reward",
                           str(BAD / case["file"]), "--n-boot", "10")

@@ -6,6 +6,7 @@ Every page calls `page_setup()` first, so a page opened by its own URL on a fres
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import duckdb
@@ -98,9 +99,36 @@ def page_setup() -> None:
     st.sidebar.caption(f"Log: `{Path(path).name}`")
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def plain(text: object) -> str:
+    """User content (file names, log metadata, messages that quote them) as literal text in Streamlit's
+    markdown: an image link in a log's `source` must not make the browser fetch anything."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table with text cells that a spreadsheet would run as formulas (`=cmd|...`) quoted, since every
+    table's CSV download carries them (OWASP's CSV-injection advice)."""
+    out = frame.copy()
+    for column in out.columns:
+        if pd.api.types.is_object_dtype(out[column]) or pd.api.types.is_string_dtype(out[column]):
+            out[column] = [f"'{v}" if isinstance(v, str) and v.startswith(_FORMULA_PREFIXES) else v
+                           for v in out[column]]
+    return out
+
+
+def show_table(data: object, **kwargs: object) -> None:
+    """`st.dataframe` of a table whose downloads are safe to open in a spreadsheet."""
+    frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
+    st.dataframe(spreadsheet_safe(frame), **kwargs)  # type: ignore[arg-type]
+
+
 def show_error(exc: Exception) -> None:
-    """A user-facing error: the message, what to fix, no traceback."""
-    st.error(f"{exc}")
+    """A user-facing error: the message, what to fix, no traceback (and no markdown from user content)."""
+    st.error(plain(exc))
 
 
 def runs_dir() -> Path:
@@ -199,9 +227,11 @@ def log_version() -> tuple[str, float]:
 
 
 def policy_choices(log: LogData) -> dict[str, str]:
-    """Label -> policy reference for every finished run on this log, after the logging policy."""
+    """Label -> policy reference for every run on this log that has a policy to load (finished, or cancelled
+    after its first checkpoint), after the logging policy."""
     choices = {"logging policy": "logging"}
     for run in run_store().list_runs():
-        if run.status in ("finished", "cancelled") and run.data_fingerprint == log.fingerprint:
+        if (run.status in ("finished", "cancelled") and run.policy_sha256 is not None
+                and run.data_fingerprint == log.fingerprint):
             choices[f"{run.name} ({run.algo}, {run.run_id})"] = f"run:{run.run_id}"
     return choices

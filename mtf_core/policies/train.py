@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -71,12 +72,55 @@ class TrainConfig:
             raise LogError(f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
         if not 0.0 <= self.validation_share < 0.9 or self.n_evaluations < 1 or self.patience < 0:
             raise LogError("need 0 <= validation_share < 0.9, n_evaluations >= 1 and patience >= 0")
+        if not 0 <= self.seed < 2**63:
+            raise LogError(f"seed {self.seed} must lie in [0, 2**63)")
         algorithm_config(self.algo, self.params)
 
     def to_dict(self) -> dict[str, Any]:
         return {"algo": self.algo, "seed": self.seed, "validation_share": self.validation_share,
                 "n_evaluations": self.n_evaluations, "patience": self.patience,
                 "params": dataclasses.asdict(algorithm_config(self.algo, self.params))}
+
+
+# Allowed values of every algorithm setting, by name (the names mean the same in every config):
+# (low, high, low inclusive, high inclusive). Sizes are capped where a larger value would only exhaust memory.
+SETTING_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "steps": (1, 1_000_000, True, True), "warm_start_steps": (0, 1_000_000, True, True),
+    "batch_size": (1, 1_000_000, True, True), "group_size": (2, 256, True, True), "hidden": (1, 4096, True, True),
+    "epochs_per_batch": (1, 100, True, True), "iterations": (1, 10_000, True, True),
+    "population": (2, 100_000, True, True), "n_elite": (1, 100_000, True, True),
+    "n_eval_requests": (1, 10_000_000, True, True), "n_proposals": (1, 1000, True, True),
+    "rounds": (1, 100, True, True), "steps_per_round": (1, 1_000_000, True, True), "n_critics": (1, 64, True, True),
+    "n_explore_candidates": (1, 1000, True, True),
+    "lr": (0.0, 1.0, False, True), "discount": (0.0, 1.0, True, False), "max_perturbation": (0.0, 1.0, True, True),
+    "lmbda": (0.0, 1.0, True, True), "tau": (0.0, 1.0, False, True), "temperature": (0.0, 1e3, False, True),
+    "concentration": (0.0, 1e6, False, True), "explore_concentration": (0.0, 1e6, False, True),
+    "min_initial_concentration": (0.0, 1e6, False, True), "behaviour_weight": (0.0, 1e6, True, True),
+    "disagreement": (0.0, 1e6, True, True), "support_penalty": (0.0, 1e6, True, True),
+    "kl_coef": (0.0, 1e6, True, True), "clip_eps": (0.0, 1.0, False, False), "adapt_rate": (0.0, 1.0, True, True),
+    "target_decay": (0.0, 1.0, True, True), "explore_user_share": (0.0, 1.0, False, True),
+}
+SETTING_CHOICES: dict[str, tuple[str, ...]] = {"exploration": ("dirichlet", "gaussian")}
+
+
+def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    return f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _check_setting(algo: str, name: str, value: Any) -> None:
+    """Refuse a setting outside its allowed range (or choices), naming the range."""
+    if name in SETTING_CHOICES and value not in SETTING_CHOICES[name]:
+        raise LogError(f"{algo}: setting {name}={value!r} must be one of {', '.join(SETTING_CHOICES[name])}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise LogError(f"{algo}: setting {name}={value!r} must be a finite number")
+    if name in SETTING_RANGES:
+        low, high, low_in, high_in = SETTING_RANGES[name]
+        inside = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+        if not inside:
+            raise LogError(f"{algo}: setting {name}={value!r} is outside its allowed range "
+                           f"{_range_text(low, high, low_in, high_in)}")
 
 
 def algorithm_config(algo: str, params: dict[str, Any]) -> Any:
@@ -91,8 +135,9 @@ def algorithm_config(algo: str, params: dict[str, Any]) -> Any:
         default = getattr(config_cls(), name)
         try:
             typed[name] = _coerce(value, type(default))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise LogError(f"{algo}: setting {name}={value!r} is not a {type(default).__name__}") from exc
+        _check_setting(algo, name, typed[name])
     try:
         return config_cls(**typed)
     except ValueError as exc:
