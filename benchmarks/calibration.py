@@ -7,7 +7,7 @@ gives, per target and estimator: bias, RMSE, interval coverage, how often the ve
 `trustworthy`, and the coverage of the intervals that were called trustworthy; plus E[rho] under the
 logging policy for the kernel of each fixed target (Monte Carlo over fresh logging draws).
 
-    python -m benchmarks.calibration [--seeds 20] [--users 400] [--json]
+    python -m benchmarks.calibration [--seeds 20] [--users 400] [--logging dirichlet|mixed|estimated] [--json]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import torch
@@ -50,26 +51,43 @@ def _stochastic(log: LogData, mean: tuple[float, ...], total: float) -> LoggingP
     return LoggingPolicy(log.task_names, log.segments, alpha)
 
 
-def _log(seed: int, n_users: int, folder: Path) -> LogData:
-    path = folder / f"seed{seed}_{n_users}.duckdb"
+LOGGING = ("dirichlet", "mixed", "estimated")
+"""How the study's logs were logged: every request with its density; production traffic plus a 20%
+exploration share with its density (the mixture correction); or Dirichlet logging with `logging_logp` dropped
+(propensities estimated from the logged weights)."""
+
+
+def _log(seed: int, n_users: int, folder: Path, logging: str = "dirichlet") -> LogData:
+    path = folder / f"seed{seed}_{n_users}_{logging}.duckdb"
     if not path.exists():
-        generate(SimConfig(n_users=n_users, seed=seed), str(path))
+        mode = "mixed" if logging == "mixed" else "dirichlet"
+        generate(SimConfig(n_users=n_users, seed=seed, logging_mode=mode, exploration_share=0.2), str(path))
+        if logging == "estimated":
+            con = duckdb.connect(str(path))
+            try:
+                con.execute("UPDATE requests SET logging_logp = NULL")
+            finally:
+                con.close()
     return load_log(path)
 
 
-def run_study(seeds: range | list[int], n_users: int = 400, n_boot: int = 200, folder: Path | None = None
-              ) -> pd.DataFrame:
-    """One row per (seed, target, estimator): the estimate, its interval, verdict, diagnostics and truth."""
+def run_study(seeds: range | list[int], n_users: int = 400, n_boot: int = 200, folder: Path | None = None,
+              logging: str = "dirichlet", targets: list[str] | None = None) -> pd.DataFrame:
+    """One row per (seed, target, estimator): the estimate, its interval, verdict, diagnostics and truth.
+    `targets`: a subset of the target names (default: all)."""
+    chosen = None if targets is None else set(targets)
     folder = Path(folder or tempfile.mkdtemp(prefix="mtf-calibration-"))
     rows = []
     for seed in seeds:
-        log = _log(seed, n_users, folder)
+        log = _log(seed, n_users, folder, logging)
         ctx = prepare(log, RewardSpec.default(log.task_names))
-        targets: dict[str, tuple[object, bool]] = {
+        candidates: dict[str, tuple[object, bool]] = {
             name: (parse_static(text, log.task_names, log.segments), False) for name, text in FIXED_TARGETS.items()}
-        targets.update({name: (_stochastic(log, mean, total), True)
-                        for name, (mean, total) in STOCHASTIC_TARGETS.items()})
-        for name, (policy, stochastic) in targets.items():
+        candidates.update({name: (_stochastic(log, mean, total), True)
+                           for name, (mean, total) in STOCHASTIC_TARGETS.items()})
+        for name, (policy, stochastic) in candidates.items():
+            if chosen is not None and name not in chosen:
+                continue
             actions = target_actions(policy, log, name, stochastic=stochastic, seed=seed)  # type: ignore[arg-type]
             result = evaluate_policy(ctx, actions, n_boot=n_boot, seed=seed,
                                      truth_policy=policy_for_truth(policy, stochastic))  # type: ignore[arg-type]
@@ -77,7 +95,7 @@ def run_study(seeds: range | list[int], n_users: int = 400, n_boot: int = 200, f
             d, info = result.diagnostics or {}, result.ratio_info or {}
             for row in result.ope:
                 if row["segment"] is None:
-                    rows.append({"seed": seed, "target": name, "estimator": row["estimator"], "value": row["value"],
+                    rows.append({"seed": seed, "logging": logging, "target": name, "estimator": row["estimator"], "value": row["value"],
                                  "ci_low": row["ci_low"], "ci_high": row["ci_high"], "verdict": row.get("verdict"),
                                  "truth": truth, "ess": d.get("ess"), "ess_share": d.get("ess_share"),
                                  "mean_ratio": d.get("mean_ratio"), "support_coverage": d.get("support_coverage"),
@@ -133,8 +151,10 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", help="also write the per-seed rows to this CSV")
+    parser.add_argument("--logging", choices=LOGGING, default="dirichlet",
+                        help="logs with every density, an exploration share, or no density (estimated)")
     args = parser.parse_args()
-    frame = run_study(range(args.seeds), args.users, args.n_boot)
+    frame = run_study(range(args.seeds), args.users, args.n_boot, logging=args.logging)
     if args.out:
         frame.to_csv(args.out, index=False)
     summary = summarise(frame)
