@@ -140,13 +140,14 @@ def segment_mean_weights(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
     return _layout(fig, "Mean fusion weight per segment (bars: ±1 sd across users)", 300 * df["policy"].nunique())
 
 
-def beta_marginals(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
-    """Marginal Beta densities (columns segment, task, x, density)."""
+def beta_marginals(df: pd.DataFrame, tasks: Sequence[str],
+                   title: str = "Distribution of each task's weight (Dirichlet marginals)") -> go.Figure:
+    """Marginal densities of each task's weight (columns segment, task, x, density)."""
     fig = px.line(df, x="x", y="density", color="task", facet_col="segment",
                   color_discrete_map={t: task_colour(t, tasks) for t in tasks})
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
     fig.update_xaxes(title="weight")
-    return _layout(fig, "Distribution of each task's weight (Dirichlet marginals)", 340)
+    return _layout(fig, title, 340)
 
 
 def ternary_density(samples: np.ndarray, names: Sequence[str], title: str) -> go.Figure:

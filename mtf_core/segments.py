@@ -3,6 +3,8 @@
 For a policy on a log, every request's weight distribution is evaluated; per segment the Dirichlet
 parameters are the mean concentration over the segment's requests. A Dirichlet's marginal for task k is
 Beta(alpha_k, alpha_0 - alpha_k), and any three tasks renormalised are Dirichlet(alpha_a, alpha_b, alpha_c).
+A deterministic policy (a point mass per request) has no concentration: its marginals and ternary views are
+the weights it actually serves across the segment's requests, not a Dirichlet fitted to it.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ class SegmentWeights:
     tasks: tuple[str, ...]
     segments: tuple[str, ...]
     mean_weights: np.ndarray  # (R, K): the mean action per request (per-item actions averaged over items)
-    alpha: np.ndarray  # (R, K): Dirichlet concentration per request (large for deterministic policies)
+    alpha: np.ndarray  # (R, K): Dirichlet concentration per request (inf for a deterministic policy)
     summary: pd.DataFrame  # policy, segment, task, mean, std (across users), alpha, concentration
+    segment: np.ndarray  # (R,) the requests' segment index
+    deterministic: bool = False
 
     def segment_alpha(self, segment: str) -> np.ndarray:
         rows = self.summary[self.summary["segment"] == segment]
@@ -46,6 +50,9 @@ def _request_alpha(policy: FusionPolicy | None, log: LogData) -> tuple[np.ndarra
             if w.dim() == 3:
                 w = w.mean(1)
             means.append(w.numpy())
+            if not policy.stochastic:  # a point mass: no concentration to show
+                alphas.append(np.full(w.shape, np.inf))
+                continue
             dist = policy.distribution(state)
             if isinstance(dist, torch.distributions.Dirichlet) and dist.concentration.dim() == 2:
                 alphas.append(dist.concentration.double().numpy())
@@ -83,12 +90,16 @@ def segment_weights(policy: FusionPolicy | None, log: LogData, label: str) -> Se
             rows.append({"policy": label, "segment": name, "task": task, "mean": float(mean_w[m, k].mean()),
                          "std": float(spread[k]), "alpha": float(seg_alpha[k]),
                          "concentration": float(seg_alpha.sum())})
-    return SegmentWeights(label, log.task_names, log.segments, mean_w, alpha, pd.DataFrame(rows))
+    return SegmentWeights(label, log.task_names, log.segments, mean_w, alpha, pd.DataFrame(rows), log.segment,
+                          not policy.stochastic)
 
 
 def beta_marginals(weights: SegmentWeights, n_points: int = 120) -> pd.DataFrame:
-    """Density of Beta(alpha_k, alpha_0 - alpha_k) on a grid, per segment and task (capped for plotting)."""
+    """Density of Beta(alpha_k, alpha_0 - alpha_k) on a grid, per segment and task (capped for plotting); for a
+    deterministic policy, the density of the weights it serves across the segment's requests."""
     x = np.linspace(0.002, 0.998, n_points)
+    if weights.deterministic:
+        return _served_densities(weights, x)
     frames = []
     for segment, part in weights.summary.groupby("segment", sort=False):
         a = part["alpha"].to_numpy()
@@ -100,11 +111,32 @@ def beta_marginals(weights: SegmentWeights, n_points: int = 120) -> pd.DataFrame
     return pd.concat(frames, ignore_index=True)
 
 
+def _served_densities(weights: SegmentWeights, x: np.ndarray) -> pd.DataFrame:
+    """Per segment and task, a histogram density `x` of the weights served to the segment's requests."""
+    edges = np.concatenate([[0.0], (x[1:] + x[:-1]) / 2, [1.0]])
+    frames = []
+    for s, segment in enumerate(weights.segments):
+        served = weights.mean_weights[weights.segment == s]
+        if len(served) == 0:
+            continue
+        for k, task in enumerate(weights.tasks):
+            density, _ = np.histogram(served[:, k], bins=edges, density=True)
+            frames.append(pd.DataFrame({"segment": segment, "task": task, "x": x,
+                                        "density": np.minimum(density, 60.0)}))
+    return pd.concat(frames, ignore_index=True)
+
+
 def ternary_samples(weights: SegmentWeights, segment: str, tasks: tuple[str, str, str], n: int = 3000,
                     seed: int = 0) -> np.ndarray:
-    """Draws `[n,3]` of the three tasks' weights renormalised: Dirichlet(alpha_a, alpha_b, alpha_c)."""
-    alpha = dict(zip(weights.tasks, weights.segment_alpha(segment)))
+    """Draws `[n,3]` of the three tasks' weights renormalised: Dirichlet(alpha_a, alpha_b, alpha_c); for a
+    deterministic policy, the weights it serves to (up to n of) the segment's requests."""
     rng = np.random.default_rng(seed)
+    if weights.deterministic:
+        columns = [weights.tasks.index(t) for t in tasks]
+        served = weights.mean_weights[weights.segment == weights.segments.index(segment)][:, columns]
+        served = served[rng.permutation(len(served))[:n]]
+        return served / np.maximum(served.sum(1, keepdims=True), 1e-12)
+    alpha = dict(zip(weights.tasks, weights.segment_alpha(segment)))
     return rng.dirichlet([max(alpha[t], 1e-3) for t in tasks], size=n)
 
 

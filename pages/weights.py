@@ -40,11 +40,14 @@ except LogError as exc:
 summary = pd.concat([p.summary for p in parts], ignore_index=True)
 st.plotly_chart(plots.segment_mean_weights(summary, log.task_names), width="stretch")
 concentration = summary.groupby(["policy", "segment"], sort=False)["concentration"].first().unstack("segment")
-st.write("Total concentration (higher = less exploration):")
-show_table(concentration.round(1), width="stretch")
+st.write("Total concentration (higher = less exploration; a deterministic policy is a point mass per request):")
+show_table(concentration.round(1).astype(object).where(np.isfinite(concentration.to_numpy(dtype=float)),
+                                                       "point mass"), width="stretch")
 
 target = parts[-1]
-st.plotly_chart(plots.beta_marginals(beta_marginals(target), log.task_names), width="stretch")
+marginals_title = ("Weights served across each segment's requests (deterministic: no exploration)"
+                   if target.deterministic else "Distribution of each task's weight (Dirichlet marginals)")
+st.plotly_chart(plots.beta_marginals(beta_marginals(target), log.task_names, marginals_title), width="stretch")
 
 st.subheader("Three tasks at once")
 c1, c2 = st.columns(2)
