@@ -129,10 +129,12 @@ per_segment = ope[(ope["estimator"] == estimator) & ope["segment"].notna()]
 st.plotly_chart(plots.forest_plot(per_segment, "segment", f"{estimator} by segment"), width="stretch")
 
 metric_names = sorted(metrics["metric"].unique())
-chosen = st.multiselect("Ranking metrics", metric_names, default=[m for m in metric_names if m.endswith("reward")])
+chosen = st.multiselect("Ranking metrics", metric_names,
+                        default=[m for m in metric_names if m.startswith("ndcg") and m.endswith("reward")])
 shown = metrics[metrics["metric"].isin(chosen) & metrics["segment"].isna()]
-if not shown.empty:
-    st.plotly_chart(plots.forest_plot(shown, "metric", "Counterfactual ranking metrics"), width="stretch")
+# One chart per kind of metric: a reward of ~14 and an NDCG in [0, 1] on one axis would hide both.
+for kind, part in shown.groupby(shown["metric"].str.split(":").str[0], sort=False):
+    st.plotly_chart(plots.forest_plot(part, "metric", f"Counterfactual ranking metric: {kind}"), width="stretch")
 
 for r in results:
     for note in r.notes:

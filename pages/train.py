@@ -41,6 +41,7 @@ with st.form("train_form"):
                                                           "stopping (0 = never stop early)")
     name = st.text_input("Run name", value="", help="Optional; defaults to the algorithm and id")
     submitted = st.form_submit_button("Train", type="primary")
+    progress_area = st.empty()  # right under the button, not below the whole page
 
 if submitted:
     try:
@@ -49,21 +50,26 @@ if submitted:
     except LogError as exc:
         show_error(exc)
         st.stop()
-    st.button("Stop training", help="Stops after the current step; the run is kept as cancelled")
-    bar = st.progress(0.0, text=f"Training {algo}...")
+    bar = progress_area.progress(0.0, text=f"Training {algo}...")
+    stop_area = st.empty()
+    stop_area.button("Stop training", help="Stops after the current step; the run is kept as cancelled")
     chart = st.empty()
     rows: list[dict] = []
 
     def on_step(info):  # noqa: ANN001 - the loop's StepInfo
         rows.extend({"step": info.step, "name": k, "value": v} for k, v in info.metrics.items())
-        bar.progress((info.step + 1) / info.n_steps,
-                     text=f"Step {info.step + 1} of {info.n_steps} ({info.elapsed:.0f}s)")
+        done = info.step + 1
+        left = info.elapsed / done * (info.n_steps - done)
+        bar.progress(done / info.n_steps, text=f"Step {done} of {info.n_steps} (all phases, warm start "
+                                               f"included): {info.elapsed:.0f}s so far, about {left:.0f}s left")
         if info.step % max(1, info.n_steps // 15) == 0 or info.step + 1 == info.n_steps:
             chart.plotly_chart(plots.training_curves(pd.DataFrame(rows)), width="stretch",
                                key=f"live_{info.step}")
 
     # A Stop click reruns the page, which ends this script mid-loop: train_run records the run as cancelled.
     run_id, result = train_run(store, config, log, spec, on_step, name or None)
+    stop_area.empty()  # the run has ended: no Stop button, no frozen bar
+    progress_area.empty()
     st.session_state[KEY_LAST_RUN] = run_id
     best = (f"; kept the best checkpoint, step {result.best_step} (held-out "
             f"{result.validation_estimator.upper()} {result.best_value:.4f})"
