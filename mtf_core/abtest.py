@@ -3,8 +3,9 @@
 Importance weighting cannot reach a vector that was never logged, but each logged arm's value is measured
 on-policy: the mean composite reward per request of the requests it ranked, per segment, with a 95%
 interval over users, and its difference from the arm with the most users (the control: by users, not
-requests, since a better arm earns more requests), resampling the same users for every arm. Arms are assigned by user in a proper A/B test; where users met several arms the
-read-out says so, since the arms' traffic then shares users.
+requests, since a better arm earns more requests), resampling the same users for every arm. Arms are
+assigned by user in a proper A/B test; where users met several arms the read-out says so, since the arms'
+traffic then shares users.
 """
 
 from __future__ import annotations

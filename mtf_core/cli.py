@@ -382,8 +382,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print("regret against the simulator's truth: " + ", ".join(
             f"{c}={v:.4f}" for c, v in regrets.items() if v is not None))
     if args.oracle:
-        print("share of the oracle's headroom captured, (per-user truth - logging) / (oracle - logging): " + ", ".join(
-            f"{row['policy']}={_share(row.get('share_of_headroom'))}" for row in table))
+        shares = ", ".join(f"{row['policy']}={_share(row.get('share_of_headroom'))}" for row in table)
+        print(f"share of the oracle's headroom captured, (per-user truth - logging) / (oracle - logging): {shares}")
     return EXIT_OK
 
 

@@ -165,7 +165,7 @@ def estimate_propensities(log: LogData, seed: int = 0, n_folds: int = 2) -> Prop
     users = np.unique(log.user_id)
     fold_of_user = np.random.default_rng([seed, 17]).permutation(len(users)) % n_folds
     fold = fold_of_user[np.searchsorted(users, log.user_id)]
-    logp = {"per-segment Dirichlet": np.empty(log.n_requests), "feature-conditioned Dirichlet": np.empty(log.n_requests)}
+    logp = {name: np.empty(log.n_requests) for name in ("per-segment Dirichlet", "feature-conditioned Dirichlet")}
     for f in range(n_folds):
         train, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         if len(train) == 0 or len(held) == 0:
