@@ -66,6 +66,9 @@ def open_log(path: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
         return con
     except duckdb.Error as exc:
         first = str(exc).splitlines()[0]
+        if "lock" in first.lower():
+            raise LogError(f"{p}: is open for writing in another process (a DuckDB shell, a running generate or "
+                           f"import); close it and try again ({first})", EXIT_UNUSABLE) from exc
         raise LogError(f"{p}: not a readable DuckDB database ({first})", EXIT_UNUSABLE) from exc
 
 
@@ -584,6 +587,10 @@ def read_mapping(path: str | os.PathLike[str] | None) -> dict[str, object]:
     tasks = raw.get("tasks", [])
     if not isinstance(tasks, list) or not all(isinstance(t, dict) and "name" in t for t in tasks):
         raise LogError(f"{p}: 'tasks' must be a list of objects with 'name' and 'kind'")
+    names = [str(t["name"]) for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise LogError(f"{p}: 'tasks' declares {', '.join(repr(n) for n in twice)} more than once")
     return raw
 
 

@@ -147,3 +147,15 @@ def test_info_profiles_the_log_and_abtest_reads_out_only_ab_logs(generated, tmp_
     assert {a["segment"] for a in arms} == {"casual", "core", "new", "power"}
     assert all(a["ci_low"] <= a["value"] <= a["ci_high"] for a in arms)
     assert sum(a["control"] for a in arms) == 4
+
+
+def test_a_log_locked_by_a_writer_is_named_as_such_not_as_unreadable(generated, tmp_path):
+    locked = tmp_path / "locked.duckdb"
+    shutil.copy(generated, locked)
+    writer = duckdb.connect(str(locked))  # read-write: holds DuckDB's file lock until closed
+    try:
+        proc = run("info", str(locked), timeout=120)
+    finally:
+        writer.close()
+    assert proc.returncode == 2 and "open for writing in another process" in proc.stderr
+    assert "not a readable DuckDB database" not in proc.stderr and "Traceback" not in proc.stderr

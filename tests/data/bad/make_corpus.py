@@ -65,6 +65,9 @@ def main() -> None:
         "reward_all_zero.json": json.dumps({"coefficients": {"click": 0, "like": 0}}),
         "reward_huge.json": json.dumps({"coefficients": {"click": 1e300}}),
         "reward_not_json.json": "coefficients: click=1",
+        "reward_normalize_string.json": json.dumps({"coefficients": {"click": 1.0}, "normalize": "no"}),
+        "reward_negative_penalty.json": json.dumps({"coefficients": {"click": 1.0}, "share_penalty": -3}),
+        "mapping_duplicate_task.json": json.dumps({"tasks": [*TASKS_MAP["tasks"][:1], *TASKS_MAP["tasks"]]}),
     }
     for name, content in files.items():
         path = HERE / name
