@@ -31,10 +31,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def browser_runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("browser_runs")
+
+
+@pytest.fixture(scope="module")
+def server(browser_runs):
     port = _free_port()
     env = {**os.environ, "STREAMLIT_SERVER_HEADLESS": "true", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
-           "MTF_RUNS_DIR": str(tmp_path_factory.mktemp("browser_runs"))}
+           "MTF_RUNS_DIR": str(browser_runs)}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
                              str(port), "--server.address", "127.0.0.1"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,3 +80,40 @@ def test_every_page_renders_in_chromium(server):
             assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
             assert page.locator('[data-testid="stAlertContentError"]').count() == 0, f"error box on /{path}"
         browser.close()
+
+
+def test_two_sessions_train_and_list_at_once_and_the_run_is_recorded(server, browser_runs):
+    """Issue 18: Streamlit runs every browser session as a thread of one process. One session trains while the
+    other keeps listing runs; the run must land as finished, and neither page may show an error."""
+    from playwright.sync_api import sync_playwright
+
+    from mtf_core.runs import RunStore
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            trainer, lister = browser.new_context().new_page(), browser.new_context().new_page()
+            trainer.goto(f"{server}/train", timeout=120_000)
+            trainer.get_by_role("button", name="Train").wait_for(timeout=120_000)
+            for label, value in (("steps", "40"), ("warm_start_steps", "10")):  # a short run: the race, not the fit
+                field = trainer.get_by_label(label, exact=True)
+                field.fill(value)
+                field.press("Tab")
+            trainer.get_by_role("button", name="Train").click()
+            seen_errors = 0
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                lister.goto(f"{server}/train", timeout=120_000)
+                lister.get_by_role("heading", name="Runs").or_(lister.get_by_text("No runs yet")).first.wait_for(
+                    timeout=120_000)
+                seen_errors += lister.locator('[data-testid="stAlertContentError"]').count()
+                seen_errors += lister.locator('[data-testid="stException"]').count()
+                if trainer.locator('[data-testid="stAlertContentSuccess"]').count():
+                    break
+            assert trainer.locator('[data-testid="stAlertContentSuccess"]').first.inner_text().find("finished") >= 0
+            assert seen_errors == 0
+            assert trainer.locator('[data-testid="stException"]').count() == 0
+        finally:
+            browser.close()
+    runs = RunStore(browser_runs).list_runs()
+    assert [r.status for r in runs] == ["finished"], [(r.run_id, r.status) for r in runs]
