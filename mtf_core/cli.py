@@ -455,6 +455,19 @@ def cmd_headroom(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _log_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str, help_text: str,
+                 func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A subcommand on one log with a reward, bootstrap intervals, a seed and JSON output."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("log")
+    p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
+    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mtf_core", description="MTF Lab: multi-task fusion policies")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -527,22 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("abtest", help="A/B read-out of a log whose weights are a few fixed vectors per segment")
-    p.add_argument("log")
-    p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
-    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_abtest)
-
-    p = sub.add_parser("headroom", help="oracle yardsticks of a simulator log, found against its truth")
-    p.add_argument("log")
-    p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
+    _log_command(sub, "abtest", "A/B read-out of a log whose weights are a few fixed vectors per segment", cmd_abtest)
+    p = _log_command(sub, "headroom", "oracle yardsticks of a simulator log, found against its truth", cmd_headroom)
     p.add_argument("--candidates", type=int, default=32, help="random candidate vectors before refinement")
-    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_headroom)
 
     p = sub.add_parser("train", help="train a fusion policy into the run store")
     p.add_argument("log")
