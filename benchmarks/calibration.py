@@ -7,7 +7,8 @@ gives, per target and estimator: bias, RMSE, interval coverage, how often the ve
 `trustworthy`, and the coverage of the intervals that were called trustworthy; plus E[rho] under the
 logging policy for the kernel of each fixed target (Monte Carlo over fresh logging draws).
 
-    python -m benchmarks.calibration [--seeds 20] [--users 400] [--logging dirichlet|mixed|estimated] [--json]
+    python -m benchmarks.calibration [--seeds 20] [--users 400] [--logging dirichlet|mixed|estimated]
+                                     [--outcome-model auto|linear|learned] [--json]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 
 from mtf_core.diagnostics import TRUSTWORTHY
-from mtf_core.evaluate import evaluate_policy, policy_for_truth, prepare, target_actions
+from mtf_core.evaluate import OUTCOME_MODELS, evaluate_policy, policy_for_truth, prepare, target_actions
 from mtf_core.evaluate.ratios import dirichlet_kernel_logp
 from mtf_core.policies.static import LoggingPolicy, parse_static
 from mtf_core.reward import RewardSpec
@@ -72,15 +73,16 @@ def _log(seed: int, n_users: int, folder: Path, logging: str = "dirichlet") -> L
 
 
 def run_study(seeds: range | list[int], n_users: int = 400, n_boot: int = 200, folder: Path | None = None,
-              logging: str = "dirichlet", targets: list[str] | None = None) -> pd.DataFrame:
+              logging: str = "dirichlet", targets: list[str] | None = None, outcome_model: str = "auto"
+              ) -> pd.DataFrame:
     """One row per (seed, target, estimator): the estimate, its interval, verdict, diagnostics and truth.
-    `targets`: a subset of the target names (default: all)."""
+    `targets`: a subset of the target names (default: all); `outcome_model`: DM's and DR's model."""
     chosen = None if targets is None else set(targets)
     folder = Path(folder or tempfile.mkdtemp(prefix="mtf-calibration-"))
     rows = []
     for seed in seeds:
         log = _log(seed, n_users, folder, logging)
-        ctx = prepare(log, RewardSpec.default(log.task_names))
+        ctx = prepare(log, RewardSpec.default(log.task_names), outcome_model=outcome_model)
         candidates: dict[str, tuple[object, bool]] = {
             name: (parse_static(text, log.task_names, log.segments), False) for name, text in FIXED_TARGETS.items()}
         candidates.update({name: (_stochastic(log, mean, total), True)
@@ -95,7 +97,8 @@ def run_study(seeds: range | list[int], n_users: int = 400, n_boot: int = 200, f
             d, info = result.diagnostics or {}, result.ratio_info or {}
             for row in result.ope:
                 if row["segment"] is None:
-                    rows.append({"seed": seed, "logging": logging, "target": name, "estimator": row["estimator"], "value": row["value"],
+                    rows.append({"seed": seed, "logging": logging, "model": ctx.direct_view.name, "target": name,
+                                 "estimator": row["estimator"], "value": row["value"],
                                  "ci_low": row["ci_low"], "ci_high": row["ci_high"], "verdict": row.get("verdict"),
                                  "truth": truth, "ess": d.get("ess"), "ess_share": d.get("ess_share"),
                                  "mean_ratio": d.get("mean_ratio"), "support_coverage": d.get("support_coverage"),
@@ -153,8 +156,10 @@ def main() -> None:
     parser.add_argument("--out", help="also write the per-seed rows to this CSV")
     parser.add_argument("--logging", choices=LOGGING, default="dirichlet",
                         help="logs with every density, an exploration share, or no density (estimated)")
+    parser.add_argument("--outcome-model", choices=OUTCOME_MODELS, default="auto", help="DM's and DR's model")
     args = parser.parse_args()
-    frame = run_study(range(args.seeds), args.users, args.n_boot, logging=args.logging)
+    frame = run_study(range(args.seeds), args.users, args.n_boot, logging=args.logging,
+                      outcome_model=args.outcome_model)
     if args.out:
         frame.to_csv(args.out, index=False)
     summary = summarise(frame)

@@ -216,7 +216,7 @@ def _evaluation_sample(args: argparse.Namespace, log, spec, policies: list[str])
         share = RunStore(args.runs).held_out_share(policies, log) or 0.2
     elif args.sample == "auto":
         share = RunStore(args.runs).held_out_share(policies, log)
-    return evaluation_sample(log, spec, share)
+    return evaluation_sample(log, spec, share, args.outcome_model)
 
 
 def _evaluate_one(sample, text: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -449,9 +449,13 @@ def cmd_headroom(args: argparse.Namespace) -> int:
     print(f"  myopic choice (best for immediate reward) loses {gap['myopic_loss_share_of_long_term']} of the best "
           "long-term vector's value")
     print(f"Spearman(immediate, long-term) over {result.n_candidates} vectors: {result.spearman:.3f}")
-    dm = result.dm_error
-    print(f"linear direct model on the worst of the farthest third of the candidates: {dm['dm']:.3f} vs truth "
-          f"{dm['truth']:.3f} ({dm['relative_error']:.1%} error)")
+    for name, dm in result.dm_error.items():
+        if isinstance(dm, dict):
+            print(f"{name} direct model on the farthest third of the candidates: mean absolute error "
+                  f"{dm['mean_absolute_error']:.3f}; worst {dm['dm']:.3f} vs truth {dm['truth']:.3f} "
+                  f"({dm['relative_error']:.1%} error)")
+    if "learned_over_linear" in result.dm_error:
+        print(f"learned model's error as a share of the linear model's: {result.dm_error['learned_over_linear']:.0%}")
     return EXIT_OK
 
 
@@ -537,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which requests: auto = the latest sessions that the evaluated runs held out from "
                             "training (all requests when no run held any out), held-out, or all (in-sample for "
                             "runs trained on this log)")
+        p.add_argument("--outcome-model", choices=["auto", "linear", "learned"], default="auto",
+                       help="the model DM and DR rest on: auto = the learned outcome model where its held-out fit "
+                            "beats the linear one's")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 

@@ -12,7 +12,7 @@ terms) and under its immediate part alone. From one set of runs:
   as a fixed vector per user;
 - the same under the immediate reward, with the per-user long-term value the myopic choice gives up;
 - Spearman's rank correlation between the candidates' immediate and long-term values;
-- the linear direct model's error on the candidates farthest from the logging policy.
+- the direct models' errors (linear and learned) on the candidates farthest from the logging policy.
 Every oracle is then re-run on its own for its truth with intervals (per request and per user).
 """
 
@@ -27,13 +27,13 @@ from scipy.stats import spearmanr
 from mtf_core.evaluate import EvaluationResult, evaluate_policy, policy_for_truth, target_actions
 from mtf_core.evaluate.bootstrap import bootstrap_ratio
 from mtf_core.evaluate.context import EvalContext
-from mtf_core.evaluate.direct import direct_value
-from mtf_core.evaluate.rerank import expected_under
+from mtf_core.evaluate.rerank import expected_under, learned_under
 from mtf_core.policies.static import StaticPolicy
-from mtf_core.reward import request_reward
+from mtf_core.reward import penalty, request_reward
 from mtf_core.simulate import SimConfig, run_online, run_weight_tables, user_table
 
-__all__ = ["Headroom", "headroom", "candidate_vectors", "segment_oracle", "evaluate_oracle", "ORACLE_LABEL"]
+__all__ = ["Headroom", "headroom", "candidate_vectors", "farthest_candidates", "direct_model_errors", "truth_of_vectors",
+           "segment_oracle", "evaluate_oracle", "ORACLE_LABEL"]
 
 ORACLE_LABEL = "oracle: best vector per segment"
 
@@ -48,7 +48,7 @@ class Headroom:
     gaps: dict[str, float]
     gap_intervals: dict[str, list[float]]  # paired 95% intervals over users
     spearman: float
-    dm_error: dict[str, float]
+    dm_error: dict[str, object]
     n_candidates: int
 
     def to_json(self) -> dict[str, object]:
@@ -84,6 +84,16 @@ def _per_user_values(ctx: EvalContext, tables: np.ndarray, immediate_ctx_spec) -
             np.add.at(out[start:start + len(batch), :, j], (table, user), total)
         np.add.at(out[start:start + len(batch), :, 2], (table, user), 1.0)
     return out
+
+
+def truth_of_vectors(ctx: EvalContext, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each fixed weight vector `[C,K]` run online for every user of the simulator log: per-user long-term
+    reward totals and requests, `[C,U]` each."""
+    config = ctx.sim_config
+    assert config is not None
+    tables = np.broadcast_to(vectors[:, None, :], (len(vectors), config.n_users, vectors.shape[1])).copy()
+    values = _per_user_values(ctx, tables, _immediate(ctx))
+    return values[..., 0], values[..., 2]
 
 
 def _immediate(ctx: EvalContext):  # type: ignore[no-untyped-def]
@@ -267,22 +277,42 @@ def headroom(ctx: EvalContext, n_candidates: int = 48, n_boot: int = 500, seed: 
     gaps, gap_intervals = _gaps({"logging": logging_total, "global": values[0, :, 0], "segment": values[1, :, 0],
                                  "features": values[2, :, 0], "myopic": values[3, :, 0]}, n_boot, seed)
     rho = float(spearmanr(per_request_immediate, per_user_long).statistic)
-    return Headroom(rows, gaps, gap_intervals, rho, _dm_error(ctx, candidates, long_user, n_req), len(candidates))
+    far = farthest_candidates(config, candidates)
+    return Headroom(rows, gaps, gap_intervals, rho,
+                    direct_model_errors(ctx, candidates[far], long_user[far], n_req[far]), len(candidates))
 
 
-def _dm_error(ctx: EvalContext, candidates: np.ndarray, long_user: np.ndarray, n_req: np.ndarray
-              ) -> dict[str, float]:
-    """The linear direct model's relative error per request, against the truth, on the third of the candidates
-    farthest from the logging mean (the largest of them reported: where a far policy would be misjudged)."""
-    config = ctx.sim_config
-    assert config is not None
+def farthest_candidates(config: SimConfig, candidates: np.ndarray, share: float = 1 / 3) -> np.ndarray:
+    """Indices of the `share` of candidate vectors farthest (L1) from the logging policy's mean weights."""
     logging_mean = np.asarray(config.logging_weights).mean(0)
-    far = np.argsort(-np.abs(candidates - logging_mean).sum(1))[: max(len(candidates) // 3, 1)]
-    errors = []
-    for c in far:
+    return np.argsort(-np.abs(candidates - logging_mean).sum(1))[: max(int(len(candidates) * share), 1)]
+
+
+def direct_model_errors(ctx: EvalContext, candidates: np.ndarray, long_user: np.ndarray, n_req: np.ndarray
+                        ) -> dict[str, object]:
+    """The direct models' errors per request against the truth (per-user totals `long_user` and requests
+    `n_req`, `[C,U]`) over the candidate vectors `[C,K]`: per model the worst relative error and the mean
+    absolute error, and the learned model's mean absolute error as a share of the linear one's."""
+    views = {"linear": ctx.linear_view, "learned": ctx.learned_view}
+    errors: dict[str, list[tuple[float, float, float]]] = {name: [] for name, v in views.items() if v is not None}
+    seg = ctx.log.segment
+    for c in range(len(candidates)):
         w = np.tile(candidates[c], (ctx.log.n_requests, 1))
-        dm = float(direct_value(ctx, expected_under(ctx, w), w).mean())
+        expected = expected_under(ctx, w)
+        pen = penalty(ctx.resolved, w, expected)
         truth = float(long_user[c].sum() / n_req[c].sum())
-        errors.append((abs(dm - truth) / abs(truth), dm, truth))
-    worst = max(errors)
-    return {"relative_error": worst[0], "dm": worst[1], "truth": worst[2]}
+        for name in errors:
+            view = views[name]
+            assert view is not None
+            x = expected @ ctx.resolved.coefficients if name == "linear" else learned_under(ctx, w)[0]
+            dm = float(view.value(seg, x, pen).mean())
+            errors[name].append((abs(dm - truth) / abs(truth), dm, truth))
+    out: dict[str, object] = {}
+    for name, errs in errors.items():
+        worst = max(errs)
+        out[name] = {"relative_error": worst[0], "dm": worst[1], "truth": worst[2],
+                     "mean_absolute_error": float(np.mean([abs(dm - t) for _, dm, t in errs]))}
+    if "learned" in out:
+        out["learned_over_linear"] = (out["learned"]["mean_absolute_error"]  # type: ignore[index]
+                                      / out["linear"]["mean_absolute_error"])  # type: ignore[index]
+    return out

@@ -166,6 +166,21 @@ def weights_vs_feature(df: pd.DataFrame, feature: str, tasks: Sequence[str]) -> 
     return _layout(fig, f"How the weights move with {feature}")
 
 
+def outcome_calibration(table: pd.DataFrame) -> go.Figure:
+    """Observed against predicted request reward in deciles of the prediction, one panel per segment, one
+    line per direct model; the diagonal is perfect calibration. Rows: model, segment, predicted, observed."""
+    fig = px.line(table, x="predicted", y="observed", color="model", facet_col="segment", markers=True,
+                  hover_data=["n"])
+    low = float(min(table["predicted"].min(), table["observed"].min())) if len(table) else 0.0
+    high = float(max(table["predicted"].max(), table["observed"].max())) if len(table) else 1.0
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    n_panels = max(table["segment"].nunique(), 1) if len(table) else 1
+    for col in range(1, n_panels + 1):
+        fig.add_shape(type="line", x0=low, y0=low, x1=high, y1=high, line=dict(color="#999999", dash="dot"),
+                      row=1, col=col)
+    return _layout(fig, "Direct models on held-out users: observed against predicted reward per request", 380)
+
+
 def ratio_histogram(ratios: np.ndarray, title: str = "Importance ratios (log10)") -> go.Figure:
     r = np.log10(np.clip(ratios[np.isfinite(ratios)], 1e-12, None))
     fig = go.Figure(go.Histogram(x=r, nbinsx=60))

@@ -9,9 +9,9 @@ from mtf_core.diagnostics import thresholds_text
 from mtf_core.errors import LogError
 from mtf_core.headroom import ORACLE_LABEL
 from mtf_core.selection import CRITERIA, regret, select
-from ui.common import (cached_evaluation, cached_oracle_evaluation, current_comparison, current_log, current_reward,
-                       log_version, page_setup, plain, policy_choices, run_store, runs_dir, show_error, show_table,
-                       store_comparison)
+from ui.common import (cached_evaluation, cached_oracle_evaluation, cached_outcome_fit, current_comparison,
+                       current_log, current_reward, log_version, page_setup, plain, policy_choices, run_store,
+                       runs_dir, show_error, show_table, store_comparison)
 
 page_setup()
 st.title("Compare")
@@ -61,6 +61,7 @@ if go:
         st.stop()
     bar.progress(1.0, text="Done")
     store_comparison(results, log)
+    st.session_state["mtf_compare_share"] = share  # which requests the direct models below are checked on
 
 results = current_comparison(log)
 if not results:
@@ -108,6 +109,17 @@ diag_rows = [{"policy": r.policy, **r.diagnostics} for r in results if r.diagnos
 if diag_rows:
     show_table(pd.DataFrame(diag_rows), width="stretch", hide_index=True)
     st.caption(thresholds_text())
+model = results[0].direct_model or {}
+with st.expander(plain(f"DM and DR rest on the {model.get('label', 'direct model')}: its fit on held-out users")):
+    path, mtime = log_version()
+    r2, calibration = cached_outcome_fit(path, mtime, spec.to_json(), st.session_state.get("mtf_compare_share"))
+    show_table(r2.pivot(index="segment", columns="model", values="r2").reset_index(), width="stretch",
+               hide_index=True)
+    st.plotly_chart(plots.outcome_calibration(calibration), width="stretch")
+    st.caption("R² of the logged reward per request, each model predicting users it was not fitted on (two folds "
+               "of users). The learned outcome model values each candidate from its MTL scores, item and user "
+               "features (what the scores get wrong, e.g. for popular items) and is used where it fits better; "
+               "the linear model calibrates the MTL-score expected reward per segment.")
 with_ratios = [r for r in results if r.ratios is not None and not r.policy == "logging"]
 if with_ratios:
     which = st.selectbox("Importance ratios of", [r.policy for r in with_ratios])

@@ -103,6 +103,9 @@ def test_compare_two_runs_and_build_the_report():
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert len(at.get("plotly_chart")) >= 2
+    fit = next(e for e in at.expander if "its fit on held-out users" in e.label.replace("\\", ""))
+    assert "DM and DR rest on the" in fit.label
+    assert {"linear", "learned"} <= set(fit.dataframe[0].value.columns)  # R² of both models, per segment
     report = AppTest.from_file(str(ROOT / "pages/report.py"), default_timeout=TIMEOUT)
     report.session_state["mtf_comparison"] = at.session_state["mtf_comparison"]
     report.session_state["mtf_comparison_for"] = at.session_state["mtf_comparison_for"]

@@ -276,13 +276,14 @@ def test_model_based_sums_reproduce_the_point_estimates(tiny_log, held_out):
     actions = target_actions(policy, ctx.log, "p")
     result = evaluate_policy(ctx, actions, n_boot=50, with_truth=False)
     ratios = importance_ratio(ctx, actions)
-    target = _target_terms(ctx, actions, expected_under(ctx, actions.weights))
+    view = ctx.direct_view  # whichever model DM and DR rest on: the algebra is the same
+    target = _target_terms(ctx, actions, expected_under(ctx, actions.weights), view)
     logged = ctx.logged
-    x_logged = ctx.logged_expected @ ctx.resolved.coefficients
+    x_logged = view.x_logged
     rho = ratios.values
     seg = ctx.log.segment
     n_seg = len(ctx.log.segments)
-    fit = ctx.direct_fit
+    fit = view.fit
     fit_by_seg = np.stack([fit.stats[fit.segment == s].sum(0) for s in range(n_seg)])
     per_request = np.stack([np.ones_like(rho), target.x, target.penalty, 1 - rho, target.x - rho * x_logged,
                             rho * (logged.total + logged.penalty) - target.penalty], 1)

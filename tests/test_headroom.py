@@ -40,7 +40,7 @@ def test_oracles_nest_and_gaps_carry_paired_intervals(small):
         assert low <= v <= high, name
     for row in result.rows:
         assert row["per_user_ci"][0] <= row["per_user"] <= row["per_user_ci"][1]
-    assert -1.0 <= result.spearman <= 1.0 and result.dm_error["relative_error"] >= 0
+    assert -1.0 <= result.spearman <= 1.0 and result.dm_error["linear"]["relative_error"] >= 0
 
 
 def test_segment_oracle_beats_the_logging_blend_in_its_own_truth(small):

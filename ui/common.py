@@ -185,6 +185,15 @@ def cached_oracle_evaluation(path: str, mtime: float, reward_json: str, n_boot: 
     return evaluate_oracle(sample.ctx, n_boot=n_boot, sample=sample.description)
 
 
+@st.cache_data(show_spinner="Checking the direct models on held-out users...", max_entries=8)
+def cached_outcome_fit(path: str, mtime: float, reward_json: str, held_out_share: float | None
+                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """R^2 per segment and the calibration table of the direct models (see `evaluate.outcome_fit`)."""
+    from mtf_core.evaluate import outcome_fit
+
+    return outcome_fit(cached_sample(path, mtime, reward_json, held_out_share).ctx)
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def cached_sample(path: str, mtime: float, reward_json: str, held_out_share: float | None) -> EvaluationSample:
     """The requests an evaluation runs on: all, or the latest sessions held out from training."""

@@ -1,10 +1,14 @@
 """The direct model and the model-based estimators' intervals.
 
-The direct model is `q(s, w) = a_seg + b_seg * x(s, w) - penalty(s, w)`, where x is the expected immediate
-reward of the ranking that w produces (MTL scores x position curve), calibrated to the logged composite
-reward by least squares per segment. Being linear in (a, b), it is fitted from per-user sufficient
-statistics, which makes refitting it in every bootstrap resample cheap: the DM and DR intervals then
-carry the model's own uncertainty instead of treating the fitted (a, b) as known.
+The direct model is `q(s, w) = a_seg + b_seg * x(s, w) - penalty(s, w)`, calibrated to the logged composite
+reward by least squares per segment. x values the ranking that w produces, in one of two ways (`DirectView`):
+- linear: the expected immediate reward of the ranking's MTL scores under the position curve;
+- learned: the cross-fitted outcome network's value of the ranking (`outcome`), which learns what the MTL
+  scores get wrong per candidate and the session terms.
+Being linear in (a, b), the calibration is fitted from per-user sufficient statistics, which makes refitting
+it in every bootstrap resample cheap: the DM and DR intervals carry that uncertainty instead of treating the
+fitted (a, b) as known. The learned model's own uncertainty (the disagreement of its cross-fitted networks)
+is added to the intervals in quadrature.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ from mtf_core.reward import penalty
 if TYPE_CHECKING:
     from mtf_core.evaluate.context import EvalContext
 
-__all__ = ["DirectModel", "DirectFitData", "fit_direct", "direct_value", "model_based_intervals", "ModelTerms"]
+__all__ = ["DirectModel", "DirectFitData", "DirectView", "LINEAR_LABEL", "LEARNED_LABEL", "fit_direct",
+           "direct_value", "model_based_intervals", "ModelTerms"]
+
+LINEAR_LABEL = "linear direct model (per segment, on the MTL-score expected reward)"
+LEARNED_LABEL = "learned outcome model (cross-fitted network, recalibrated per segment)"
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,33 @@ def fit_direct(segment: np.ndarray, n_seg: int, x: np.ndarray, y: np.ndarray, us
 
 
 def direct_value(ctx: "EvalContext", expected: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """q(s, w) per request for weights whose ranking yields `expected` signals `[R,K]`."""
+    """The linear model's q(s, w) per request for weights whose ranking yields `expected` signals `[R,K]`."""
     seg = ctx.log.segment
     immediate = expected @ ctx.resolved.coefficients
     return ctx.direct.intercept[seg] + ctx.direct.slope[seg] * immediate - penalty(ctx.resolved, weights, expected)
+
+
+@dataclass(frozen=True)
+class DirectView:
+    """The direct model an evaluation rests on: how it values a ranking (x) and its per-segment calibration.
+
+    `x_logged_folds` `[F,R]` (learned model only) is each cross-fitted network's own x of the logged ranking;
+    `r2` the held-out R^2 of the request reward, overall then per segment, of every model that was fitted."""
+
+    name: str  # "linear" | "learned"
+    label: str
+    model: DirectModel
+    fit: DirectFitData
+    x_logged: np.ndarray  # (R,)
+    x_logged_folds: np.ndarray | None = None
+    r2: dict[str, list[float]] | None = None
+
+    def value(self, segment: np.ndarray, x: np.ndarray, penalty_: np.ndarray) -> np.ndarray:
+        """q per request `[...,R]` from x `[...,R]` and the rule penalty `[R]`."""
+        return self.model.intercept[segment] + self.model.slope[segment] * x - penalty_
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "label": self.label, "held_out_r2": self.r2}
 
 
 @dataclass(frozen=True)
@@ -82,12 +113,68 @@ class ModelTerms:
     penalty_logged: np.ndarray  # (R,)
     reward: np.ndarray  # (R,) logged composite reward
     ratio: np.ndarray | None  # (R,) importance ratios; None: DM only
+    x_target_folds: np.ndarray | None = None  # (F, R) each network's x under the target (learned model)
+    x_logged_folds: np.ndarray | None = None  # (F, R)
 
 
-def model_based_intervals(ctx: "EvalContext", terms: ModelTerms, n_boot: int, seed: int, level: float = 0.95
-                          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def model_based_intervals(ctx: "EvalContext", view: DirectView, terms: ModelTerms, n_boot: int, seed: int,
+                          level: float = 0.95) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Bootstrap intervals of DM (and DR where ratios exist), overall and per segment (`_resampled_intervals`),
+    widened in quadrature by the spread of the learned model's networks where it has several."""
+    intervals = _resampled_intervals(ctx, view, terms, n_boot, seed, level)
+    spread = _network_spread(ctx, view, terms)
+    if spread is None:
+        return intervals
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)))
+    centre = _estimates(ctx, view.model, terms, terms.x_target, terms.x_logged)
+    out = {}
+    for name, (low, high) in intervals.items():
+        extra = (z * spread[name]) ** 2
+        out[name] = (centre[name] - np.sqrt((centre[name] - low) ** 2 + extra),
+                     centre[name] + np.sqrt((high - centre[name]) ** 2 + extra))
+    return out
+
+
+def _by_segment_means(ctx: "EvalContext", per_request: np.ndarray) -> np.ndarray:
+    """Means overall and per segment `[...,1+S]` of per-request values `[...,R]`."""
+    seg, n_seg = ctx.log.segment, len(ctx.log.segments)
+    one_hot = (seg[:, None] == np.arange(n_seg)[None, :]).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        by_seg = (per_request @ one_hot) / one_hot.sum(0)
+    return np.concatenate([per_request.mean(-1, keepdims=True), by_seg], -1)
+
+
+def _estimates(ctx: "EvalContext", model: DirectModel, terms: ModelTerms, x_target: np.ndarray,
+               x_logged: np.ndarray) -> dict[str, np.ndarray]:
+    seg = ctx.log.segment
+    q_target = model.intercept[seg] + model.slope[seg] * x_target - terms.penalty_target
+    out = {"dm": _by_segment_means(ctx, q_target)}
+    if terms.ratio is not None:
+        q_logged = model.intercept[seg] + model.slope[seg] * x_logged - terms.penalty_logged
+        out["dr"] = _by_segment_means(ctx, q_target + terms.ratio * (terms.reward - q_logged))
+    return out
+
+
+def _network_spread(ctx: "EvalContext", view: DirectView, terms: ModelTerms) -> dict[str, np.ndarray] | None:
+    """Standard error `[1+S]` per estimator from the disagreement of the F networks (trained on disjoint users,
+    so their estimates are independent draws of the model's fit): std over networks / sqrt(F). Each network
+    is recalibrated on these requests first: a level that the calibration removes is no disagreement."""
+    if terms.x_target_folds is None or terms.x_logged_folds is None or len(terms.x_target_folds) < 2:
+        return None
+    log = ctx.log
+    y = terms.reward + terms.penalty_logged
+    per_net = []
+    for x_target, x_logged in zip(terms.x_target_folds, terms.x_logged_folds):
+        model, _ = fit_direct(log.segment, len(log.segments), x_logged, y, log.user_id)
+        per_net.append(_estimates(ctx, model, terms, x_target, x_logged))
+    return {name: np.nan_to_num(np.std([p[name] for p in per_net], axis=0, ddof=1) / np.sqrt(len(per_net)))
+            for name in per_net[0]}
+
+
+def _resampled_intervals(ctx: "EvalContext", view: DirectView, terms: ModelTerms, n_boot: int, seed: int,
+                         level: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Bootstrap intervals of DM (and DR where ratios exist), overall and per segment, refitting the direct
-    model in every resample on the data it was fitted on (`ctx.direct_fit`: the same requests, or the
+    model's calibration in every resample on the data it was fitted on (`view.fit`: the same requests, or the
     training sessions for a held-out evaluation, whose users are resampled jointly with the evaluated ones).
     Returns {estimator: (low `[1+S]`, high `[1+S]`)}, overall first.
 
@@ -102,7 +189,7 @@ def model_based_intervals(ctx: "EvalContext", terms: ModelTerms, n_boot: int, se
     names = ["dm"] if terms.ratio is None else ["dm", "dr"]
     # One row per user of either part: the fit's statistics beside the evaluated requests' terms.
     eval_users = np.unique(ctx.log.user_id)
-    fit = ctx.direct_fit
+    fit = view.fit
     users = np.union1d(eval_users, fit.user_id)
     per_unit = np.zeros((len(users), 5 + evaluated.shape[1]))
     per_unit[np.searchsorted(users, fit.user_id), :5] = fit.stats
@@ -112,7 +199,7 @@ def model_based_intervals(ctx: "EvalContext", terms: ModelTerms, n_boot: int, se
     segment[np.searchsorted(users, eval_users)] = ctx.unit_segment
     n_units = len(users)
     if n_units > BLB_THRESHOLD:
-        return _fixed_model_intervals(ctx, evaluated, names, n_boot, seed, level)
+        return _fixed_model_intervals(ctx, view.model, evaluated, names, n_boot, seed, level)
     one_hot = (segment[:, None] == np.arange(n_seg)[None, :]).astype(np.float64)  # (U, S)
     by_segment = torch.from_numpy((per_unit[:, None, :] * one_hot[:, :, None]).reshape(n_units, -1))
     estimates = []
@@ -140,11 +227,11 @@ def _values_from_sums(sums: np.ndarray, names: list[str]) -> np.ndarray:
     return np.concatenate(out, 1)
 
 
-def _fixed_model_intervals(ctx: "EvalContext", evaluated: np.ndarray, names: list[str], n_boot: int, seed: int,
-                           level: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _fixed_model_intervals(ctx: "EvalContext", model: DirectModel, evaluated: np.ndarray, names: list[str],
+                           n_boot: int, seed: int, level: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Intervals with the model held at its fit: evaluated `[U,6]` per evaluated user (layout as above)."""
     n_seg = len(ctx.log.segments)
-    a, b = ctx.direct.intercept[ctx.unit_segment], ctx.direct.slope[ctx.unit_segment]
+    a, b = model.intercept[ctx.unit_segment], model.slope[ctx.unit_segment]
     n, s_xt, s_pt, s_one_minus_rho, s_xt_rho_xl, s_rest = evaluated.T
     numerators = {"dm": a * n + b * s_xt - s_pt, "dr": a * s_one_minus_rho + b * s_xt_rho_xl + s_rest}
     out = {}

@@ -11,18 +11,16 @@ from mtf_core.evaluate import context
 from mtf_core.evaluate.actions import TargetActions
 from mtf_core.evaluate.bootstrap import N_BOOT, bootstrap_ratio, finite_or_none
 from mtf_core.evaluate.context import EvalContext
-from mtf_core.evaluate.direct import ModelTerms, direct_value, model_based_intervals
+from mtf_core.evaluate.direct import DirectView, ModelTerms, direct_value, model_based_intervals
 from mtf_core.evaluate.estimators import DR, NCIS, SNIPS, IPS, OPEInputs
 from mtf_core.evaluate.ratios import ImportanceRatios, importance_ratio
-from mtf_core.evaluate.rerank import expected_under, gauc, rerank_metrics
+from mtf_core.evaluate.rerank import expected_under, gauc, learned_under, rerank_metrics
 from mtf_core.evaluate.truth import truth_with_unit_terms
 from mtf_core.diagnostics import estimator_verdicts, overlap_diagnostics
 from mtf_core.reward import penalty
 from mtf_core.store import iter_chunks
 
-__all__ = ["EvaluationResult", "evaluate_policy", "point_value", "DIRECT_MODEL"]
-
-DIRECT_MODEL = "linear direct model (per segment, on the MTL-score expected reward)"
+__all__ = ["EvaluationResult", "evaluate_policy", "point_value"]
 
 
 @dataclass
@@ -47,6 +45,7 @@ class EvaluationResult:
     n_boot: int = 0
     seed: int = 0
     sample: str = ""  # which requests: all of them, or the held-out latest sessions
+    direct_model: dict[str, object] | None = None  # the model DM and DR rest on, and the models' held-out fit
 
     @property
     def bandwidth(self) -> float | None:
@@ -60,7 +59,8 @@ class EvaluationResult:
         return {"log": self.log, "policy": self.policy, "reward": self.reward, "n_requests": self.n_requests,
                 "metrics": self.metrics, "ope": self.ope, "ground_truth": self.ground_truth,
                 "diagnostics": self.diagnostics, "diagnostics_by_segment": self.diagnostics_by_segment,
-                "ratios": self.ratio_info, "bandwidth": self.bandwidth, "sample": self.sample, "notes": self.notes}
+                "ratios": self.ratio_info, "bandwidth": self.bandwidth, "sample": self.sample, "notes": self.notes,
+                "direct_model": self.direct_model}
 
 
 @dataclass
@@ -108,22 +108,27 @@ def _per_unit(ctx: EvalContext, values: np.ndarray, valid: np.ndarray | None = N
 class _Target:
     """The direct model's view of the target policy, per request `[R]` (averaged over draws if stochastic)."""
 
-    x: np.ndarray  # expected immediate reward of the target's ranking
+    x: np.ndarray  # the direct model's value of the target's ranking, before calibration
     penalty: np.ndarray
     value: np.ndarray  # q(s, pi)
+    x_folds: np.ndarray | None = None  # (F, R) each outcome network's x (learned model)
 
 
-def _target_terms(ctx: EvalContext, actions: TargetActions, expected: np.ndarray) -> _Target:
-    coefficients = ctx.resolved.coefficients
+def _target_terms(ctx: EvalContext, actions: TargetActions, expected: np.ndarray, view: DirectView) -> _Target:
     if actions.samples is None:
         draws, signals = [actions.weights], [expected]
     else:
         draws = list(actions.samples)
         signals = [expected_under(ctx, d) for d in draws]
-    x = np.mean([s @ coefficients for s in signals], axis=0)
     pen = np.mean([penalty(ctx.resolved, d, s) for d, s in zip(draws, signals)], axis=0)
-    seg = ctx.log.segment
-    return _Target(x, pen, ctx.direct.intercept[seg] + ctx.direct.slope[seg] * x - pen)
+    x_folds = None
+    if view.name == "learned":
+        valued = [learned_under(ctx, d, actions.form, actions.bias) for d in draws]
+        x = np.mean([v[0] for v in valued], axis=0)
+        x_folds = np.mean([v[1] for v in valued], axis=0)
+    else:
+        x = np.mean([s @ ctx.resolved.coefficients for s in signals], axis=0)
+    return _Target(x, pen, view.value(ctx.log.segment, x, pen), x_folds)
 
 
 def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = None, n_boot: int = N_BOOT,
@@ -136,10 +141,13 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     report = progress or (lambda f, msg: None)
     metrics, expected = _ranking_metrics(ctx, actions, k, n_boot, seed)
     report(0.5, "metrics done")
-    target = _target_terms(ctx, actions, expected)
-    ratios = importance_ratio(ctx, actions, seed, dm_target=float(target.value.mean()))
-    ope, unit_terms = _off_policy(ctx, ratios, target, n_boot, seed + 1)
-    _label_sources(ctx, ope, actions.is_logging)
+    view = ctx.direct_view
+    target = _target_terms(ctx, actions, expected, view)
+    # The kernel's smoothing bias is gauged with the linear model (`ratios`), so its DM target is the linear one.
+    linear = target if view.name == "linear" else _target_terms(ctx, actions, expected, ctx.linear_view)
+    ratios = importance_ratio(ctx, actions, seed, dm_target=float(linear.value.mean()))
+    ope, unit_terms = _off_policy(ctx, view, ratios, target, n_boot, seed + 1)
+    _label_sources(ctx, ope, actions.is_logging, view)
     diagnostics, by_segment = _diagnostics(ctx, ratios, ope)
     report(0.7, "off-policy estimates done")
     truth = None
@@ -153,7 +161,7 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
                             _notes(ctx, actions, ratios), None if ratios is None else ratios.describe(),
                             None if ratios is None else ratios.values, diagnostics, by_segment, target.value,
                             unit_terms, ctx.unit_segment, n_boot, seed + 1,
-                            sample or f"all {log.n_requests:,} requests")
+                            sample or f"all {log.n_requests:,} requests", view.describe())
 
 
 def _ranking_metrics(ctx: EvalContext, actions: TargetActions, k: int, n_boot: int, seed: int
@@ -184,14 +192,13 @@ def _ranking_metrics(ctx: EvalContext, actions: TargetActions, k: int, n_boot: i
     return figs.finish(n_boot, seed), expected
 
 
-def _off_policy(ctx: EvalContext, ratios: ImportanceRatios | None, target: _Target, n_boot: int, seed: int
-                ) -> tuple[list[dict[str, object]], dict[str, np.ndarray]]:
-    """IPS, SNIPS, NCIS (ratios only), DR and DM (refitted direct model in every resample) with intervals."""
+def _off_policy(ctx: EvalContext, view: DirectView, ratios: ImportanceRatios | None, target: _Target, n_boot: int,
+                seed: int) -> tuple[list[dict[str, object]], dict[str, np.ndarray]]:
+    """IPS, SNIPS, NCIS (ratios only), DR and DM (calibration refitted in every resample) with intervals."""
     log, n_units = ctx.log, len(ctx.unit_segment)
     logged = ctx.logged
-    x_logged = ctx.logged_expected @ ctx.resolved.coefficients
-    terms = ModelTerms(x_logged, target.x, target.penalty, logged.penalty, logged.total,
-                       None if ratios is None else ratios.values)
+    terms = ModelTerms(view.x_logged, target.x, target.penalty, logged.penalty, logged.total,
+                       None if ratios is None else ratios.values, target.x_folds, view.x_logged_folds)
     unit_terms: dict[str, np.ndarray] = {}
     rows: list[dict[str, object]] = []
     if ratios is not None:
@@ -204,8 +211,8 @@ def _off_policy(ctx: EvalContext, ratios: ImportanceRatios | None, target: _Targ
             unit_terms[est.name] = np.stack([num_u, den_u], 1)
             figs.add({"estimator": est.name}, num_u, den_u, ctx.unit_segment, log.segments)
         rows = figs.finish(n_boot, seed)
-    intervals = model_based_intervals(ctx, terms, n_boot, seed)
-    q_logged = direct_value(ctx, ctx.logged_expected, log.weights)
+    intervals = model_based_intervals(ctx, view, terms, n_boot, seed)
+    q_logged = view.value(log.segment, view.x_logged, logged.penalty)
     values = {"dm": target.value}
     if ratios is not None:
         values["dr"] = DR().terms(OPEInputs(logged.total, ratios.values, q_logged, target.value)).num
@@ -222,12 +229,12 @@ def _off_policy(ctx: EvalContext, ratios: ImportanceRatios | None, target: _Targ
     return rows, unit_terms
 
 
-def _label_sources(ctx: EvalContext, ope: list[dict[str, object]], is_logging: bool) -> None:
+def _label_sources(ctx: EvalContext, ope: list[dict[str, object]], is_logging: bool, view: DirectView) -> None:
     """Each estimate names what it rests on: the propensities (logged, mixture, estimated) and the model."""
     for row in ope:
         name = row["estimator"]
         row["propensities"] = ("on-policy" if is_logging else ctx.propensities.source) if name != "dm" else None
-        row["model"] = DIRECT_MODEL if name in ("dm", "dr") else None
+        row["model"] = view.label if name in ("dm", "dr") else None
 
 
 def _draw_ratios(ctx: EvalContext, ratios: ImportanceRatios) -> np.ndarray | None:
@@ -282,11 +289,22 @@ def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[di
     return out[0], out[1:]
 
 
+def _model_note(view: DirectView) -> str:
+    """Which model DM and DR rest on, and why (the held-out fits that chose it)."""
+    if not view.r2:
+        return f"DM and DR rest on the {view.label}"
+    fits = ", ".join(f"{name} {r2[0]:.3f}" for name, r2 in view.r2.items())
+    return (f"DM and DR rest on the {view.label}; held-out R² of the request reward (cross-fitted over users): "
+            f"{fits}")
+
+
 def _notes(ctx: EvalContext, actions: TargetActions, ratios: ImportanceRatios | None) -> list[str]:
+    model = _model_note(ctx.direct_view)
     if ratios is None:
         return [actions.ope_note or f"{ctx.profile.mode} log: {ctx.propensities.note}; only the direct method "
-                "(model-based) is shown"]
+                "(model-based) is shown", model]
     notes = [] if ctx.propensities.source == "logged" or actions.is_logging else [ctx.propensities.note]
+    notes.append(model)
     if ratios.kind != "kernel":
         return notes
     return notes + [f"{actions.label} is deterministic: its importance ratios smooth it with a Dirichlet kernel of "
@@ -298,10 +316,12 @@ def _notes(ctx: EvalContext, actions: TargetActions, ratios: ImportanceRatios | 
 def point_value(ctx: EvalContext, actions: TargetActions) -> tuple[float, str]:
     """A point estimate without intervals, for validation during training: DR where importance ratios exist
     (for a deterministic target, its kernel's concentration chosen anew by the same rule as `evaluate_policy`),
-    else DM. Returns (value, estimator)."""
+    else DM. Returns (value, estimator). It rests on the linear direct model: validation runs many times per
+    training run, and DR's model term only needs to be sensible, not learned."""
     log = ctx.log
     expected = expected_under(ctx, actions.weights, actions.form, actions.bias) if actions.samples is None else None
-    target = _target_terms(ctx, actions, expected if expected is not None else np.zeros((log.n_requests, 0)))
+    target = _target_terms(ctx, actions, expected if expected is not None else np.zeros((log.n_requests, 0)),
+                           ctx.linear_view)
     ratios = importance_ratio(ctx, actions, dm_target=float(target.value.mean()))
     if ratios is None:
         return float(target.value.mean()), "dm"

@@ -16,8 +16,8 @@ from mtf_core.evaluate.context import EvalContext
 from mtf_core.fusion import fuse
 from mtf_core.store import iter_chunks
 
-__all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "expected_under", "rerank_metrics", "gauc",
-           "streamed_rerank"]
+__all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "expected_under", "learned_under",
+           "rerank_metrics", "gauc", "streamed_rerank"]
 
 
 def ndcg_at_k(fused: torch.Tensor, gains: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,6 +120,25 @@ def expected_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum",
         fused = fuse(scores, torch.from_numpy(weights[rows]), form, bias=b, mask=mask)
         out.append(top_signals(fused, scores, mask, curve).double().numpy())
     return np.concatenate(out)
+
+
+def learned_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum", bias: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The learned outcome model's value of the ranking under weights `[R,K]`/`[R,N,K]` per request `[R]`
+    (out of fold), and each network's `[F,R]`: baseline plus the top L candidates' values under the curve."""
+    learned = ctx.learned_outcome
+    assert learned is not None, "the learned outcome model was not fitted on this context"
+    log, curve = ctx.log, torch.from_numpy(ctx.resolved.position_curve)
+    b = None if bias is None else torch.from_numpy(bias)
+    out = []
+    for rows in iter_chunks(log.n_requests, context.CHUNK):
+        scores, mask = torch.from_numpy(log.scores[rows]), torch.from_numpy(log.mask[rows])
+        fused = fuse(scores, torch.from_numpy(weights[rows]), form, bias=b, mask=mask)
+        values = np.concatenate([learned.item_value[rows][..., None],
+                                 np.moveaxis(learned.fold_item_value[:, rows], 0, -1)], -1)
+        out.append(top_signals(fused, torch.from_numpy(values), mask, curve).double().numpy())
+    x = np.concatenate(out)  # (R, 1+F)
+    return learned.baseline + x[:, 0], learned.fold_baseline + x[:, 1:].T
 
 
 def rerank_metrics(ctx: EvalContext, actions: TargetActions, rows: slice, k: int) -> RerankResult:
