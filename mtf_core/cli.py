@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mtf_core.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_UNUSABLE, LogError
+from mtf_core.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_UNUSABLE, LogError, is_disk_full
 
 MAX_USERS = 100_000  # generate holds the whole log in memory: about 20 requests of 20 candidates per user
 
@@ -571,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed and memory figures against same-run references")
     p.add_argument("--quick", action="store_true", help="a tenth of every workload (checks the code paths)")
+    p.add_argument("--busy-core", action="store_true",
+                   help="also measure every figure with one core held by a spinning process (started and stopped "
+                        "by the bench)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -582,7 +585,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sys.path.insert(0, root)
     from benchmarks.bench import run_bench
 
-    result = run_bench(args.quick, progress=lambda msg: print(f"bench: {msg}...", file=sys.stderr))
+    result = run_bench(args.quick, progress=lambda msg: print(f"bench: {msg}...", file=sys.stderr),
+                       busy=args.busy_core)
     if args.json:
         _emit(result)
         return EXIT_OK
@@ -591,6 +595,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{f['name']:<10}{f['value']:>16.4g} {f['unit']:<22}{f['reference']:>14.4g}{f['ratio']:>9.3g}  "
               f"{f['target']:<44}{'yes' if f['met'] else 'NO'}")
         print(f"{'':<10}{f['detail']}")
+        if f.get("busy"):
+            b = f["busy"]
+            print(f"{'  busy':<10}{b['value']:>16.4g} {'':<22}{b['reference']:>14.4g}{b['ratio']:>9.3g}  "
+                  f"{b['target']:<44}{'yes' if b['met'] else 'NO'}")
     print(f"machine: {result['machine']}")
     return EXIT_OK
 
@@ -639,13 +647,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         _emit({"run_id": run_id, "algo": args.algo, "status": result.status, "seconds": result.seconds,
                "config": config.to_dict(), "final_metrics": summary["final"], "best_step": result.best_step,
                "best_validation": result.best_value, "validation_estimator": result.validation_estimator,
-               "stopped_early": result.stopped_early})
+               "stopped_early": result.stopped_early, "notes": result.notes})
     else:
         best = (f", best held-out {result.validation_estimator.upper()} {result.best_value:.4f} at step "
                 f"{result.best_step}"
                 + (" (stopped early)" if result.stopped_early else "")) if result.best_step is not None else ""
         print(f"run {run_id} {result.status}: {args.algo} in {result.seconds:.1f}s{best} "
               f"(evaluate with --policy run:{run_id})")
+        for note in result.notes:
+            print(f"note: {note}")
     return EXIT_OK
 
 
@@ -660,16 +670,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a full disk is named as such, whichever layer noticed it
+        if not is_disk_full(exc):
+            return _unexpected(exc)
+        print(f"error: the disk is full (no space left on device) while writing; free some space and run the "
+              f"command again ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
+        return EXIT_UNUSABLE
+
+
+def _unexpected(exc: BaseException) -> int:
+    """One line for anything else: OSError and ValueError as they are, the rest named as unexpected."""
+    if isinstance(exc, (OSError, ValueError)):
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    except MemoryError:
+    if isinstance(exc, MemoryError):
         print("error: out of memory; use a smaller log or smaller settings", file=sys.stderr)
         return EXIT_UNUSABLE
-    except Exception as exc:  # noqa: BLE001 - one line for the user, never a traceback (MTF_DEBUG=1 shows it)
-        if os.environ.get("MTF_DEBUG"):
-            raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: {type(exc).__name__}: {first[:300]} (an unexpected failure; MTF_DEBUG=1 shows the "
-              "traceback)", file=sys.stderr)
-        return EXIT_UNUSABLE
+    if os.environ.get("MTF_DEBUG"):
+        raise exc
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    print(f"error: {type(exc).__name__}: {first[:300]} (an unexpected failure; MTF_DEBUG=1 shows the "
+          "traceback)", file=sys.stderr)
+    return EXIT_UNUSABLE

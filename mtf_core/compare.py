@@ -14,7 +14,7 @@ from mtf_core.evaluate import EvaluationResult
 from mtf_core.evaluate.paired import paired_difference
 
 __all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "add_lifts", "paired_lifts",
-           "headroom_shares", "per_user_truth", "build_report"]
+           "headroom_shares", "per_user_truth", "build_report", "decision_headline", "segment_lifts", "GLOSSARY"]
 
 
 def ope_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
@@ -103,28 +103,141 @@ def per_user_truth(result: EvaluationResult) -> float | None:
     return ((result.ground_truth or {}).get("per_user") or {}).get("value")  # type: ignore[union-attr]
 
 
+GLOSSARY = {
+    "value": "the mean composite reward per request under the current reward, the policy's weights deciding the "
+             "ranking of each logged request",
+    "truth": "on simulator logs, the policy run in the simulated world on the same users and days: per request, "
+             "and per user summed over every request the policy kept the user for (the long-term view)",
+    "IPS / SNIPS / NCIS": "importance-weighted estimates: the logged rewards reweighted by how much more (or less) "
+                          "likely the policy is to choose the logged weights; SNIPS normalises the weights, NCIS "
+                          "also caps them at 10",
+    "DR": "doubly robust: the direct model's value corrected by the importance-weighted residuals of the logged "
+          "rewards; right if either the model or the propensities are",
+    "DM": "direct method: a model of the reward of any ranking, fitted on the logged requests (see the model it "
+          "rests on)",
+    "95% interval": "users resampled (bootstrap); a paired lift resamples the same users for both policies",
+    "trustworthy": "the estimate's checks pass: enough effective requests, the policy's weights covered by the "
+                   "log, and (DM) agreement with DR; intervals called trustworthy covered the truth in at least "
+                   "90% of 20 simulated worlds",
+    "use with care": "some check fails: read the estimate as a rough guide",
+    "not supported by this log": "the log holds almost no requests with weights like this policy's: no "
+                                 "importance-weighted figure can be trusted, and a model-based one is an "
+                                 "extrapolation",
+}
+
+
+def _cell(row: Mapping[str, object] | None) -> str:
+    if not row or row.get("value") is None:
+        return "n/a"
+    low, high = row.get("ci_low"), row.get("ci_high")
+    text = f"{row['value']:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else "")
+    return text + (f" ({row['verdict']})" if row.get("verdict") else "")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def decision_headline(results: Sequence[EvaluationResult]) -> str:
+    """One paragraph a stakeholder reads first: which policy the evaluation supports shipping, on what, and how
+    far to trust it (a choice resting on an unsupported estimate says so, before anything else)."""
+    from mtf_core.selection import common_estimator, select
+
+    choice = select(results, "lower_bound")
+    chosen = next((r for r in results if r.policy == choice["chosen"]), None)
+    if chosen is None:
+        return "No policy has an estimate on this log: there is nothing to recommend."
+    estimator = common_estimator(results)
+    row = chosen.estimate(estimator) or {}
+    verdict = row.get("verdict")
+    lead = ("No trustworthy recommendation." if verdict == "not supported by this log"
+            else "Recommendation:" if verdict == "trustworthy" else "Tentative recommendation:")
+    text = (f"{lead} {chosen.policy} ({estimator.upper()} {_cell(row)}). {choice['reason']}, judging every "
+            f"policy by the same estimator.")
+    truth = (chosen.ground_truth or {}).get("value")
+    if truth is not None:
+        best = max(results, key=lambda r: (r.ground_truth or {}).get("value", float("-inf")))
+        text += (f" In the simulator's truth it earns {truth:.4f} per request"
+                 + ("" if best is chosen else f"; {best.policy} would earn {best.ground_truth['value']:.4f}") + ".")
+    return text
+
+
+def segment_lifts(results: Sequence[EvaluationResult], estimator: str) -> list[list[object]]:
+    """Per segment and policy: the paired difference of `estimator` over the first result (the baseline), on
+    that segment's users, with its 95% interval."""
+    base = results[0]
+    rows: list[list[object]] = []
+    segments = sorted({o["segment"] for o in base.ope if o["segment"] is not None})
+    for s, name in enumerate(segments):
+        for r in results[1:]:
+            users = None if r.unit_segment is None else r.unit_segment == s
+            paired = paired_difference(r, base, estimator, n_boot=max(r.n_boot, 200), seed=r.seed, users=users)
+            if paired is not None:
+                rows.append([name, r.policy, f"{paired['difference']:+.4f} [{paired['ci_low']:+.4f}, "
+                             f"{paired['ci_high']:+.4f}]", "yes" if paired["separated"] else "no"])
+    return rows
+
+
+def _config_table(run_configs: Mapping[str, object]) -> str:
+    """Run settings side by side: one row per setting, one column per policy."""
+    flat: dict[str, dict[str, object]] = {}
+    for policy, run in run_configs.items():
+        entry = dict(run) if isinstance(run, Mapping) else {}
+        config = entry.pop("config", {}) or {}
+        params = config.get("params", {}) if isinstance(config, Mapping) else {}
+        settings = {**entry, **{k: v for k, v in config.items() if k != "params"}, **params}  # type: ignore[union-attr]
+        flat[policy] = settings
+    names = sorted({k for v in flat.values() for k in v})
+    return _table(["setting", *flat], [[n, *(flat[p].get(n, "") for p in flat)] for n in names])
+
+
 def build_report(title: str, results: Sequence[EvaluationResult], figures: Sequence[tuple[str, go.Figure]],
                  reward_spec: dict[str, object], fingerprint: str, run_configs: dict[str, object]) -> str:
-    """A self-contained HTML page: plotly.js inlined once, every figure embedded, tables and configs."""
+    """A self-contained decision document: the recommendation first, then every policy's estimates with their
+    intervals and verdicts, per-segment lifts, the figures (plotly.js inlined once), a glossary, and the
+    reward and run settings as tables."""
+    from mtf_core.selection import common_estimator
+
     parts = [f"<h1>{html.escape(title)}</h1>",
-             f"<p>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Log fingerprint "
-             f"<code>{html.escape(fingerprint)}</code>; policies: "
-             f"{', '.join(html.escape(r.policy) for r in results)}.</p>"]
-    summary = ope_frame(results)
-    if not summary.empty:
-        overall = summary[summary["segment"].isna()].pivot_table(index="estimator", columns="policy", values="value")
-        parts.append("<h2>Policy value (mean composite reward per request)</h2>" + overall.round(4).to_html())
+             f"<p class='headline'>{html.escape(decision_headline(results))}</p>",
+             f"<p>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} on {html.escape(results[0].sample)}. "
+             f"Log fingerprint <code>{html.escape(fingerprint)}</code>.</p>"]
+    estimators = [e for e in ("truth", "dr", "dm", "snips", "ips", "ncis")
+                  if any(r.estimate(e) is not None or (e == "truth" and r.ground_truth) for r in results)]
+    rows = []
+    for r in results:
+        cells = [_cell(r.ground_truth) if e == "truth" else _cell(r.estimate(e)) for e in estimators]
+        dr = r.estimate("dr") or r.estimate("dm") or {}
+        rests = "; ".join(str(dr[k]) for k in ("propensities", "model") if dr.get(k))
+        rows.append([r.policy, *cells, rests])
+    parts.append("<h2>Every policy's value, with 95% intervals and verdicts</h2>"
+                 + _table(["policy", *[e.upper() if e != "truth" else "truth" for e in estimators], "rests on"],
+                          rows))
+    if len(results) > 1:
+        estimator = "truth" if all("truth" in r.unit_terms for r in results) else common_estimator(results)
+        lifts = segment_lifts(results, estimator)
+        if lifts:
+            basis = "simulator truth" if estimator == "truth" else estimator.upper()
+            parts.append(f"<h2>Lift over {html.escape(results[0].policy)} by segment ({basis}, paired)</h2>"
+                         + _table(["segment", "policy", "difference [95% CI]", "interval excludes 0"], lifts))
     for i, (caption, fig) in enumerate(figures):
         parts.append(f"<h2>{html.escape(caption)}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False,
                                  default_height=fig.layout.height or 420))
-    parts.append("<h2>Reward specification</h2><pre>" + html.escape(json.dumps(reward_spec, indent=2)) + "</pre>")
-    parts.append("<h2>Run configurations</h2><pre>" + html.escape(json.dumps(run_configs, indent=2, default=str))
-                 + "</pre>")
     notes = sorted({n for r in results for n in r.notes})
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    parts.append("<h2>Glossary</h2><dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
+                                                   for k, v in GLOSSARY.items()) + "</dl>")
+    parts.append("<h2>Reward</h2>" + _table(["field", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list))
+                                                                  else v] for k, v in reward_spec.items()]))
+    if run_configs:
+        parts.append("<h2>Run settings</h2>" + _config_table(run_configs))
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}")
+             ".headline{font-size:1.2em;padding:0.8em;border-left:4px solid #1f77b4;background:#f3f7fb}"
+             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+             "dt{font-weight:600;margin-top:0.4em}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["LogError", "EXIT_OK", "EXIT_PROBLEMS", "EXIT_UNUSABLE"]
+import errno
+
+__all__ = ["LogError", "EXIT_OK", "EXIT_PROBLEMS", "EXIT_UNUSABLE", "is_disk_full"]
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -19,3 +21,12 @@ class LogError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_UNUSABLE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error is a full disk (an OSError with ENOSPC, or DuckDB's message for one), which is never
+    the fault of the file being read."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return "no space left on device" in text or "disk quota exceeded" in text or "disk is full" in text

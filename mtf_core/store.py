@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mtf_core.errors import EXIT_PROBLEMS, EXIT_UNUSABLE, LogError
+from mtf_core.errors import EXIT_PROBLEMS, EXIT_UNUSABLE, LogError, is_disk_full
 from mtf_core.policies.base import StateBatch, context_features
 from mtf_core.schema import (
     IDENTIFIER,
@@ -611,6 +611,9 @@ def _read_source(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> list
             f"FROM {reader}(?{sep}{args})", [str(path)]
         )
     except duckdb.Error as exc:
+        if is_disk_full(exc):
+            raise LogError(f"the disk is full: no space left to store table {table} of the new log (reading "
+                           f"{path} is not the problem); free some space and import again") from exc
         raise LogError(f"{path}: cannot be read as {reader[5:]} ({str(exc).splitlines()[0]})") from exc
     cols = [r[0] for r in con.execute(f"DESCRIBE {quote_ident('raw_' + table)}").fetchall()][1:]
     n = con.execute(f"SELECT count(*) FROM {quote_ident('raw_' + table)}").fetchone()[0]  # type: ignore[index]

@@ -75,6 +75,8 @@ if submitted:
             f"{result.validation_estimator.upper()} {result.best_value:.4f})"
             + (", stopped early" if result.stopped_early else "")) if result.best_step is not None else ""
     st.success(plain(f"Run {run_id} {result.status} in {result.seconds:.1f}s{best}"))
+    for note in result.notes:
+        st.warning(plain(note))
 
 st.subheader("Runs")
 runs = store.list_runs()

@@ -117,6 +117,10 @@ def test_compare_two_runs_and_build_the_report():
     html = report.session_state["mtf_report_html"]
     assert html.count('class="plotly-graph-div"') == 3
     assert "Plotly.newPlot" in html and "run:" in html
+    # A decision document: the recommendation first, verdicts and intervals, segment lifts, glossary, settings.
+    assert "class='headline'" in html and "ecommendation" in html.split("</p>")[0]
+    assert "Every policy's value, with 95% intervals and verdicts" in html and "by segment (" in html
+    assert "<dt>DR</dt>" in html and "<th>setting</th>" in html and "trustworthy" in html
     assert html.count("<script") >= 3 and len(html) > 1_000_000  # plotly.js inlined: opens offline
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,16 +14,31 @@ pytestmark = pytest.mark.slow
 NAMES = {"generate", "load", "evaluate", "bootstrap", "train", "memory", "app"}
 
 
-def test_quick_bench_reports_every_figure():
-    proc = subprocess.run([sys.executable, "-m", "mtf_core", "bench", "--quick", "--json"], capture_output=True,
-                          text=True, timeout=900)
+def _spinners() -> int:
+    """Processes running the bench's spinner, from /proc (Linux)."""
+    count = 0
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            count += b"while True: pass" in entry.read_bytes()
+        except OSError:
+            continue
+    return count
+
+
+def test_quick_bench_reports_every_figure_quiet_and_with_a_busy_core():
+    before = _spinners()
+    proc = subprocess.run([sys.executable, "-m", "mtf_core", "bench", "--quick", "--busy-core", "--json"],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
     assert {f["name"] for f in doc["figures"]} == NAMES
     for f in doc["figures"]:
-        assert set(f) >= {"name", "value", "unit", "reference", "ratio", "target", "met"}
+        assert set(f) >= {"name", "value", "unit", "reference", "ratio", "target", "met", "busy"}
         assert math.isfinite(f["value"]) and f["value"] > 0 and math.isfinite(f["ratio"]) and isinstance(f["met"], bool)
-    assert doc["machine"]["quick"] is True
+        busy = f["busy"]
+        assert math.isfinite(busy["value"]) and busy["value"] > 0 and isinstance(busy["met"], bool)
+    assert doc["machine"]["quick"] is True and doc["machine"]["busy_core"] is True
+    assert _spinners() == before  # the bench stopped the process it started
 
 
 def test_pandas_reference_computes_the_same_metrics_as_rerank_core():

@@ -117,3 +117,46 @@ def test_two_sessions_train_and_list_at_once_and_the_run_is_recorded(server, bro
             browser.close()
     runs = RunStore(browser_runs).list_runs()
     assert [r.status for r in runs] == ["finished"], [(r.run_id, r.status) for r in runs]
+
+
+def test_the_exported_report_reads_as_a_decision_document_in_chromium(tiny_log, tmp_path):
+    """The downloaded HTML opened offline: the recommendation is the first thing on the page, the charts
+    render from the inlined plotly.js, and the verdicts, glossary and settings are there as tables."""
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    from mtf_core import plots
+    from mtf_core.compare import build_report, ope_frame
+    from mtf_core.evaluate import evaluate_policy, prepare, target_actions
+    from mtf_core.policies.static import parse_static
+    from mtf_core.reward import RewardSpec
+
+    spec = RewardSpec.default(tiny_log.task_names)
+    ctx = prepare(tiny_log, spec, outcome_model="linear")
+    policy = parse_static("click=0.2,like=0.2,finish=0.2,share=0.2,watch_time=0.2", tiny_log.task_names,
+                          tiny_log.segments)
+    results = [evaluate_policy(ctx, target_actions(None, tiny_log, "logging"), n_boot=100),
+               evaluate_policy(ctx, target_actions(policy, tiny_log, "balanced"), n_boot=100)]
+    ope = ope_frame(results)
+    figure = plots.forest_plot(ope[ope["segment"].isna()].rename(columns={"estimator": "label"}), "label", "Value")
+    report = tmp_path / "report.html"
+    report.write_text(build_report("Decision", results, [("Policy value", figure)], json.loads(spec.to_json()),
+                                   tiny_log.fingerprint, {"balanced": {"algo": "static", "config": {"seed": 0}}}))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(report.as_uri(), timeout=60_000)
+            headline = page.locator(".headline")
+            headline.wait_for(timeout=30_000)
+            assert "ecommendation" in headline.inner_text()
+            box = headline.bounding_box()
+            assert box is not None and box["y"] < 300  # the first thing a reader sees
+            page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=60_000)
+            assert page.get_by_text("Glossary").count() == 1
+            assert page.locator("th", has_text="setting").count() == 1
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+        finally:
+            browser.close()

@@ -107,3 +107,35 @@ def test_two_trainings_into_one_store_both_land_while_the_app_lists(tiny_log_pat
     assert codes == [0, 0], [p.stderr.read() for p in procs]
     assert not errors, errors[:3]
     assert sorted(r.status for r in RunStore(runs).list_runs()) == ["finished", "finished"]
+
+
+def test_a_full_disk_during_import_is_not_blamed_on_the_input(tmp_path):
+    """DuckDB reports a full disk while it stores the parsed table; the message must say so, not call the
+    CSV unreadable."""
+    from mtf_core.errors import LogError, is_disk_full
+    from mtf_core.store import _read_source
+
+    source = tmp_path / "requests.csv"
+    source.write_text("request_id,session_id\n1,1\n")
+
+    class FullDisk:
+        def execute(self, *args, **kwargs):
+            raise duckdb.IOException('IO Error: Could not write file "x.duckdb.tmp": No space left on device')
+
+    with pytest.raises(LogError) as raised:
+        _read_source(FullDisk(), "requests", source)
+    message = str(raised.value)
+    assert "disk is full" in message and "is not the problem" in message and "cannot be read" not in message
+    assert is_disk_full(OSError(28, "No space left on device")) and not is_disk_full(OSError(2, "missing"))
+
+
+def test_a_full_disk_anywhere_is_one_line_with_exit_2(monkeypatch, capsys, tiny_log_path):
+    from mtf_core import cli
+
+    def full(args):
+        raise OSError(28, "No space left on device", "runs/abc/policy.pt")
+
+    monkeypatch.setattr(cli, "cmd_info", full)
+    code = cli.main(["info", str(tiny_log_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the disk is full" in err

@@ -13,7 +13,7 @@ from mtf_core.reward import RewardSpec
 from mtf_core.runs import RunStore
 
 FAST = {
-    "batchrl": {"steps": 150, "batch_size": 256},
+    "batchrl": {"steps": 150, "batch_size": 256, "fqe_steps": 20},
     "integrated": {"rounds": 2, "steps_per_round": 80, "batch_size": 256, "explore_user_share": 0.3},
     "enhanced": {"steps": 150, "batch_size": 64},
 }
@@ -119,3 +119,48 @@ def test_soft_ranks_match_the_exact_top_l_when_cold_and_carry_gradients_when_war
     assert (warm[0, 8:] == 0).all()
     warm.sum().backward()
     assert weights.grad is not None and weights.grad.abs().sum() > 0
+
+
+def test_per_request_restriction_serves_one_vector_per_request(tiny_log):
+    result = train(TrainConfig("enhanced", 0, {**FAST["enhanced"], "per_item": False}, validation_share=0.0),
+                   tiny_log, RewardSpec.default(tiny_log.task_names))
+    state = tiny_log.state(slice(0, 10))
+    with torch.no_grad():
+        w = result.policy.act(state)
+    real = state.mask
+    spread = ((w - w[:, :1]).abs().amax(-1) * real).amax(1)
+    assert (spread < 1e-6).all()
+    torch.testing.assert_close(w.sum(-1)[real].double(), torch.ones(int(real.sum()), dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+
+
+def test_enhanced_learns_from_per_item_logged_weights(tmp_path):
+    """On a log with a per-item exploration share the behaviour term pulls each item towards its own logged
+    weights: the trainer reads them, and they differ within a request."""
+    from mtf_core.policies.enhanced import EnhancedTrainer, EnhancedConfig
+    from mtf_core.policies.objective import build_training_data
+    from mtf_core.simulate import SimConfig, generate
+    from mtf_core.store import load_log
+    from tests.conftest import TINY
+    import dataclasses
+
+    path = tmp_path / "per_item.duckdb"
+    generate(dataclasses.replace(TINY, per_item_share=0.5), str(path))
+    log = load_log(path)
+    trainer = EnhancedTrainer(EnhancedConfig(steps=5, batch_size=32), build_training_data(log, RewardSpec.default(
+        log.task_names)), 0)
+    assert trainer.item_weights is not None
+    within = (trainer.item_weights - trainer.item_weights[:, :1]).abs().amax(dim=(1, 2))
+    assert (within > 1e-3).any()
+    for step in range(5):
+        trainer.step(step)
+
+
+def test_strict_behaviour_constraint_trains_on_the_same_data(tiny_log):
+    result = train(TrainConfig("integrated", 0, {**FAST["integrated"], "constraint": "behaviour"},
+                               validation_share=0.0), tiny_log, RewardSpec.default(tiny_log.task_names))
+    with torch.no_grad():
+        w = result.policy.act(tiny_log.state(slice(0, 100)))
+    logged = torch.from_numpy(tiny_log.weights[:100]).float()
+    # Tied to each logged action: it serves weights close to the logging policy's mean, not far from it.
+    assert float((w - logged.mean(0)).abs().sum(-1).mean()) < 0.5

@@ -154,3 +154,64 @@ def test_time_split_holds_out_the_latest_sessions(tiny_log):
     assert first_val >= last_train  # every held-out session starts after every training session
     val_sessions = set(tiny_log.session_id[val_rows])
     assert not val_sessions & set(tiny_log.session_id[train_rows])
+
+
+def test_grade_exploration_is_held_by_its_controller_not_learned_away(medium_log):
+    """The network sets the mean only: the total concentration is the stage-1 level times the controller's
+    kappa, so it stays within the controller's bounds however the policy gradient pulls (it rose from 30 to
+    266 while kappa sat at its clamp when the concentration was learned)."""
+    spec = RewardSpec.default(medium_log.task_names)
+    result = train(TrainConfig("grade", 0, {"steps": 120, "warm_start_steps": 10, "batch_size": 512, "lr": 0.05},
+                               validation_share=0.0), medium_log, spec)
+    policy = result.policy
+    assert policy.controlled
+    with torch.no_grad():
+        total = policy.concentration(medium_log.state(slice(0, 2000)))
+        kappa = torch.exp(policy.log_kappa)[medium_log.segment[:2000]]
+    torch.testing.assert_close(total.float(), (policy.scale * kappa).float(), rtol=1e-4, atol=1e-4)
+    kappas = [m["exploration/segments_at_bound"] for _, m in result.history if "exploration/segments_at_bound" in m]
+    assert len(kappas) == 120 and max(kappas) <= 1.0
+
+
+def test_grade_controller_reports_a_bound_it_sits_at(medium_log):
+    """A target spread it cannot reach drives kappa to its bound, and the run says so."""
+    spec = RewardSpec.default(medium_log.task_names)
+    result = train(TrainConfig("grade", 0, {"steps": 60, "warm_start_steps": 5, "batch_size": 256,
+                                            "target_spread": 50.0, "adapt_rate": 0.5, "concentration_bounds": 1.0},
+                               validation_share=0.0), medium_log, spec)
+    assert result.notes and "sat at the controller's bound" in result.notes[0]
+    assert result.history[-1][1]["exploration/segments_at_bound"] == 1.0
+
+
+def test_grade_rule_terms_charge_a_weight_leaning_on_one_signal(tiny_log):
+    from mtf_core.policies.objective import RuleTerms, build_training_data, composite_reward
+
+    data = build_training_data(tiny_log, RewardSpec.default(tiny_log.task_names))
+    rows = torch.arange(64)
+    balanced = torch.tensor([0.3, 0.2, 0.2, 0.1, 0.2])
+    leaning = torch.tensor([0.8, 0.05, 0.05, 0.05, 0.05])
+    weights = torch.stack([balanced, leaning]).expand(64, 2, 5)
+    plain = composite_reward(data, rows, weights, prior=True, posterior=False, rules=True)
+    ruled = composite_reward(data, rows, weights, prior=True, posterior=False, rules=True,
+                             extra_rules=RuleTerms(0.0, 2.0, 0.45))
+    cost = plain - ruled
+    torch.testing.assert_close(cost[:, 0], torch.zeros(64))  # the balanced vector stays under the threshold
+    torch.testing.assert_close(cost[:, 1], torch.full((64,), 2.0 * 0.35 / 0.55))
+
+
+def test_gaussian_grade_is_evaluated_with_its_own_density(tiny_log):
+    from mtf_core.evaluate import evaluate_policy, prepare, target_actions
+
+    spec = RewardSpec.default(tiny_log.task_names)
+    result = train(TrainConfig("grade", 0, {**FAST_GRADE, "exploration": "gaussian"}), tiny_log, spec)
+    actions = target_actions(result.policy, tiny_log, "gaussian", stochastic=True)
+    assert actions.logp_logged is not None and np.isfinite(actions.logp_logged).all()
+    evaluated = evaluate_policy(prepare(tiny_log, spec, outcome_model="linear"), actions, n_boot=50)
+    assert evaluated.estimate("dr")["value"] is not None
+
+
+def test_batchrl_reports_its_conservative_evaluation(tiny_log):
+    result = train(TrainConfig("batchrl", 0, {"steps": 30, "fqe_steps": 30, "batch_size": 128}), tiny_log,
+                   RewardSpec.default(tiny_log.task_names))
+    assert len(result.notes) == 1 and "conservative evaluation (FQE" in result.notes[0]
+    assert "vs logging" in result.notes[0]

@@ -44,10 +44,12 @@ def target_actions(policy: FusionPolicy | None, log: LogData, label: str, stocha
         torch.manual_seed(seed)
         for rows in iter_chunks(log.n_requests, context.CHUNK):
             state = log.state(rows)
-            weights.append(policy.act(state, deterministic=True).double().numpy())
+            served = policy.act(state, deterministic=True)
+            weights.append(served.double().numpy())
             if stochastic and in_weight_space:
                 dist = policy.distribution(state)
-                w = torch.from_numpy(log.weights[rows]).to(dist.mean.dtype)
+                # The policy's own dtype (a logistic-normal has no closed-form mean to read it from).
+                w = torch.from_numpy(log.weights[rows]).to(served.dtype)
                 logps.append(dist.log_prob(_interior(w)).double().numpy())
                 draws = dist.sample((N_DM_SAMPLES,))
                 samples.append(draws.double().numpy())

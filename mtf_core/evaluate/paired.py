@@ -26,15 +26,21 @@ _MAX_COUNT_CELLS = 20_000_000  # resamples x users held at once (80 MB of float3
 
 
 def paired_difference(a: "EvaluationResult", b: "EvaluationResult", estimator: str, n_boot: int = N_BOOT,
-                      seed: int = 0, level: float = 0.95) -> dict[str, object] | None:
+                      seed: int = 0, level: float = 0.95, users: np.ndarray | None = None
+                      ) -> dict[str, object] | None:
     """Difference a - b of one estimator (or `truth`) with a paired interval, and the relative lift a / b - 1
-    with its interval. None where either result lacks that estimator."""
+    with its interval; over the users selected by the boolean mask `users` (e.g. one segment's), else all.
+    None where either result lacks that estimator or no user is selected."""
     if estimator not in a.unit_terms or estimator not in b.unit_terms:
         return None
     ta, tb = a.unit_terms[estimator], b.unit_terms[estimator]
     if ta.shape != tb.shape:
         raise LogError(f"{a.policy} and {b.policy} were evaluated on different users; a paired difference "
                        "needs both on the same log")
+    if users is not None:
+        ta, tb = ta[users], tb[users]
+        if not len(ta) or ta[:, 1].sum() <= 0 or tb[:, 1].sum() <= 0:
+            return None
     value_a, value_b = ta[:, 0].sum() / ta[:, 1].sum(), tb[:, 0].sum() / tb[:, 1].sum()
     both = torch.from_numpy(np.concatenate([ta, tb], 1))  # (U, 4): num_a, den_a, num_b, den_b
     chunk = max(1, min(100, _MAX_COUNT_CELLS // max(len(ta), 1)))

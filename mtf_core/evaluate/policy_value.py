@@ -19,6 +19,7 @@ from mtf_core.evaluate.truth import truth_with_unit_terms
 from mtf_core.diagnostics import estimator_verdicts, overlap_diagnostics
 from mtf_core.reward import penalty
 from mtf_core.store import iter_chunks
+from mtf_core.threads import uses_cores
 
 __all__ = ["EvaluationResult", "evaluate_policy", "point_value"]
 
@@ -131,6 +132,7 @@ def _target_terms(ctx: EvalContext, actions: TargetActions, expected: np.ndarray
     return _Target(x, pen, view.value(ctx.log.segment, x, pen), x_folds)
 
 
+@uses_cores
 def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = None, n_boot: int = N_BOOT,
                     seed: int = 0, with_truth: bool = True, truth_policy: Callable | None = None,
                     progress: Callable[[float, str], None] | None = None, sample: str | None = None

@@ -10,25 +10,34 @@ Follows the paper:
   of n perturbed VAE proposals under the first critic, so the policy stays near the logged support.
 The lab's choices:
 - the critics see, besides the state and the weights, the ranking the weights induce (`RankingFeatures`:
-  expected MTL signals of the top L under soft ranks), so that they tell proposals apart by what the
-  user would see rather than by weight coordinates alone;
+  expected MTL signals of the top L), so that they tell proposals apart by what the user would see rather
+  than by weight coordinates alone; the exact top L in the critics' regression, targets and acting, soft
+  ranks only in the perturbation network's update, whose gradient has to pass through the ranking;
 - the action is the logged weight vector on the simplex (`sum` fusion), not the paper's
   `sum_k a_k log(s_k + b_k)`, because offline learning needs the log's own action space; perturbed
   actions are projected back to the simplex;
 - serving is deterministic: the proposals come from a fixed set of latent points (a buffer), so `act`
-  is a function of the state; the offline evaluation uses kernelised estimators for it.
+  is a function of the state; the offline evaluation uses kernelised estimators for it;
+- the paper's long-term reward is on by default for it, on top of the analyst's reward: activeness
+  (`activeness` per request the user stays for) and stickiness (`stickiness` where the user comes back
+  after the session); the run is evaluated under the analyst's reward as every other;
+- the paper's conservative offline evaluation of the learned policy is fitted Q evaluation (FQE) with two
+  critics whose smaller value is reported, beside the same FQE of the logging policy (SARSA targets on the
+  logged next actions), in the run's notes: a policy whose pessimistic value does not beat logging's says so.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mtf_core.policies.base import StateBatch, simplex_normalise
 from mtf_core.policies.objective import TrainingData
-from mtf_core.policies.offline import EncodedPolicy, RankingFeatures, build_transitions, mlp, soft_update
+from mtf_core.policies.offline import EncodedPolicy, RankingFeatures, Transitions, build_transitions, mlp, soft_update
 
 __all__ = ["BatchRLConfig", "BCQPolicy", "BatchRLTrainer"]
 
@@ -57,10 +66,16 @@ class BatchRLConfig:
     """Target network update rate."""
     temperature: float = 0.1
     """Soft-rank temperature of the critics' ranking features, relative to a request's score spread."""
+    activeness: float = 0.5
+    """Long-term reward (the paper's activeness): added per request the user stays for."""
+    stickiness: float = 1.0
+    """Long-term reward (the paper's stickiness): added where the user returns after the session."""
+    fqe_steps: int = 300
+    """Updates of the conservative evaluation (FQE) after training; 0 skips it."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.discount < 1 or self.steps < 1 or self.n_proposals < 1:
-            raise ValueError("need 0 <= discount < 1, steps >= 1 and n_proposals >= 1")
+        if not 0 <= self.discount < 1 or self.steps < 1 or self.n_proposals < 1 or self.fqe_steps < 0:
+            raise ValueError("need 0 <= discount < 1, steps >= 1, n_proposals >= 1 and fqe_steps >= 0")
 
 
 class BCQPolicy(EncodedPolicy):
@@ -92,8 +107,11 @@ class BCQPolicy(EncodedPolicy):
         shift = self.max_perturbation * torch.tanh(self.perturb(torch.cat([x, a], -1)))
         return simplex_normalise(a + shift)
 
-    def critic_input(self, x: torch.Tensor, a: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, a, self.ranking(scores, mask, a)], -1)
+    def critic_input(self, x: torch.Tensor, a: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                     exact: bool = True) -> torch.Tensor:
+        """State, weights and the ranking they induce; soft ranks (`exact=False`) only where the actor needs
+        the gradient through the ranking."""
+        return torch.cat([x, a, self.ranking(scores, mask, a, exact)], -1)
 
     def select(self, x: torch.Tensor, z: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Best of `z.shape[0]` proposals per state under the first critic, `[R,K]`."""
@@ -112,20 +130,24 @@ class BatchRLTrainer:
     """One `step` = one BCQ update of the VAE, the critics and the perturbation network."""
 
     def __init__(self, config: BatchRLConfig, data: TrainingData, seed: int) -> None:
-        self.config = config
+        self.config, self.data = config, data
         self.gen = torch.Generator().manual_seed(seed)
         log = data.log
         self.policy = BCQPolicy(log.task_names, log.segments, log.user_features.shape[1], log.context.shape[1],
                                 config.hidden, config.n_proposals, config.max_perturbation, int(data.curve.shape[0]),
                                 config.temperature)
         self.policy.encoder.fit(data.state.user_features.float())
-        self.t = t = build_transitions(data, self.policy.encoder)
+        long_term = (config.activeness * np.ones(log.n_requests)
+                     + config.stickiness * np.nan_to_num(log.returned) * log.last)
+        self.t = t = build_transitions(data, self.policy.encoder, long_term)
         self.policy.ranking.fit(data.curve, t.scores, t.mask, t.actions)
         self.target = copy.deepcopy(self.policy)
         p = self.policy
-        self.vae_opt = torch.optim.Adam([*p.vae_encoder.parameters(), *p.vae_decoder.parameters()], lr=config.lr)
-        self.critic_opt = torch.optim.Adam([*p.q1.parameters(), *p.q2.parameters()], lr=config.lr)
-        self.actor_opt = torch.optim.Adam(p.perturb.parameters(), lr=config.lr)
+        # foreach: one kernel per step for all of a network's tensors (per-tensor Python loops cost more here)
+        adam = functools.partial(torch.optim.Adam, lr=config.lr, foreach=True)
+        self.vae_opt = adam([*p.vae_encoder.parameters(), *p.vae_decoder.parameters()])
+        self.critic_opt = adam([*p.q1.parameters(), *p.q2.parameters()])
+        self.actor_opt = adam(p.perturb.parameters())
         self.n_steps = config.steps
 
     def step(self, step: int) -> dict[str, float]:
@@ -165,7 +187,7 @@ class BatchRLTrainer:
         # Perturbation: move generated actions towards higher Q, within the bound.
         with torch.no_grad():
             generated = p.decode(x, torch.randn(x.shape[0], p.latent, generator=self.gen).clamp(-0.5, 0.5))
-        actor_q = p.q1(p.critic_input(x, p.perturbed(x, generated), scores, mask)).mean()
+        actor_q = p.q1(p.critic_input(x, p.perturbed(x, generated), scores, mask, exact=False)).mean()
         self.actor_opt.zero_grad()
         (-actor_q).backward()
         self.actor_opt.step()
@@ -173,3 +195,49 @@ class BatchRLTrainer:
         return {"losses/vae": float(vae_loss.detach()), "losses/critic": float(critic_loss.detach()),
                 "charts/q": float(actor_q.detach()) * t.reward_scale}
 
+
+    def notes(self) -> list[str]:
+        """The conservative evaluation of the trained policy against the logging policy (FQE, module doc)."""
+        if not self.config.fqe_steps:
+            return []
+        value = conservative_values(self.policy, self.t, self.config, self.gen)
+        verdict = "above" if value["policy"] > value["logging"] else "not above"
+        return [f"conservative evaluation (FQE, the smaller of two critics, {self.config.fqe_steps} updates, "
+                f"training reward incl. activeness and stickiness, discounted per request): policy "
+                f"{value['policy']:.3f} vs logging {value['logging']:.3f}: {verdict} the logging policy"]
+
+
+def conservative_values(policy: BCQPolicy, t: Transitions, config: BatchRLConfig, gen: torch.Generator
+                        ) -> dict[str, float]:
+    """FQE of the policy's and of the logged actions, each with twin critics, reporting the smaller critic's
+    mean value over the logged states (in reward units, discounted)."""
+    with torch.no_grad():
+        served = torch.cat([policy.select(t.features[rows], policy.proposal_z, t.scores[rows], t.mask[rows])
+                            for rows in torch.arange(t.n).split(4096)])
+    out = {}
+    for name, actions in (("policy", served), ("logging", t.actions)):
+        critics = [mlp(policy.encoder.n_out + 2 * len(policy.tasks), 1, config.hidden) for _ in range(2)]
+        targets = copy.deepcopy(critics)
+        optimiser = torch.optim.Adam([p for c in critics for p in c.parameters()], lr=config.lr, foreach=True)
+
+        def q(nets: list[torch.nn.Module], rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            xa = policy.critic_input(t.features[rows], a, t.scores[rows], t.mask[rows])
+            return torch.stack([net(xa).squeeze(-1) for net in nets])  # (2, B)
+
+        for _ in range(config.fqe_steps):
+            idx = torch.randint(0, t.n, (min(config.batch_size, t.n),), generator=gen)
+            nxt = t.next_row[idx]
+            with torch.no_grad():
+                follow = q(targets, nxt, actions[nxt]).min(0).values
+                target = t.rewards[idx] + config.discount * (1 - t.done[idx]) * follow
+            loss = (q(critics, idx, actions[idx]) - target).pow(2).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            for net, tgt in zip(critics, targets):
+                soft_update(tgt, net, config.tau * 4)
+        with torch.no_grad():
+            values = torch.cat([q(critics, rows, actions[rows]).min(0).values
+                                for rows in torch.arange(t.n).split(4096)])
+        out[name] = float(values.mean()) * t.reward_scale
+    return out

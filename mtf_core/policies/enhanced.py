@@ -14,8 +14,12 @@ The lab's choices:
   logged lists; soft ranks under the per-item fused scores for the actor's lists, so its gradient
   reaches how each item's weights move it up or down the ranking);
 - offline training on the log, with TD3+BC-style behaviour regularisation (the actor's per-item weights
-  are pulled towards the request's logged weights, Fujimoto & Gu 2021) instead of the paper's online
-  updates; the logged action of an item is its request's weight vector;
+  are pulled towards the logged ones, Fujimoto & Gu 2021) instead of the paper's online updates; the
+  logged action of an item is its own weight vector where the log has per-item weights (`iw_*`, e.g. a
+  per-item exploration share), else its request's, so per-item effects are learned from per-item variation
+  where the log has it and are extrapolation where it does not;
+- `per_item=False` is the method's own per-request restriction (the ablation): one weight vector per
+  request, the mean of the per-item actor's outputs over the request's candidates;
 - the next request's value uses that request's candidates ranked by the target actor.
 Per-item weights do not live in the logged action space, so importance-weighted estimates do not exist
 for this policy; it is compared by re-ranking, the direct method and the simulator's truth.
@@ -57,6 +61,9 @@ class EnhancedConfig:
     temperature: float = 0.1
     """Soft-rank temperature of the actor's lists, relative to a request's spread of fused scores."""
 
+    per_item: bool = True
+    """One weight vector per user-item pair; off: one per request (the per-request restriction)."""
+
     def __post_init__(self) -> None:
         if self.steps < 1 or not 0 <= self.discount < 1:
             raise ValueError("need steps >= 1 and 0 <= discount < 1")
@@ -68,10 +75,11 @@ class PerItemPolicy(EncodedPolicy):
     per_item = True
 
     def __init__(self, tasks: tuple[str, ...], segments: tuple[str, ...], n_user_features: int, n_context: int,
-                 hidden: int = 64, n_item_features: int = 0) -> None:
+                 hidden: int = 64, n_item_features: int = 0, per_request: bool = False) -> None:
         super().__init__(tasks, segments, n_user_features, n_context, hidden)
         k = len(tasks)
         self.n_item_features = n_item_features
+        self.per_request = per_request
         self.register_buffer("item_mean", torch.zeros(k + n_item_features))
         self.register_buffer("item_std", torch.ones(k + n_item_features))
         n_in = self.encoder.n_out + k + n_item_features
@@ -80,7 +88,7 @@ class PerItemPolicy(EncodedPolicy):
         self.baseline = mlp(self.encoder.n_out, 1, hidden)
 
     def spec(self) -> dict[str, object]:
-        return {**super().spec(), "n_item_features": self.n_item_features}
+        return {**super().spec(), "n_item_features": self.n_item_features, "per_request": self.per_request}
 
     def item_state(self, state: StateBatch) -> torch.Tensor:
         """Per-candidate state `[R,N,D]`: the user's encoded state beside the item's standardised features."""
@@ -89,8 +97,14 @@ class PerItemPolicy(EncodedPolicy):
         item = (item - self.item_mean) / self.item_std
         return torch.cat([user.unsqueeze(1).expand(-1, item.shape[1], -1), item], -1)
 
-    def mu(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.actor(z), -1)
+    def mu(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights per candidate `[R,N,K]`; per request (the mean over the real candidates) if restricted."""
+        weights = torch.softmax(self.actor(z), -1)
+        if not self.per_request:
+            return weights
+        valid = torch.ones(weights.shape[:2]) if mask is None else mask.to(weights.dtype)
+        pooled = (weights * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+        return pooled.unsqueeze(1).expand_as(weights)
 
     def q(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self.critic(torch.cat([z, a], -1)).squeeze(-1)
@@ -100,7 +114,7 @@ class PerItemPolicy(EncodedPolicy):
         return self.baseline(self.encoder(state)).squeeze(-1) + (exam * self.q(z, a)).sum(1)
 
     def act(self, state: StateBatch, deterministic: bool = True) -> torch.Tensor:
-        return self.mu(self.item_state(state))
+        return self.mu(self.item_state(state), state.mask)
 
 
 class EnhancedTrainer:
@@ -111,7 +125,8 @@ class EnhancedTrainer:
         self.gen = torch.Generator().manual_seed(seed)
         log = data.log
         self.policy = PerItemPolicy(log.task_names, log.segments, log.user_features.shape[1], log.context.shape[1],
-                                    config.hidden, log.item_features.shape[2])
+                                    config.hidden, log.item_features.shape[2], per_request=not config.per_item)
+        self.item_weights = None if log.item_weights is None else torch.from_numpy(log.item_weights).float()
         self.policy.encoder.fit(data.state.user_features.float())
         items = torch.cat([data.scores.float(), torch.from_numpy(log.item_features).float()], -1)[data.mask]
         self.policy.item_mean.copy_(items.mean(0))
@@ -136,16 +151,17 @@ class EnhancedTrainer:
         with torch.no_grad():
             z = p.item_state(state)  # (B, N, D)
             zn = self.target.item_state(next_state)
-            a_next = self.target.mu(zn)
+            a_next = self.target.mu(zn, next_state.mask)
             v_next = self.target.list_value(next_state, zn, a_next, self._exam(next_state, a_next))
             target = t.rewards[rows] + cfg.discount * (1 - t.done[rows]) * v_next
-        logged = t.actions[rows].unsqueeze(1).expand(-1, z.shape[1], -1)
+        logged = (t.actions[rows].unsqueeze(1).expand(-1, z.shape[1], -1) if self.item_weights is None
+                  else self.item_weights[rows])
         v_logged = p.list_value(state, z, logged, self.logged_exam[rows])
         critic_loss = (v_logged - target).pow(2).mean()
         self.critic_opt.zero_grad()
         critic_loss.backward()
         self.critic_opt.step()
-        mu = p.mu(z)
+        mu = p.mu(z, state.mask)
         exam = self._exam(state, mu)
         ranked = (exam * p.q(z, mu)).sum(1)
         lam = cfg.behaviour_weight / ranked.abs().mean().detach().clamp(min=1e-6)

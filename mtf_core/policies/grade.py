@@ -10,11 +10,19 @@ Follows the paper:
   to the frozen stage-1 policy; no critic (a one-step, contextual-bandit decision per request).
 The lab's choices where the paper is silent:
 - the stage-1 loss is LambdaRank's |delta NDCG|-weighted pairwise logistic loss on the shown items with the
-  composite item reward as gain (a member of the LambdaLoss family), plus a term that keeps the total
-  concentration at its initial level (the logging policy's, at least `min_initial_concentration`);
-- adaptive exploration multiplies alpha by a per-segment factor kappa (kept in the state dict): when a
-  segment's within-group reward spread falls below its level at the start of GRPO the Dirichlet widens
-  (kappa down), when rewards separate more it narrows (kappa up);
+  composite item reward as gain (a member of the LambdaLoss family); the concentration starts at the
+  logging policy's, at least `min_initial_concentration`;
+- the policy network sets the mean weights only; the total concentration (the exploration level) is the
+  stage-1 level times a per-segment factor kappa that a controller sets, so the policy gradient cannot
+  sharpen exploration away behind the controller's back (it did: with a learned concentration, kappa sat
+  at its lower clamp in every segment while the concentration rose from 30 to 266);
+- the controller aims each segment's within-group reward spread at `target_spread` times its level at the
+  start of GRPO: too little spread (groups that cannot tell weights apart) widens the Dirichlet, too much
+  narrows it. kappa is bounded (e^±concentration_bounds); the share of steps each segment spent at a bound
+  is recorded, and a run where a segment sat there for more than a tenth of GRPO says so in its notes;
+- the rule terms are on by default: GRADE's own format constraints (a vertex penalty above
+  `vertex_threshold` and a share-drift penalty) are added to the reward spec's, at a scale comparable to the
+  within-group reward spread, so that a weight vector that wins by leaning on one signal pays for it;
 - the Gaussian ablation is a logistic-normal (a Normal on R^{K-1} pushed through stick-breaking).
 """
 
@@ -28,7 +36,7 @@ import torch
 from torch import nn
 
 from mtf_core.policies.base import FusionPolicy, StateBatch
-from mtf_core.policies.objective import FeatureEncoder, TrainingData, composite_reward
+from mtf_core.policies.objective import FeatureEncoder, RuleTerms, TrainingData, composite_reward
 
 __all__ = ["GradeConfig", "DirichletPolicy", "GradeTrainer", "group_advantage", "lambda_rank_loss"]
 
@@ -70,7 +78,17 @@ class GradeConfig:
     posterior_reward: bool = True
     """Sparse posterior term: logged feedback re-ranked."""
     rule_reward: bool = True
-    """Format constraints: the RewardSpec's share and vertex penalties."""
+    """Format constraints: the reward spec's penalties plus GRADE's own vertex and share-drift penalties."""
+    vertex_penalty: float = 2.0
+    """Rule term: cost of the largest weight above vertex_threshold, per unit of the way to the vertex."""
+    vertex_threshold: float = 0.45
+    """Rule term: the largest weight that costs nothing."""
+    share_penalty: float = 1.0
+    """Rule term: cost per unit of the signals' reward shares drifting beyond the reward spec's tolerance."""
+    target_spread: float = 1.0
+    """Adaptive exploration aims each segment's within-group reward spread at this multiple of its start."""
+    concentration_bounds: float = 3.0
+    """The controller keeps the concentration within e^-b..e^b of its stage-1 level."""
 
     def __post_init__(self) -> None:
         if self.exploration not in ("dirichlet", "gaussian"):
@@ -79,15 +97,22 @@ class GradeConfig:
             raise ValueError("need group_size >= 2, batch_size >= 1 and non-negative step counts")
         if not (self.prior_reward or self.posterior_reward):
             raise ValueError("at least one of prior_reward and posterior_reward must be on")
+        if not 0.0 < self.vertex_threshold < 1.0:
+            raise ValueError("vertex_threshold must lie in (0, 1)")
 
 
 class DirichletPolicy(FusionPolicy):
-    """alpha(s) = kappa[segment] * scale * (softplus(MLP(s)) + eps); logistic-normal when exploration='gaussian'."""
+    """alpha(s) = kappa[segment] * scale * m(s), m(s) = softplus(MLP(s)) + eps normalised to the simplex (a
+    `controlled` policy; runs saved before it leave m unnormalised, so the network set the concentration
+    too); logistic-normal when exploration='gaussian'."""
 
     def __init__(self, tasks: tuple[str, ...], segments: tuple[str, ...], n_user_features: int, n_context: int,
-                 hidden: int = 64, exploration: str = "dirichlet") -> None:
+                 hidden: int = 64, exploration: str = "dirichlet", controlled: bool = False) -> None:
         super().__init__(tasks, segments)
         self.exploration = exploration
+        # controlled: the network sets the mean only and the concentration is scale * kappa (runs saved before
+        # the controller learned the concentration too, and load as they were trained).
+        self.controlled = controlled
         self.n_user_features, self.n_context, self.hidden = n_user_features, n_context, hidden
         self.encoder = FeatureEncoder(n_user_features, n_context, segments)
         k = len(tasks)
@@ -101,7 +126,7 @@ class DirichletPolicy(FusionPolicy):
 
     def spec(self) -> dict[str, object]:
         return {**super().spec(), "n_user_features": self.n_user_features, "n_context": self.n_context,
-                "hidden": self.hidden, "exploration": self.exploration}
+                "hidden": self.hidden, "exploration": self.exploration, "controlled": self.controlled}
 
     def init_from(self, mean: np.ndarray, concentration: float) -> None:
         """Start at Dirichlet(concentration * mean) for every state (softplus inverse of alpha)."""
@@ -126,7 +151,10 @@ class DirichletPolicy(FusionPolicy):
     def distribution(self, state: StateBatch) -> torch.distributions.Distribution:
         out = self.net(self.encoder(state))
         if self.exploration == "dirichlet":
-            return torch.distributions.Dirichlet((nn.functional.softplus(out) + _EPS) * self.scale * self._kappa(state))
+            unit = nn.functional.softplus(out) + _EPS
+            if self.controlled:
+                unit = unit / unit.sum(-1, keepdim=True)
+            return torch.distributions.Dirichlet(unit * self.scale * self._kappa(state))
         k1 = len(self.tasks) - 1
         scale = torch.exp(out[:, k1:]).clamp(1e-3, 10.0) / torch.sqrt(self._kappa(state))
         base = torch.distributions.Independent(torch.distributions.Normal(out[:, :k1], scale), 1)
@@ -179,7 +207,7 @@ class GradeTrainer:
         self.gen = torch.Generator().manual_seed(seed)
         log = data.log
         self.policy = DirichletPolicy(log.task_names, log.segments, log.user_features.shape[1],
-                                      log.context.shape[1], config.hidden, config.exploration)
+                                      log.context.shape[1], config.hidden, config.exploration, controlled=True)
         self.policy.encoder.fit(data.state.user_features.float())
         concentration = float(np.median(1.0 / np.maximum(log.weights.var(0) / np.maximum(
             log.weights.mean(0) * (1 - log.weights.mean(0)), 1e-9), 1e-9) - 1.0))
@@ -189,7 +217,12 @@ class GradeTrainer:
         self.optimizer = torch.optim.Adam(self.policy.net.parameters(), lr=config.lr)
         self.reference: DirichletPolicy | None = None
         self.spread_target = torch.zeros(len(log.segments))
+        self.steps_at_bound = np.zeros(len(log.segments), dtype=np.int64)
+        self.grpo_steps = 0
+        self.rules = (RuleTerms(config.share_penalty, config.vertex_penalty, config.vertex_threshold)
+                      if config.rule_reward else None)
         self.n_steps = config.warm_start_steps + config.steps
+        self.validate_from = config.warm_start_steps if config.steps else 0
 
     def _rows(self, n: int) -> torch.Tensor:
         return torch.randint(0, self.data.n_requests, (min(n, self.data.n_requests),), generator=self.gen)
@@ -210,7 +243,7 @@ class GradeTrainer:
         mean = self.policy.act(state, deterministic=True)
         fused = (self.data.scores[rows] * mean[:, None, :]).sum(-1)
         loss = lambda_rank_loss(fused, self.data.item_reward[rows].clamp(min=0), self.data.shown[rows])
-        if isinstance(dist, torch.distributions.Dirichlet):
+        if isinstance(dist, torch.distributions.Dirichlet) and not self.policy.controlled:
             total = dist.concentration.sum(-1)
             loss = loss + 0.1 * (torch.log(total) - float(np.log(self.initial_concentration))).pow(2).mean()
         self.optimizer.zero_grad()
@@ -232,7 +265,7 @@ class GradeTrainer:
             actions = actions / actions.sum(-1, keepdim=True)
             old_logp = old.log_prob(actions.transpose(0, 1)).transpose(0, 1)  # (B, G)
             rewards = composite_reward(self.data, rows, actions, cfg.prior_reward, cfg.posterior_reward,
-                                       cfg.rule_reward)
+                                       cfg.rule_reward, extra_rules=self.rules)
             adv = group_advantage(rewards)
         for _ in range(cfg.epochs_per_batch):
             dist = self.policy.distribution(state)
@@ -246,13 +279,30 @@ class GradeTrainer:
             loss.backward()
             self.optimizer.step()
         clip_fraction = float(((ratio - 1).abs() > cfg.clip_eps).float().mean())
+        self.grpo_steps += 1
         if cfg.adaptive_exploration:
             self._adapt(state, rewards)
         return {"losses/policy": float(pg_loss.detach()), "losses/kl": float(kl.detach()), "charts/reward": float(rewards.mean()),
                 "charts/reward_best_of_group": float(rewards.max(1).values.mean()),
                 "charts/clip_fraction": clip_fraction, "charts/concentration": self._mean_concentration(state),
+                "exploration/segments_at_bound": float(self._at_bound().mean()),
                 **{f"exploration/kappa_{s}": float(torch.exp(k)) for s, k in
                    zip(self.policy.segments, self.policy.log_kappa)}}
+
+    def _at_bound(self) -> np.ndarray:
+        bound = self.config.concentration_bounds
+        return (self.policy.log_kappa.abs() >= bound - 1e-6).numpy()
+
+    def notes(self) -> list[str]:
+        """What the run should say about itself: segments whose exploration sat at the controller's bound."""
+        if not self.grpo_steps:
+            return []
+        share = self.steps_at_bound / self.grpo_steps
+        stuck = [f"{s} ({v:.0%} of GRPO steps)" for s, v in zip(self.policy.segments, share) if v > 0.1]
+        if not stuck:
+            return []
+        return [f"exploration sat at the controller's bound (concentration e^±{self.config.concentration_bounds:g} "
+                f"of its start) in: {', '.join(stuck)}; the target spread was out of reach there"]
 
     def _kl(self, state: StateBatch, dist: torch.distributions.Distribution) -> torch.Tensor:
         assert self.reference is not None
@@ -264,8 +314,8 @@ class GradeTrainer:
         return (dist.log_prob(sample) - ref.log_prob(sample)).mean()
 
     def _adapt(self, state: StateBatch, rewards: torch.Tensor) -> None:
-        """Per segment: widen when the group reward spread falls below its level at the start of GRPO, narrow
-        when it rises above it, which holds each segment's within-group separation near its initial level."""
+        """Per segment: widen when the group reward spread falls below its target (`target_spread` times its
+        level at the start of GRPO), narrow when it rises above it; count the steps spent at a bound."""
         spread = rewards.std(1)
         with torch.no_grad():
             for s in range(len(self.policy.segments)):
@@ -277,5 +327,9 @@ class GradeTrainer:
                 if target == 0.0:
                     self.spread_target[s] = value
                     continue
-                step = self.config.adapt_rate * float(np.clip(value / max(target, 1e-9) - 1.0, -1.0, 1.0))
-                self.policy.log_kappa[s] = torch.clamp(self.policy.log_kappa[s] + step, -2.0, 2.0)
+                aim = target * self.config.target_spread
+                # Wider exploration (kappa down) when the spread is short of the aim.
+                step = self.config.adapt_rate * float(np.clip(value / max(aim, 1e-9) - 1.0, -1.0, 1.0))
+                bound = self.config.concentration_bounds
+                self.policy.log_kappa[s] = torch.clamp(self.policy.log_kappa[s] + step, -bound, bound)
+            self.steps_at_bound += self._at_bound()

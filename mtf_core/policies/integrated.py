@@ -19,6 +19,8 @@ The lab's choices:
   and "inside the support" means a log-density at least the 1st percentile of that policy's own draws;
 - efficient exploration: per request, `n_explore_candidates` draws are scored by the critic ensemble,
   the lower half is dropped and one of the rest is played at random;
+- the strict baseline (`constraint='behaviour'`) ties the actor to each logged action instead (a squared
+  distance, TD3+BC style) on the same data and rounds, for the ablation of the relaxed constraint;
 - rounds need a simulator log: round r lives the day after the log's last day plus r - 1 in the same world
   (same users, items and tastes; the days in between under the logging policy), under the exploration
   policy, for a share of the users; on other logs training runs the first round only. New rounds live in
@@ -82,10 +84,17 @@ class IntegratedConfig:
     """Target network update rate."""
     temperature: float = 0.1
     """Soft-rank temperature of the critics' ranking features, relative to a request's score spread."""
+    constraint: str = "support"
+    """'support': the paper's relaxed constraint (penalised only outside the exploration policy's support);
+    'behaviour': the strict baseline, the actor pulled towards each logged action (TD3+BC style)."""
+    behaviour_weight: float = 50.0
+    """Weight of the squared distance to the logged action under the strict 'behaviour' constraint."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.steps_per_round < 1 or self.n_critics < 2:
             raise ValueError("need rounds >= 1, steps_per_round >= 1 and n_critics >= 2")
+        if self.constraint not in ("support", "behaviour"):
+            raise ValueError("constraint must be 'support' or 'behaviour'")
 
 
 class ActorPolicy(EncodedPolicy):
@@ -193,11 +202,13 @@ class IntegratedTrainer:
         x, a, r = t.features[rows], t.actions[rows], t.rewards[rows]
         scores, mask = t.scores[rows], t.mask[rows]
         nxt = t.next_row[rows]
+        strict = cfg.constraint == "behaviour"
         with torch.no_grad():
             a_next = self.target.mu(t.features[nxt])
             q_next = self.target.q_all(t.features[nxt], a_next, t.scores[nxt], t.mask[nxt]).mean(-1)
-            inside = (self.support.outside(nxt, a_next) == 0).float()
-            q_next = q_next * (inside + (1 - inside) * cfg.target_decay)
+            if not strict:
+                inside = (self.support.outside(nxt, a_next) == 0).float()
+                q_next = q_next * (inside + (1 - inside) * cfg.target_decay)
             target = r + cfg.discount * (1 - t.done[rows]) * q_next
         critic_loss = (p.q_all(x, a, scores, mask) - target[:, None]).pow(2).mean()
         self.critic_opt.zero_grad()
@@ -206,7 +217,9 @@ class IntegratedTrainer:
         mu = p.mu(x)
         q = p.q_all(x, mu, scores, mask)
         penalty = self.support.outside(rows, mu).mean()
-        actor_loss = -(q.mean(-1) - cfg.disagreement * q.std(-1)).mean() + cfg.support_penalty * penalty
+        constraint = (cfg.behaviour_weight * (mu - a).pow(2).sum(-1).mean() if strict
+                      else cfg.support_penalty * penalty)
+        actor_loss = -(q.mean(-1) - cfg.disagreement * q.std(-1)).mean() + constraint
         self.actor_opt.zero_grad()
         actor_loss.backward()
         self.actor_opt.step()

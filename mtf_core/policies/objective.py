@@ -5,7 +5,8 @@ The composite reward of weights w on a logged request (GRADE's three parts, each
                      (MTL predictions of the top L of all candidates under w, calibrated to the log);
 - posterior (sparse): the logged feedback of the shown items re-ranked by w, each item's reward moved
                      from its logged position to its new one: sum_n (c . y_n) * curve[new_n] / curve[old_n];
-- format (rules):    the RewardSpec's share-drift and vertex penalties on w.
+- format (rules):    the RewardSpec's share-drift and vertex penalties on w (a trainer may add its own,
+                     `RuleTerms`).
 Everything is batched over requests and groups; no Python loop over requests.
 """
 
@@ -22,7 +23,8 @@ from mtf_core.policies.base import StateBatch
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
 
-__all__ = ["TrainingData", "build_training_data", "composite_reward", "FeatureEncoder", "soft_exam", "soft_top_signals"]
+__all__ = ["TrainingData", "build_training_data", "composite_reward", "RuleTerms", "FeatureEncoder", "soft_exam",
+           "soft_top_signals"]
 
 
 class FeatureEncoder(torch.nn.Module):
@@ -101,9 +103,10 @@ def soft_exam(fused: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor, temp
     n_valid = valid.sum(1, keepdim=True).clamp(min=1)
     mean = (f * valid).sum(1, keepdim=True) / n_valid
     spread = (((f - mean) * valid).pow(2).sum(1, keepdim=True) / n_valid).sqrt().detach()
-    scale = temperature * spread + 1e-6
-    above = torch.sigmoid((f.unsqueeze(1) - f.unsqueeze(2)) / scale.unsqueeze(-1))  # [r, n, m]: m above n
-    rank = (above * valid.unsqueeze(1)).sum(-1) - 0.5  # the diagonal contributes sigmoid(0) = 0.5
+    scaled = f / (temperature * spread + 1e-6)  # scaling R x N scores, not the R x N x N differences
+    # [r, n, m]: m above n; sigmoid in place on the fresh difference tensor (its backward needs only its output).
+    above = torch.sigmoid_(scaled.unsqueeze(1) - scaled.unsqueeze(2))
+    rank = torch.bmm(above, valid.unsqueeze(-1)).squeeze(-1) - 0.5  # the diagonal contributes sigmoid(0) = 0.5
     n_top = curve.shape[0]
     padded = torch.cat([curve.to(f.dtype), torch.zeros(1, dtype=f.dtype)])
     rank = rank.clamp(0, n_top)
@@ -121,26 +124,42 @@ def soft_top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tens
     return torch.bmm(exam.unsqueeze(1), scores.to(exam.dtype)).squeeze(1)
 
 
-def _penalty(data: TrainingData, weights: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class RuleTerms:
+    """Format constraints a trainer adds to the reward spec's own (same forms as `reward.penalty`)."""
+
+    share_penalty: float = 0.0
+    vertex_penalty: float = 0.0
+    vertex_threshold: float = 0.5
+
+
+def _penalty(data: TrainingData, weights: torch.Tensor, expected: torch.Tensor, extra: RuleTerms | None = None
+             ) -> torch.Tensor:
     spec = data.ctx.resolved.spec
     out = torch.zeros(expected.shape[:-1])
-    if spec.share_penalty:
+    share_penalty = spec.share_penalty + (extra.share_penalty if extra else 0.0)
+    if share_penalty:
         contrib = expected * data.coefficients
         share = contrib / contrib.sum(-1, keepdim=True).clamp(min=1e-9)
         drift = (torch.abs(share - data.reference_share) - spec.share_tolerance).clamp(min=0).sum(-1)
-        out = out + spec.share_penalty * drift
-    if spec.vertex_penalty:
-        top = weights.max(-1).values
-        if top.dim() > out.dim():
-            top = top.mean(-1)
-        out = out + spec.vertex_penalty * (top - spec.vertex_threshold).clamp(min=0) / (1 - spec.vertex_threshold)
+        out = out + share_penalty * drift
+    vertex_rules = [(spec.vertex_penalty, spec.vertex_threshold)]
+    if extra is not None:
+        vertex_rules.append((extra.vertex_penalty, extra.vertex_threshold))
+    top = weights.max(-1).values
+    if top.dim() > out.dim():
+        top = top.mean(-1)
+    for cost, threshold in vertex_rules:
+        if cost:
+            out = out + cost * (top - threshold).clamp(min=0) / (1 - threshold)
     return out
 
 
 def composite_reward(data: TrainingData, rows: torch.Tensor, weights: torch.Tensor, prior: bool = True,
                      posterior: bool = True, rules: bool = True, form: str = "sum",
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reward `[B,G]` of weights `[B,G,K]` (or per item `[B,G,N,K]`) on the requests `rows` `[B]`."""
+                     bias: torch.Tensor | None = None, extra_rules: RuleTerms | None = None) -> torch.Tensor:
+    """Reward `[B,G]` of weights `[B,G,K]` (or per item `[B,G,N,K]`) on the requests `rows` `[B]`; with
+    `rules`, the reward spec's penalties plus `extra_rules`."""
     b, g = weights.shape[:2]
     flat_w = weights.reshape(b * g, *weights.shape[2:])
     rep = lambda t: t[rows].repeat_interleave(g, dim=0)  # noqa: E731  (B*G, ...)
@@ -154,7 +173,7 @@ def composite_reward(data: TrainingData, rows: torch.Tensor, weights: torch.Tens
         if prior:
             reward = reward + data.intercept[seg] + data.slope[seg] * (expected @ data.coefficients)
         if rules:
-            reward = reward - _penalty(data, flat_w, expected)
+            reward = reward - _penalty(data, flat_w, expected, extra_rules)
     if posterior:
         shown = rep(data.shown)
         new_pos = rank_positions(fused.masked_fill(~shown, float("-inf")))

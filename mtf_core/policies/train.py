@@ -28,6 +28,7 @@ from mtf_core.policies.objective import TrainingData, build_training_data
 from mtf_core.policies.static import StaticConfig, StaticTrainer
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
+from mtf_core.threads import uses_cores
 
 if TYPE_CHECKING:
     from mtf_core.runs import RunStore
@@ -99,8 +100,13 @@ SETTING_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "disagreement": (0.0, 1e6, True, True), "support_penalty": (0.0, 1e6, True, True),
     "kl_coef": (0.0, 1e6, True, True), "clip_eps": (0.0, 1.0, False, False), "adapt_rate": (0.0, 1.0, True, True),
     "target_decay": (0.0, 1.0, True, True), "explore_user_share": (0.0, 1.0, False, True),
+    "share_penalty": (0.0, 1e6, True, True), "vertex_penalty": (0.0, 1e6, True, True),
+    "vertex_threshold": (0.0, 1.0, False, False), "target_spread": (0.0, 100.0, False, True),
+    "concentration_bounds": (0.0, 20.0, False, True), "activeness": (0.0, 1e6, True, True),
+    "stickiness": (0.0, 1e6, True, True), "fqe_steps": (0, 1_000_000, True, True),
 }
-SETTING_CHOICES: dict[str, tuple[str, ...]] = {"exploration": ("dirichlet", "gaussian")}
+SETTING_CHOICES: dict[str, tuple[str, ...]] = {"exploration": ("dirichlet", "gaussian"),
+                                               "constraint": ("support", "behaviour")}
 
 
 def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
@@ -192,6 +198,7 @@ class TrainResult:
     best_value: float | None = None
     stopped_early: bool = False
     validation_estimator: str = "dr"
+    notes: list[str] = field(default_factory=list)  # what the trainer says about the run (e.g. a saturated control)
 
 
 class _Validator:
@@ -208,8 +215,9 @@ class _Validator:
         self.best_value, self.best_step, self.best_state = -np.inf, None, None
         self.bad = 0
 
-    def due(self, step: int) -> bool:
-        return self.ctx is not None and ((step + 1) % self.every == 0 or step + 1 == self.n_steps)
+    def due(self, step: int, start: int = 0) -> bool:
+        """Whether to validate after `step`; never before `start` (a trainer's warm-up is not its policy)."""
+        return self.ctx is not None and step >= start and ((step + 1) % self.every == 0 or step + 1 == self.n_steps)
 
     def evaluate(self, step: int, policy: FusionPolicy) -> float:
         assert self.ctx is not None
@@ -224,6 +232,7 @@ class _Validator:
         return value
 
 
+@uses_cores
 def train(config: TrainConfig, log: LogData, reward: RewardSpec,
           on_step: Callable[[StepInfo], bool | None] | None = None) -> TrainResult:
     """Train `config.algo` on `log` against `reward`; the same config and log give the same policy.
@@ -231,7 +240,9 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     With `validation_share > 0`, the latest sessions are held out; the validation estimate of the policy's
     mean weights (DR where the log has propensities, else DM, with the direct model fitted on the training
     sessions) is recorded as `validation/dr` or `validation/dm` every n_steps / n_evaluations steps, training
-    stops after `patience` estimates without improvement, and the best checkpoint is restored.
+    stops after `patience` estimates without improvement, and the best checkpoint is restored. A trainer with
+    a warm-up (`validate_from`, e.g. GRADE's stage 1) is validated only after it: the method's policy is what
+    its main stage makes of the warm start, not the warm start itself.
     """
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2**32))
@@ -245,9 +256,10 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
                            config.n_evaluations, data.ctx)
     history: list[tuple[int, dict[str, float]]] = []
     status, stopped_early = "finished", False
+    validate_from = int(getattr(trainer, "validate_from", 0))
     for step in range(trainer.n_steps):
         metrics = trainer.step(step)
-        if validator.due(step):
+        if validator.due(step, validate_from):
             trainer.policy.eval()
             value = validator.evaluate(step, trainer.policy)
             metrics = {**metrics, f"validation/{validator.estimator}": value}
@@ -264,15 +276,16 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
         trainer.policy.load_state_dict(validator.best_state)
     trainer.policy.eval()
     best = validator.best_value if validator.best_step is not None else None
+    notes = trainer.notes() if hasattr(trainer, "notes") else []
     return TrainResult(trainer.policy, history, status, time.perf_counter() - start, config, data,
-                       validator.best_step, best, stopped_early, validator.estimator)
+                       validator.best_step, best, stopped_early, validator.estimator, notes)
 
 
 def run_summary(result: TrainResult) -> dict[str, Any]:
     """What the run store keeps about a finished training besides its history."""
     return {"final": result.history[-1][1] if result.history else {}, "best_step": result.best_step,
             "best_validation": result.best_value, "validation_estimator": result.validation_estimator,
-            "stopped_early": result.stopped_early}
+            "stopped_early": result.stopped_early, "notes": result.notes}
 
 
 def train_run(store: "RunStore", config: TrainConfig, log: LogData, reward: RewardSpec,
