@@ -233,12 +233,14 @@ def _evaluate_one(sample, text: str, args: argparse.Namespace):  # type: ignore[
 
 
 def _evaluate_oracle(sample, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from mtf_core.headroom import evaluate_oracle
+    """The two yardsticks found against the truth: the best vector per segment and the best global vector."""
+    from mtf_core.headroom import evaluate_oracle, evaluate_static_oracle
 
     if sample.ctx.sim_config is None:
         raise LogError(f"{args.log}: --oracle needs a simulator log (the oracle is found against its truth)")
-    print("finding the oracle against the truth (best vector per segment)...", file=sys.stderr)
-    return evaluate_oracle(sample.ctx, n_boot=args.n_boot, seed=args.seed, k=args.k, sample=sample.description)
+    print("finding the oracles against the truth (best vector per segment, best global vector)...", file=sys.stderr)
+    options = dict(n_boot=args.n_boot, seed=args.seed, k=args.k, sample=sample.description)
+    return [evaluate_oracle(sample.ctx, **options), evaluate_static_oracle(sample.ctx, **options)]
 
 
 def _ci(row: dict[str, object]) -> str:
@@ -312,7 +314,7 @@ def _algo_table(table, trained: dict[str, tuple[str, float]]) -> list[dict[str, 
         algo, seconds = trained.get(r["policy"], (r["policy"], None))
         rows.append({"policy": algo, "train_seconds": seconds, "ndcg:reward": ndcg,
                      **{k: figs.get(k) for k in ("truth", "truth_per_user", "snips", "dr", "dm")},
-                     **({"share_of_headroom": r["share_of_headroom"]} if "share_of_headroom" in r else {})})
+                     **({k: r[k] for k in ("share_of_headroom", "lift_over_best_static") if k in r})})
     return rows
 
 
@@ -338,17 +340,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 raise
             print(f"warning: skipping {p}: {exc}", file=sys.stderr)
     if args.oracle:
-        results.append(_evaluate_oracle(sample, args))
-    from mtf_core.compare import add_lifts, headroom_shares
-    from mtf_core.headroom import ORACLE_LABEL
+        results += _evaluate_oracle(sample, args)
+    from mtf_core.compare import add_lifts, headroom_shares, lifts_over
+    from mtf_core.headroom import ORACLE_LABEL, STATIC_ORACLE_LABEL
     from mtf_core.selection import CRITERIA, regret, select
 
     table = [{"policy": r.policy, "figures": _headline(r)} for r in results]
     add_lifts(table, results)
     if args.oracle:
         shares = headroom_shares(results, ORACLE_LABEL)
+        over_static = lifts_over(results, STATIC_ORACLE_LABEL, "truth_per_user")
         for row in table:
             row["share_of_headroom"] = shares.get(row["policy"])  # type: ignore[arg-type]
+            row["lift_over_best_static"] = over_static.get(row["policy"])  # type: ignore[arg-type]
 
     selection = select(results, args.select)
     regrets = {c: regret(results, select(results, c)["chosen"]) for c in CRITERIA}
@@ -384,6 +388,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.oracle:
         shares = ", ".join(f"{row['policy']}={_share(row.get('share_of_headroom'))}" for row in table)
         print(f"share of the oracle's headroom captured, (per-user truth - logging) / (oracle - logging): {shares}")
+        over = ", ".join(f"{row['policy']}={_paired(row.get('lift_over_best_static'))}" for row in table)
+        print(f"per-user truth over the best global vector (paired): {over}")
     return EXIT_OK
 
 
@@ -400,7 +406,7 @@ def _print_algo_table(args: argparse.Namespace, rows: list[dict[str, object]], s
     print(f"on {sample}; lift: paired difference over the logging policy [95% CI]")
     print(f"{'policy':<12}{'train s':>9}  " + "".join(f"{k.upper() + ' [95% CI] verdict':<44}" for k in columns)
           + f"{'truth lift [95% CI]':<30}{'per-user truth lift':<30}{'DR lift':<30}{'NDCG reward':<13}"
-          + ("share of headroom" if args.oracle else ""))
+          + (f"{'share of headroom':<19}per-user lift over the best global vector" if args.oracle else ""))
     for row in rows:
         cells = [f"{_ci(row[k])} {_short_verdict(row[k])}" if row.get(k) else "n/a" for k in columns]
         lifts = [_paired(row.get(k)) for k in ("truth", "truth_per_user", "dr")]
@@ -408,7 +414,8 @@ def _print_algo_table(args: argparse.Namespace, rows: list[dict[str, object]], s
         ndcg = f"{row['ndcg:reward']['value']:.3f}" if row.get("ndcg:reward") else "n/a"
         print(f"{row['policy']:<12}{secs:>9}  " + "".join(f"{c:<44}" for c in cells)
               + "".join(f"{c:<30}" for c in lifts) + f"{ndcg:<13}"
-              + (_share(row.get("share_of_headroom")) if args.oracle else ""))
+              + (f"{_share(row.get('share_of_headroom')):<19}{_paired(row.get('lift_over_best_static'))}"
+                 if args.oracle else ""))
     print(f"choice by {args.select}: {selection['reason']}")
     return EXIT_OK
 

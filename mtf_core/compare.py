@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from mtf_core.evaluate import EvaluationResult
 from mtf_core.evaluate.paired import paired_difference
 
-__all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "add_lifts", "paired_lifts",
+__all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "lifts_over", "add_lifts", "paired_lifts",
            "headroom_shares", "per_user_truth", "build_report", "decision_headline", "segment_lifts", "GLOSSARY"]
 
 
@@ -68,6 +68,21 @@ def paired_lifts(results: Sequence[EvaluationResult], baseline: str) -> pd.DataF
             if paired is not None:
                 rows.append(paired)
     return pd.DataFrame(rows)
+
+
+def lifts_over(results: Sequence[EvaluationResult], baseline: str, estimator: str) -> dict[str, dict[str, object]]:
+    """Each policy's paired difference of one estimator over `baseline` (by policy; absent where either lacks it),
+    in the form `_paired` prints: difference, difference_ci, separated."""
+    base = next((r for r in results if r.policy == baseline), None)
+    out: dict[str, dict[str, object]] = {}
+    for r in results:
+        if base is None or r is base:
+            continue
+        paired = paired_difference(r, base, estimator, n_boot=max(r.n_boot, 200), seed=r.seed)
+        if paired is not None:
+            out[r.policy] = {"difference": paired["difference"], "difference_ci": [paired["ci_low"], paired["ci_high"]],
+                             "separated": paired["separated"], "paired": True}
+    return out
 
 
 def add_lifts(table: list[dict[str, object]], results: Sequence[EvaluationResult]) -> None:
@@ -140,11 +155,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def decision_headline(results: Sequence[EvaluationResult]) -> str:
+def decision_headline(results: Sequence[EvaluationResult], labels: Mapping[str, str] | None = None) -> str:
     """One paragraph a stakeholder reads first: which policy the evaluation supports shipping, on what, and how
-    far to trust it (a choice resting on an unsupported estimate says so, before anything else)."""
+    far to trust it (a choice resting on an unsupported estimate says so, before anything else). `labels`
+    gives policies human names (a run's name and algorithm)."""
     from mtf_core.selection import common_estimator, select
 
+    name = (lambda policy: (labels or {}).get(policy, policy))  # noqa: E731
     choice = select(results, "lower_bound")
     chosen = next((r for r in results if r.policy == choice["chosen"]), None)
     if chosen is None:
@@ -154,30 +171,45 @@ def decision_headline(results: Sequence[EvaluationResult]) -> str:
     verdict = row.get("verdict")
     lead = ("No trustworthy recommendation." if verdict == "not supported by this log"
             else "Recommendation:" if verdict == "trustworthy" else "Tentative recommendation:")
-    text = (f"{lead} {chosen.policy} ({estimator.upper()} {_cell(row)}). {choice['reason']}, judging every "
-            f"policy by the same estimator.")
+    text = (f"{lead} {name(chosen.policy)} ({estimator.upper()} {_cell(row)}). {choice['reason']}, judging "
+            f"every policy by the same estimator.")
     truth = (chosen.ground_truth or {}).get("value")
     if truth is not None:
         best = max(results, key=lambda r: (r.ground_truth or {}).get("value", float("-inf")))
         text += (f" In the simulator's truth it earns {truth:.4f} per request"
-                 + ("" if best is chosen else f"; {best.policy} would earn {best.ground_truth['value']:.4f}") + ".")
+                 + ("" if best is chosen else f"; {name(best.policy)} would earn {best.ground_truth['value']:.4f}")
+                 + ".")
     return text
 
 
-def segment_lifts(results: Sequence[EvaluationResult], estimator: str) -> list[list[object]]:
-    """Per segment and policy: the paired difference of `estimator` over the first result (the baseline), on
-    that segment's users, with its 95% interval."""
+def segment_lifts(results: Sequence[EvaluationResult], estimator: str, labels: Mapping[str, str] | None = None
+                  ) -> list[list[object]]:
+    """Per segment and policy: the paired difference of an estimator over the first result (the baseline), on
+    that segment's users, with its 95% interval (estimators whose per-user terms are the evaluated users')."""
     base = results[0]
     rows: list[list[object]] = []
     segments = sorted({o["segment"] for o in base.ope if o["segment"] is not None})
     for s, name in enumerate(segments):
         for r in results[1:]:
-            users = None if r.unit_segment is None else r.unit_segment == s
+            terms = r.unit_terms.get(estimator)
+            if r.unit_segment is None or terms is None or len(terms) != len(r.unit_segment):
+                continue  # rows that are not the evaluated users (the truth runs every simulated user)
+            users = r.unit_segment == s
             paired = paired_difference(r, base, estimator, n_boot=max(r.n_boot, 200), seed=r.seed, users=users)
             if paired is not None:
-                rows.append([name, r.policy, f"{paired['difference']:+.4f} [{paired['ci_low']:+.4f}, "
-                             f"{paired['ci_high']:+.4f}]", "yes" if paired["separated"] else "no"])
+                interval = f"{paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}]"
+                rows.append([name, (labels or {}).get(r.policy, r.policy), interval,
+                             "yes" if paired["separated"] else "no"])
     return rows
+
+
+def _policy_labels(run_configs: Mapping[str, object]) -> dict[str, str]:
+    """Human names of trained policies: the run's name and algorithm, its reference in brackets."""
+    out = {}
+    for policy, run in run_configs.items():
+        if isinstance(run, Mapping) and run.get("algo"):
+            out[policy] = f"{run.get('name') or run['algo']} ({run['algo']}, {policy})"
+    return out
 
 
 def _config_table(run_configs: Mapping[str, object]) -> str:
@@ -190,7 +222,9 @@ def _config_table(run_configs: Mapping[str, object]) -> str:
         settings = {**entry, **{k: v for k, v in config.items() if k != "params"}, **params}  # type: ignore[union-attr]
         flat[policy] = settings
     names = sorted({k for v in flat.values() for k in v})
-    return _table(["setting", *flat], [[n, *(flat[p].get(n, "") for p in flat)] for n in names])
+    labels = _policy_labels(run_configs)
+    return _table(["setting", *(labels.get(p, p) for p in flat)], [[n, *(flat[p].get(n, "") for p in flat)]
+                                                                    for n in names])
 
 
 def build_report(title: str, results: Sequence[EvaluationResult], figures: Sequence[tuple[str, go.Figure]],
@@ -200,8 +234,9 @@ def build_report(title: str, results: Sequence[EvaluationResult], figures: Seque
     reward and run settings as tables."""
     from mtf_core.selection import common_estimator
 
+    labels = _policy_labels(run_configs)
     parts = [f"<h1>{html.escape(title)}</h1>",
-             f"<p class='headline'>{html.escape(decision_headline(results))}</p>",
+             f"<p class='headline'>{html.escape(decision_headline(results, labels))}</p>",
              f"<p>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} on {html.escape(results[0].sample)}. "
              f"Log fingerprint <code>{html.escape(fingerprint)}</code>.</p>"]
     estimators = [e for e in ("truth", "dr", "dm", "snips", "ips", "ncis")
@@ -211,16 +246,16 @@ def build_report(title: str, results: Sequence[EvaluationResult], figures: Seque
         cells = [_cell(r.ground_truth) if e == "truth" else _cell(r.estimate(e)) for e in estimators]
         dr = r.estimate("dr") or r.estimate("dm") or {}
         rests = "; ".join(str(dr[k]) for k in ("propensities", "model") if dr.get(k))
-        rows.append([r.policy, *cells, rests])
+        rows.append([labels.get(r.policy, r.policy), *cells, rests])
     parts.append("<h2>Every policy's value, with 95% intervals and verdicts</h2>"
                  + _table(["policy", *[e.upper() if e != "truth" else "truth" for e in estimators], "rests on"],
                           rows))
     if len(results) > 1:
-        estimator = "truth" if all("truth" in r.unit_terms for r in results) else common_estimator(results)
-        lifts = segment_lifts(results, estimator)
+        estimator = common_estimator(results)
+        lifts = segment_lifts(results, estimator, labels)
         if lifts:
-            basis = "simulator truth" if estimator == "truth" else estimator.upper()
-            parts.append(f"<h2>Lift over {html.escape(results[0].policy)} by segment ({basis}, paired)</h2>"
+            base = labels.get(results[0].policy, results[0].policy)
+            parts.append(f"<h2>Lift over {html.escape(base)} by segment ({estimator.upper()}, paired)</h2>"
                          + _table(["segment", "policy", "difference [95% CI]", "interval excludes 0"], lifts))
     for i, (caption, fig) in enumerate(figures):
         parts.append(f"<h2>{html.escape(caption)}</h2>")

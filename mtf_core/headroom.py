@@ -33,9 +33,11 @@ from mtf_core.reward import penalty, request_reward
 from mtf_core.simulate import SimConfig, run_online, run_weight_tables, user_table
 
 __all__ = ["Headroom", "headroom", "candidate_vectors", "farthest_candidates", "direct_model_errors", "truth_of_vectors",
-           "segment_oracle", "evaluate_oracle", "ORACLE_LABEL"]
+           "segment_oracle", "evaluate_oracle", "best_static_vector", "evaluate_static_oracle", "ORACLE_LABEL",
+           "STATIC_ORACLE_LABEL"]
 
 ORACLE_LABEL = "oracle: best vector per segment"
+STATIC_ORACLE_LABEL = "oracle: best global vector"
 
 BATCH = 16  # weight tables per lockstep run
 
@@ -228,6 +230,24 @@ def evaluate_oracle(ctx: EvalContext, n_boot: int = 500, seed: int = 0, k: int |
     """The per-segment oracle evaluated like any policy on the same requests (its truth is the yardstick)."""
     policy = StaticPolicy(ctx.log.task_names, ctx.log.segments, segment_oracle(ctx, seed=seed), label=ORACLE_LABEL)
     actions = target_actions(policy, ctx.log, ORACLE_LABEL, seed=seed)
+    return evaluate_policy(ctx, actions, k=k, n_boot=n_boot, seed=seed, truth_policy=policy_for_truth(policy, False),
+                           sample=sample)
+
+
+def best_static_vector(ctx: EvalContext, n_candidates: int = 48, seed: int = 0) -> np.ndarray:
+    """The candidate vector `[K]` with the best per-user long-term truth over the simulated horizon: the best
+    global static vector, found against the truth (a yardstick, not something a log could give)."""
+    candidates = candidate_vectors(ctx.sim_config, n_candidates, seed)  # type: ignore[arg-type]
+    totals, _ = truth_of_vectors(ctx, candidates)
+    return candidates[int(np.argmax(totals.mean(1)))]
+
+
+def evaluate_static_oracle(ctx: EvalContext, n_boot: int = 500, seed: int = 0, k: int | None = None,
+                           sample: str | None = None) -> EvaluationResult:
+    """The best global static vector evaluated like any policy on the same requests."""
+    weights = np.tile(best_static_vector(ctx, seed=seed), (len(ctx.log.segments), 1))
+    policy = StaticPolicy(ctx.log.task_names, ctx.log.segments, weights, label=STATIC_ORACLE_LABEL)
+    actions = target_actions(policy, ctx.log, STATIC_ORACLE_LABEL, seed=seed)
     return evaluate_policy(ctx, actions, k=k, n_boot=n_boot, seed=seed, truth_policy=policy_for_truth(policy, False),
                            sample=sample)
 

@@ -121,12 +121,18 @@ def test_compare_with_the_oracle_reports_shares_of_its_headroom(generated, tmp_p
                "--oracle", "--n-boot", "50", "--runs", str(tmp_path / "runs"), "--json")
     assert proc.returncode == 0, proc.stderr
     rows = {row["policy"]: row for row in json.loads(proc.stdout)["policies"]}
-    oracle = next(p for p in rows if p.startswith("oracle"))
+    oracle = "oracle: best vector per segment"
     assert rows["logging"]["share_of_headroom"] == 0 and rows[oracle]["share_of_headroom"] == 1
     truth = {p: row["figures"]["truth_per_user"]["value"] for p, row in rows.items()}
     static = next(p for p in rows if p.startswith("static"))
     expected = (truth[static] - truth["logging"]) / (truth[oracle] - truth["logging"])
     assert rows[static]["share_of_headroom"] == pytest.approx(expected)
+    # Each policy's paired per-user lift over the best global vector (the other yardstick found against the truth).
+    best_global = "oracle: best global vector"
+    lift = rows[static]["lift_over_best_static"]
+    assert lift["difference"] == pytest.approx(truth[static] - truth[best_global])
+    assert lift["difference_ci"][0] <= lift["difference"] <= lift["difference_ci"][1]
+    assert rows[best_global]["lift_over_best_static"] is None
 
 
 def test_generate_per_item_share_is_checked(tmp_path):

@@ -50,4 +50,5 @@ def test_report_lays_out_tables_not_json(results):
     html = build_report("T", results, [], json.loads(RewardSpec.default(("click",)).to_json()), "fp", configs)
     assert html.index("class='headline'") < html.index("<h2>")
     assert "<td>steps</td><td>5</td>" in html and "<td>seed</td><td>3</td>" in html
+    assert "<td>b (static, balanced)</td>" in html  # policies by name and algorithm, not by reference
     assert "<dt>trustworthy</dt>" in html and "{" not in html.split("<h2>Run settings</h2>")[1].split("</table>")[0]
