@@ -28,7 +28,7 @@ from mtf_core.policies.static import StaticPolicy
 from mtf_core.policies.train import TrainConfig, train
 from mtf_core.reward import RewardSpec
 from mtf_core.simulate import SimConfig, generate
-from mtf_core.store import LogData, load_log
+from mtf_core.store import load_log
 
 __all__ = ["VARIANTS", "ablation_study"]
 

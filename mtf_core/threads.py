@@ -5,7 +5,9 @@ process holds a core, the thread that shares it runs at half speed or less and e
 it: on 2 cores with one taken, evaluation fell from 24-35M to 2.2M candidate rows/s with 2 threads. One
 thread on the free core loses only its share. So each heavy job (an evaluation, a training run) asks for
 its threads when it starts: the idle cores measured over a short window, divided among the heavy jobs this
-process is running at the time (the app trains and evaluates in one process; torch's pool is global).
+process is running (the app trains and evaluates in one process). Torch's thread count belongs to the
+calling thread (OpenMP), so a job that runs long calls `refresh` as it goes, to give up its share when
+another job starts and take it back when that one ends.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["idle_cores", "thread_budget", "heavy_work", "uses_cores", "THREADS_ENV"]
+__all__ = ["idle_cores", "thread_budget", "heavy_work", "uses_cores", "refresh", "THREADS_ENV"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,6 +29,7 @@ THREADS_ENV = "MTF_THREADS"  # a fixed thread count, for those who know their ma
 _SAMPLE_SECONDS = 0.05
 _lock = threading.Lock()
 _active = 0
+_cores = 1  # the whole budget: idle cores measured when the latest heavy job started
 
 
 def _cpu_times() -> tuple[float, float] | None:
@@ -75,23 +78,34 @@ def thread_budget(active_jobs: int = 1) -> int:
     return max(1, int(idle_cores() + 0.25) // max(active_jobs, 1))
 
 
+def _share() -> int:
+    return max(1, _cores // max(_active, 1))
+
+
 @contextmanager
 def heavy_work() -> Iterator[int]:
-    """Run one heavy job with its share of the idle cores as torch's thread count; yields that count.
-
-    Jobs of one process share torch's global pool, so the count is recomputed as jobs start and end."""
-    global _active
+    """Run one heavy job in this thread with its share of the idle cores as torch's thread count; yields it."""
+    global _active, _cores
+    previous = torch.get_num_threads()
     with _lock:
         _active += 1
-        budget = thread_budget(_active)
-        torch.set_num_threads(budget)
+        _cores = thread_budget(1)
+        share = _share()
+    torch.set_num_threads(share)
     try:
-        yield budget
+        yield share
     finally:
         with _lock:
             _active -= 1
-            if _active:
-                torch.set_num_threads(thread_budget(_active))
+        torch.set_num_threads(previous)
+
+
+def refresh() -> int:
+    """Set the calling job's thread count to its current share (jobs start and end around it); returns it."""
+    share = _share()
+    if torch.get_num_threads() != share:
+        torch.set_num_threads(share)
+    return share
 
 
 def uses_cores(fn: F) -> F:

@@ -139,7 +139,7 @@ def test_enhanced_learns_from_per_item_logged_weights(tmp_path):
     weights: the trainer reads them, and they differ within a request."""
     from mtf_core.policies.enhanced import EnhancedTrainer, EnhancedConfig
     from mtf_core.policies.objective import build_training_data
-    from mtf_core.simulate import SimConfig, generate
+    from mtf_core.simulate import generate
     from mtf_core.store import load_log
     from tests.conftest import TINY
     import dataclasses

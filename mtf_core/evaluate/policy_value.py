@@ -19,6 +19,7 @@ from mtf_core.evaluate.truth import truth_with_unit_terms
 from mtf_core.diagnostics import estimator_verdicts, overlap_diagnostics
 from mtf_core.reward import penalty
 from mtf_core.store import iter_chunks
+from mtf_core import threads
 from mtf_core.threads import uses_cores
 
 __all__ = ["EvaluationResult", "evaluate_policy", "point_value"]
@@ -143,6 +144,7 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     report = progress or (lambda f, msg: None)
     metrics, expected = _ranking_metrics(ctx, actions, k, n_boot, seed)
     report(0.5, "metrics done")
+    threads.refresh()
     view = ctx.direct_view
     target = _target_terms(ctx, actions, expected, view)
     # The kernel's smoothing bias is gauged with the linear model (`ratios`), so its DM target is the linear one.
@@ -152,6 +154,7 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     _label_sources(ctx, ope, actions.is_logging, view)
     diagnostics, by_segment = _diagnostics(ctx, ratios, ope)
     report(0.7, "off-policy estimates done")
+    threads.refresh()
     truth = None
     if with_truth and ctx.sim_config is not None and (truth_policy is not None or actions.is_logging):
         truth, unit_terms["truth"] = truth_with_unit_terms(ctx, truth_policy, actions.form if truth_policy else "sum",

@@ -118,7 +118,7 @@ class BCQPolicy(EncodedPolicy):
         r, p = x.shape[0], z.shape[0]
         xs = x.repeat_interleave(p, 0)
         a = self.perturbed(xs, self.decode(xs, z.repeat(r, 1)))
-        xa = self.critic_input(xs, a, scores.repeat_interleave(p, 0), mask.repeat_interleave(p, 0))
+        xa = torch.cat([xs, a, self.ranking.proposals(scores, mask, a.reshape(r, p, -1))], -1)
         best = self.q1(xa).reshape(r, p).argmax(1)
         return a.reshape(r, p, -1)[torch.arange(r), best]
 
@@ -173,8 +173,8 @@ class BatchRLTrainer:
             xn = x_next.repeat_interleave(n, 0)
             zn = torch.randn(xn.shape[0], p.latent, generator=self.gen).clamp(-0.5, 0.5)
             an = self.target.perturbed(xn, p.decode(xn, zn))
-            xan = self.target.critic_input(xn, an, t.scores[nxt].repeat_interleave(n, 0),
-                                           t.mask[nxt].repeat_interleave(n, 0))
+            ranking = self.target.ranking.proposals(t.scores[nxt], t.mask[nxt], an.reshape(len(idx), n, -1))
+            xan = torch.cat([xn, an, ranking], -1)
             q1n, q2n = self.target.q1(xan), self.target.q2(xan)
             qn = cfg.lmbda * torch.min(q1n, q2n) + (1 - cfg.lmbda) * torch.max(q1n, q2n)
             qn = qn.reshape(-1, n).max(1).values

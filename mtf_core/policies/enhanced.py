@@ -11,8 +11,8 @@ The lab's choices:
 - the list value is V(s) + sum_n exam_n * q(s, item_n, a_n): a state baseline V absorbs what no ranking
   changes (session terms, the user's base rate), and each item's value counts with the examination
   weight of the position it is shown at (the position curve of the reward: logged positions for
-  logged lists; soft ranks under the per-item fused scores for the actor's lists, so its gradient
-  reaches how each item's weights move it up or down the ranking);
+  logged lists; exact ranks for the target's lists; soft ranks under the per-item fused scores for the
+  actor's lists, so its gradient reaches how each item's weights move it up or down the ranking);
 - offline training on the log, with TD3+BC-style behaviour regularisation (the actor's per-item weights
   are pulled towards the logged ones, Fujimoto & Gu 2021) instead of the paper's online updates; the
   logged action of an item is its own weight vector where the log has per-item weights (`iw_*`, e.g. a
@@ -34,7 +34,7 @@ import torch
 
 from mtf_core.fusion import fuse
 from mtf_core.policies.base import StateBatch
-from mtf_core.policies.objective import TrainingData, soft_exam
+from mtf_core.policies.objective import TrainingData, soft_exam, top_exam
 from mtf_core.policies.offline import EncodedPolicy, build_transitions, mlp, soft_update
 
 __all__ = ["EnhancedConfig", "PerItemPolicy", "EnhancedTrainer"]
@@ -134,9 +134,9 @@ class EnhancedTrainer:
         self.t = build_transitions(data, self.policy.encoder)
         self.logged_exam = data.logged_exam * data.shown  # the curve at the logged position, 0 if not shown
         self.target = copy.deepcopy(self.policy)
-        self.actor_opt = torch.optim.Adam(self.policy.actor.parameters(), lr=config.lr)
+        self.actor_opt = torch.optim.Adam(self.policy.actor.parameters(), lr=config.lr, foreach=True)
         self.critic_opt = torch.optim.Adam([*self.policy.critic.parameters(), *self.policy.baseline.parameters()],
-                                           lr=config.lr)
+                                           lr=config.lr, foreach=True)
         self.n_steps = config.steps
 
     def _exam(self, state: StateBatch, a: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,9 @@ class EnhancedTrainer:
             z = p.item_state(state)  # (B, N, D)
             zn = self.target.item_state(next_state)
             a_next = self.target.mu(zn, next_state.mask)
-            v_next = self.target.list_value(next_state, zn, a_next, self._exam(next_state, a_next))
+            fused_next = fuse(next_state.scores.float(), a_next)
+            v_next = self.target.list_value(next_state, zn, a_next, top_exam(fused_next, next_state.mask,
+                                                                               self.data.curve))
             target = t.rewards[rows] + cfg.discount * (1 - t.done[rows]) * v_next
         logged = (t.actions[rows].unsqueeze(1).expand(-1, z.shape[1], -1) if self.item_weights is None
                   else self.item_weights[rows])

@@ -11,8 +11,9 @@ Follows the paper:
   is recorded (`rounds/online_value`).
 The lab's choices:
 - each critic sees, besides the state and the weights, the ranking the weights induce (`RankingFeatures`:
-  expected MTL signals of the top L under soft ranks), so that it can judge weights the logs never tried
-  and the actor's gradient reaches the ranking;
+  expected MTL signals of the top L), so that it can judge weights the logs never tried; the exact top L in
+  the critics' regression, targets and exploration scoring, soft ranks in the actor's update so that its
+  gradient reaches the ranking;
 - actions are the logged weight vectors (simplex, `sum` fusion) instead of the paper's powers and biases of
   `prod_k (s_k + b_k)^p_k`, so that every round's log is in one action space; the exploration policy is a
   Dirichlet around the current policy (concentration `explore_concentration`) instead of a uniform box,
@@ -119,9 +120,11 @@ class ActorPolicy(EncodedPolicy):
     def mu(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.actor(x), -1)
 
-    def q_all(self, x: torch.Tensor, a: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        xa = torch.cat([x, a, self.ranking(scores, mask, a)], -1)
-        return torch.cat([q(xa) for q in self.critics], -1)  # (B, E)
+    def q_all(self, x: torch.Tensor, a: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+              exact: bool = True) -> torch.Tensor:
+        """Every critic's value `[B,E]`; soft ranks (`exact=False`) only where the actor's gradient needs them."""
+        xa = torch.cat([x, a, self.ranking(scores, mask, a, exact)], -1)
+        return torch.cat([q(xa) for q in self.critics], -1)
 
     def act(self, state: StateBatch, deterministic: bool = True) -> torch.Tensor:
         return self.mu(self.encoder(state))
@@ -183,8 +186,8 @@ class IntegratedTrainer:
         self.policy.ranking.fit(data.curve, t.scores, t.mask, t.actions)
         self.support = _logging_support(data)
         self.target = copy.deepcopy(self.policy)
-        self.actor_opt = torch.optim.Adam(self.policy.actor.parameters(), lr=config.lr)
-        self.critic_opt = torch.optim.Adam(self.policy.critics.parameters(), lr=config.lr)
+        self.actor_opt = torch.optim.Adam(self.policy.actor.parameters(), lr=config.lr, foreach=True)
+        self.critic_opt = torch.optim.Adam(self.policy.critics.parameters(), lr=config.lr, foreach=True)
         self.can_explore = log.is_simulated
         self.n_steps = config.steps_per_round * (config.rounds if self.can_explore else 1)
         self.appended: list[int] = []  # requests added per round
@@ -215,7 +218,7 @@ class IntegratedTrainer:
         critic_loss.backward()
         self.critic_opt.step()
         mu = p.mu(x)
-        q = p.q_all(x, mu, scores, mask)
+        q = p.q_all(x, mu, scores, mask, exact=False)
         penalty = self.support.outside(rows, mu).mean()
         constraint = (cfg.behaviour_weight * (mu - a).pow(2).sum(-1).mean() if strict
                       else cfg.support_penalty * penalty)

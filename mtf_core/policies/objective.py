@@ -24,7 +24,7 @@ from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
 
 __all__ = ["TrainingData", "build_training_data", "composite_reward", "RuleTerms", "FeatureEncoder", "soft_exam",
-           "soft_top_signals"]
+           "top_exam", "soft_top_signals"]
 
 
 class FeatureEncoder(torch.nn.Module):
@@ -115,6 +115,15 @@ def soft_exam(fused: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor, temp
     low = low.long()
     exam = padded[low] * (1 - frac) + padded[low + 1] * frac
     return exam * valid
+
+
+def top_exam(fused: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
+    """Examination weight `[R,N]` of each candidate at its exact rank (the curve for the top L, 0 below): what
+    `soft_exam` tends to as its temperature goes to 0, where no gradient through the ranking is needed."""
+    n_top = min(curve.shape[0], fused.shape[1])
+    top = torch.topk(fused.masked_fill(~mask, float("-inf")), n_top, dim=1).indices
+    exam = curve[:n_top].to(fused.dtype) * mask.gather(1, top)
+    return torch.zeros(fused.shape, dtype=fused.dtype).scatter_(1, top, exam)
 
 
 def soft_top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor,

@@ -65,9 +65,22 @@ class RankingFeatures(nn.Module):
 
     def forward(self, scores: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, exact: bool = False
                 ) -> torch.Tensor:
-        fused = fuse(scores, weights)
-        signals = (top_signals(fused, scores, mask, self.curve) if exact
-                   else soft_top_signals(fused, scores, mask, self.curve, self.temperature))
+        signals = (top_signals(fuse(scores, weights, mask=mask), scores, mask, self.curve) if exact
+                   else soft_top_signals(fuse(scores, weights), scores, mask, self.curve, self.temperature))
+        return (signals - self.mean) / self.std
+
+    def proposals(self, scores: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Exact features `[B*P,K]` of P proposals per request (weights `[B,P,K]`, request-major like
+        `repeat_interleave`), without copying each request's scores P times: one product ranks every
+        proposal's candidates, another sums the top L's signals."""
+        b, p, _ = weights.shape
+        fused = torch.bmm(weights.to(scores.dtype), scores.transpose(1, 2))  # (B, P, N)
+        fused = fused.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        n_top = min(self.curve.shape[0], fused.shape[2])
+        top = torch.topk(fused, n_top, dim=2).indices  # (B, P, L)
+        exam = self.curve[:n_top].to(scores.dtype) * mask.gather(1, top.reshape(b, -1)).reshape(b, p, n_top)
+        slot_exam = torch.zeros(fused.shape, dtype=scores.dtype).scatter_(2, top, exam)
+        signals = torch.bmm(slot_exam, scores).reshape(b * p, -1)
         return (signals - self.mean) / self.std
 
 

@@ -28,6 +28,7 @@ from mtf_core.policies.objective import TrainingData, build_training_data
 from mtf_core.policies.static import StaticConfig, StaticTrainer
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
+from mtf_core import threads
 from mtf_core.threads import uses_cores
 
 if TYPE_CHECKING:
@@ -258,6 +259,7 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     status, stopped_early = "finished", False
     validate_from = int(getattr(trainer, "validate_from", 0))
     for step in range(trainer.n_steps):
+        threads.refresh()  # give up or take back a share of the cores as other jobs of the process come and go
         metrics = trainer.step(step)
         if validator.due(step, validate_from):
             trainer.policy.eval()
