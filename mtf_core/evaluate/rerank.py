@@ -6,6 +6,7 @@ Every figure here is per request (or per user for GAUC) and vectorised over requ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -109,17 +110,24 @@ def top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, c
     return torch.bmm(slot_exam.unsqueeze(1), scores).squeeze(1)
 
 
-def expected_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum",
-                   bias: np.ndarray | None = None) -> np.ndarray:
-    """Direct-method signals `[R,K]` of every request of the log under weights `[R,K]`/`[R,N,K]`, in chunks."""
+def _top_l_sums(ctx: EvalContext, weights: np.ndarray, form: str, bias: np.ndarray | None,
+                values_of: Callable[[slice, torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """Per request, the curve-weighted sums `[R,C]` over the top L candidates under weights `[R,K]`/`[R,N,K]`
+    of per-candidate values `[r,N,C]` (`values_of(rows, scores)`), in chunks."""
     log, curve = ctx.log, torch.from_numpy(ctx.resolved.position_curve)
     b = None if bias is None else torch.from_numpy(bias)
     out = []
     for rows in iter_chunks(log.n_requests, context.CHUNK):
         scores, mask = torch.from_numpy(log.scores[rows]), torch.from_numpy(log.mask[rows])
         fused = fuse(scores, torch.from_numpy(weights[rows]), form, bias=b, mask=mask)
-        out.append(top_signals(fused, scores, mask, curve).double().numpy())
+        out.append(top_signals(fused, values_of(rows, scores), mask, curve).double().numpy())
     return np.concatenate(out)
+
+
+def expected_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum",
+                   bias: np.ndarray | None = None) -> np.ndarray:
+    """Direct-method signals `[R,K]` of every request of the log under weights `[R,K]`/`[R,N,K]`, in chunks."""
+    return _top_l_sums(ctx, weights, form, bias, lambda rows, scores: scores)
 
 
 def learned_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum", bias: np.ndarray | None = None
@@ -128,16 +136,12 @@ def learned_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum", bias
     (out of fold), and each network's `[F,R]`: baseline plus the top L candidates' values under the curve."""
     learned = ctx.learned_outcome
     assert learned is not None, "the learned outcome model was not fitted on this context"
-    log, curve = ctx.log, torch.from_numpy(ctx.resolved.position_curve)
-    b = None if bias is None else torch.from_numpy(bias)
-    out = []
-    for rows in iter_chunks(log.n_requests, context.CHUNK):
-        scores, mask = torch.from_numpy(log.scores[rows]), torch.from_numpy(log.mask[rows])
-        fused = fuse(scores, torch.from_numpy(weights[rows]), form, bias=b, mask=mask)
-        values = np.concatenate([learned.item_value[rows][..., None],
-                                 np.moveaxis(learned.fold_item_value[:, rows], 0, -1)], -1)
-        out.append(top_signals(fused, torch.from_numpy(values), mask, curve).double().numpy())
-    x = np.concatenate(out)  # (R, 1+F)
+
+    def values(rows: slice, scores: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([learned.item_value[rows][..., None],
+                                                np.moveaxis(learned.fold_item_value[:, rows], 0, -1)], -1))
+
+    x = _top_l_sums(ctx, weights, form, bias, values)  # (R, 1+F)
     return learned.baseline + x[:, 0], learned.fold_baseline + x[:, 1:].T
 
 
