@@ -32,8 +32,8 @@ from mtf_core.policies.static import StaticPolicy
 from mtf_core.reward import penalty, request_reward
 from mtf_core.simulate import SimConfig, run_online, run_weight_tables, user_table
 
-__all__ = ["Headroom", "headroom", "candidate_vectors", "farthest_candidates", "direct_model_errors", "truth_of_vectors",
-           "segment_oracle", "evaluate_oracle", "best_static_vector", "evaluate_static_oracle", "ORACLE_LABEL",
+__all__ = ["Headroom", "headroom", "candidate_vectors", "farthest_candidates", "direct_model_errors",
+           "truth_of_vectors", "segment_oracle", "evaluate_oracle", "best_static_vector", "evaluate_static_oracle", "ORACLE_LABEL",
            "STATIC_ORACLE_LABEL"]
 
 ORACLE_LABEL = "oracle: best vector per segment"

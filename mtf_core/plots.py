@@ -121,14 +121,36 @@ def reward_shares(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
     return _layout(fig, "Which signals the reward is made of, by segment")
 
 
+METRIC_LABELS = {
+    "losses/ltr": "warm-start ranking loss (LambdaRank)", "losses/policy": "policy loss (GRPO, clipped)",
+    "losses/kl": "KL to the warm-start policy", "losses/vae": "behaviour model loss (VAE)",
+    "losses/critic": "critic loss (TD error)", "losses/actor": "actor loss", "losses/behaviour":
+    "distance to the logged weights", "charts/reward": "training reward (counterfactual, per request)",
+    "charts/reward_best_of_group": "best of each group's rewards", "charts/clip_fraction": "share of clipped ratios",
+    "charts/concentration": "exploration concentration (higher = narrower)", "charts/q": "critic value",
+    "charts/max_weight": "largest weight", "charts/support_violation": "distance outside the logged support",
+    "exploration/segments_at_bound": "segments at the exploration bound", "rounds/online_value":
+    "exploration round's value in the simulator", "rounds/appended_requests": "requests appended by the round",
+    "rounds/round": "round", "validation/dr": "held-out DR estimate", "validation/dm": "held-out DM estimate",
+}
+"""Human names of the training metrics (the run store keeps the keys; a key without a label shows as is)."""
+
+
+def metric_label(name: str) -> str:
+    if name.startswith("exploration/kappa_"):
+        return f"exploration factor, {name.split('_', 1)[1]}"
+    return METRIC_LABELS.get(name, name)
+
+
 def training_curves(history: pd.DataFrame, names: Sequence[str] | None = None) -> go.Figure:
-    """One small panel per metric (columns step, name, value)."""
+    """One small panel per metric (columns step, name, value), titled with the metric's human name."""
     df = history if names is None else history[history["name"].isin(list(names))]
     if df.empty:
         return _layout(go.Figure(), "Training curves (no data yet)", 260)
+    df = df.assign(name=df["name"].map(metric_label))
     fig = px.line(df, x="step", y="value", facet_col="name", facet_col_wrap=4)
     fig.update_yaxes(matches=None)
-    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))  # "name=<label>"
     return _layout(fig, "Training curves", 260 * ((df["name"].nunique() + 3) // 4))
 
 

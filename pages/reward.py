@@ -12,7 +12,8 @@ from ui.common import (KEY_REWARD, cached_context, current_log, current_reward, 
 page_setup()
 st.title("Reward")
 st.caption("What the policies optimise: a coefficient per signal, session terms for the long term, and "
-           "GRADE's penalties against reward hacking. Changes apply to training and comparison at once.")
+           "GRADE's penalties against reward hacking. Press Apply: the preview, training and comparison then "
+           "use it.")
 
 log = current_log()
 spec = current_reward(log)
@@ -44,27 +45,33 @@ with st.sidebar.expander("Load or save a reward spec"):
 for key, value in _widget_values(spec).items():
     st.session_state.setdefault(key, value)
 
-left, right = st.columns(2)
-with left:
-    st.subheader("Signals")
-    coefficients = {t: st.slider(t, 0.0, 5.0, step=0.1, key=f"coef_{t}",
-                                 help=f"Reward per unit of {t} summed over the items shown") for t in log.task_names}
-    normalize = st.checkbox("Divide each signal by its standard deviation in the log", key="rw_normalize",
-                            help="Puts rare signals (shares) and frequent ones (clicks) on one scale")
-    clip_on = st.checkbox("Clip the immediate reward", key="rw_clip_on")
-    clip = st.number_input("Clip at", 0.1, 1e4, key="rw_clip") if clip_on else None
-with right:
-    st.subheader("Long term (stickiness, activeness)")
-    continuation = st.slider("Per request after which the session goes on", 0.0, 5.0, step=0.1, key="rw_continuation")
-    session_length = st.slider("Per request served", 0.0, 5.0, step=0.1, key="rw_session_length")
-    returned = st.slider("When the user comes back the next day", 0.0, 10.0, step=0.1, key="rw_returned")
-    st.subheader("Against reward hacking")
-    share_penalty = st.slider("Penalty when a signal's share drifts from the logging policy's", 0.0, 20.0, step=0.5,
-                              key="rw_share_penalty")
-    share_tolerance = st.slider("Drift tolerated", 0.0, 0.5, step=0.01, key="rw_share_tolerance")
-    vertex_penalty = st.slider("Penalty when the weights collapse onto one task", 0.0, 20.0, step=0.5,
-                               key="rw_vertex_penalty")
-    vertex_threshold = st.slider("Largest weight tolerated", 0.3, 0.99, step=0.01, key="rw_vertex_threshold")
+# One form: moving a slider recomputes nothing until Apply (a preview takes seconds on a busy machine).
+with st.form("reward_form", border=False):
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Signals")
+        coefficients = {t: st.slider(t, 0.0, 5.0, step=0.1, key=f"coef_{t}",
+                                     help=f"Reward per unit of {t} summed over the items shown")
+                        for t in log.task_names}
+        normalize = st.checkbox("Divide each signal by its standard deviation in the log", key="rw_normalize",
+                                help="Puts rare signals (shares) and frequent ones (clicks) on one scale")
+        clip_on = st.checkbox("Clip the immediate reward", key="rw_clip_on")
+        clip_at = st.number_input("Clip at (used when clipping is on)", 0.1, 1e4, key="rw_clip")
+        clip = clip_at if clip_on else None
+    with right:
+        st.subheader("Long term (stickiness, activeness)")
+        continuation = st.slider("Per request after which the session goes on", 0.0, 5.0, step=0.1,
+                                 key="rw_continuation")
+        session_length = st.slider("Per request served", 0.0, 5.0, step=0.1, key="rw_session_length")
+        returned = st.slider("When the user comes back the next day", 0.0, 10.0, step=0.1, key="rw_returned")
+        st.subheader("Against reward hacking")
+        share_penalty = st.slider("Penalty when a signal's share drifts from the logging policy's", 0.0, 20.0, step=0.5,
+                                  key="rw_share_penalty")
+        share_tolerance = st.slider("Drift tolerated", 0.0, 0.5, step=0.01, key="rw_share_tolerance")
+        vertex_penalty = st.slider("Penalty when the weights collapse onto one task", 0.0, 20.0, step=0.5,
+                                   key="rw_vertex_penalty")
+        vertex_threshold = st.slider("Largest weight tolerated", 0.3, 0.99, step=0.01, key="rw_vertex_threshold")
+    st.form_submit_button("Apply to training and comparison", type="primary")
 
 try:
     new_spec = RewardSpec(coefficients, normalize, clip, continuation, session_length, returned, share_penalty,

@@ -5,7 +5,7 @@ import streamlit as st
 
 from mtf_core import plots
 from mtf_core.errors import LogError
-from mtf_core.policies.train import ALGORITHMS, TrainConfig, config_fields, train_run
+from mtf_core.policies.train import ALGORITHMS, SETTING_CHOICES, TrainConfig, config_fields, train_run
 from ui.common import KEY_LAST_RUN, current_log, current_reward, page_setup, plain, run_store, show_error, show_table
 
 page_setup()
@@ -24,14 +24,19 @@ with st.form("train_form"):
     columns = st.columns(3)
     for i, (name, default, doc) in enumerate(config_fields(algo)):
         col = columns[i % 3]
-        if isinstance(default, bool):
-            params[name] = col.checkbox(name, default, help=doc)
+        label = name.replace("_", " ").capitalize()  # the key itself is in the help, for the CLI's --set
+        help_text = f"{doc} (`--set {name}=...` on the command line)"
+        if name in SETTING_CHOICES:
+            params[name] = col.selectbox(label, SETTING_CHOICES[name], index=SETTING_CHOICES[name].index(default),
+                                         help=help_text)
+        elif isinstance(default, bool):
+            params[name] = col.checkbox(label, default, help=help_text)
         elif isinstance(default, int):
-            params[name] = col.number_input(name, value=default, step=1, help=doc)
+            params[name] = col.number_input(label, value=default, step=1, help=help_text)
         elif isinstance(default, float):
-            params[name] = col.number_input(name, value=default, format="%.4g", help=doc)
+            params[name] = col.number_input(label, value=default, format="%.4g", help=help_text)
         else:
-            params[name] = col.text_input(name, value=str(default), help=doc)
+            params[name] = col.text_input(label, value=str(default), help=help_text)
     seed = st.number_input("Seed", value=0, step=1, help="The same seed, settings and log give the same run")
     v1, v2 = st.columns(2)
     validation_share = v1.number_input("Validation share", 0.0, 0.8, 0.2, 0.05,
@@ -92,6 +97,10 @@ table = pd.DataFrame([{
     "same log": r.data_fingerprint == log.fingerprint,
 } for r in reversed(runs)])
 show_table(table, width="stretch", hide_index=True)
+st.caption("Held-out estimate: the kept checkpoint's value per request on the latest sessions, which training did "
+           "not see, by the estimator shown, in the reward's own units: compare runs by this. Final reward: the "
+           "training objective at the last step (GRADE: the group mean of its counterfactual composite reward, "
+           "rule terms included; CEM: its search objective; the offline methods have none), on another scale.")
 
 by_id = {r.run_id: r for r in reversed(runs)}  # the listing above, not one catalogue read per option
 ids = list(by_id)

@@ -40,7 +40,7 @@ def _choose_log(at: AppTest, path: Path) -> AppTest:
 def _train_tiny_run(name: str) -> None:
     at = _run("pages/train.py")
     for field, value in TINY_GRADE.items():
-        [w for w in at.number_input if w.label == field][0].set_value(value)
+        [w for w in at.number_input if w.label == field.replace("_", " ").capitalize()][0].set_value(value)
     [w for w in at.text_input if w.label == "Run name"][0].set_value(name)
     at.button[0].click()
     at.run()
@@ -73,6 +73,11 @@ def test_reward_slider_changes_the_preview():
     at = _run("pages/reward.py")
     before = at.metric[0].value
     [s for s in at.slider if s.label == "share"][0].set_value(5.0)
+    at.run()
+    assert not at.exception
+    assert at.metric[0].value == before  # a slider alone recomputes nothing: the form waits for Apply
+    [s for s in at.slider if s.label == "share"][0].set_value(5.0)
+    next(b for b in at.button if b.label.startswith("Apply")).click()
     at.run()
     assert not at.exception
     assert at.metric[0].value != before

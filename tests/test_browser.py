@@ -95,7 +95,7 @@ def test_two_sessions_train_and_list_at_once_and_the_run_is_recorded(server, bro
             trainer, lister = browser.new_context().new_page(), browser.new_context().new_page()
             trainer.goto(f"{server}/train", timeout=120_000)
             trainer.get_by_role("button", name="Train").wait_for(timeout=120_000)
-            for label, value in (("steps", "40"), ("warm_start_steps", "10")):  # a short run: the race, not the fit
+            for label, value in (("Steps", "40"), ("Warm start steps", "10")):  # a short run: the race, not the fit
                 field = trainer.get_by_label(label, exact=True)
                 field.fill(value)
                 field.press("Tab")

@@ -21,3 +21,16 @@ def test_score_distributions_bins_every_task_on_the_server():
     assert counts == {**sizes, "t0": sizes["t0"] - 1, "t6": 0}
     assert all(len(trace.x) == 20 for trace in fig.data)  # bars, not the sample, go to the browser
     assert fig.data[5].xaxis == "x6" and fig.layout.height == 620  # seven tasks wrap onto two rows of five
+
+
+def test_training_curves_are_titled_in_words_with_their_own_scales():
+    from mtf_core.plots import metric_label, training_curves
+
+    history = pd.DataFrame({"step": [0, 1, 0, 1, 0, 1], "value": [1.0, 0.5, 30.0, 31.0, 0.9, 1.1],
+                            "name": ["losses/ltr"] * 2 + ["charts/concentration"] * 2 + ["exploration/kappa_core"] * 2})
+    fig = training_curves(history)
+    titles = {a.text for a in fig.layout.annotations}
+    assert titles == {"warm-start ranking loss (LambdaRank)", "exploration concentration (higher = narrower)",
+                      "exploration factor, core"}
+    assert metric_label("custom/thing") == "custom/thing"
+    assert fig.layout.yaxis2.matches is None  # every panel keeps its own y scale
