@@ -14,7 +14,8 @@ from mtf_core.evaluate import EvaluationResult
 from mtf_core.evaluate.paired import paired_difference
 
 __all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "lifts_over", "add_lifts", "paired_lifts",
-           "headroom_shares", "per_user_truth", "build_report", "decision_headline", "segment_lifts", "GLOSSARY"]
+           "headroom_shares", "per_user_truth", "build_report", "decision_headline", "segment_lifts", "policy_labels",
+           "GLOSSARY"]
 
 
 def ope_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
@@ -203,7 +204,7 @@ def segment_lifts(results: Sequence[EvaluationResult], estimator: str, labels: M
     return rows
 
 
-def _policy_labels(run_configs: Mapping[str, object]) -> dict[str, str]:
+def policy_labels(run_configs: Mapping[str, object]) -> dict[str, str]:
     """Human names of trained policies: the run's name and algorithm, its reference in brackets."""
     out = {}
     for policy, run in run_configs.items():
@@ -222,7 +223,7 @@ def _config_table(run_configs: Mapping[str, object]) -> str:
         settings = {**entry, **{k: v for k, v in config.items() if k != "params"}, **params}  # type: ignore[union-attr]
         flat[policy] = settings
     names = sorted({k for v in flat.values() for k in v})
-    labels = _policy_labels(run_configs)
+    labels = policy_labels(run_configs)
     return _table(["setting", *(labels.get(p, p) for p in flat)], [[n, *(flat[p].get(n, "") for p in flat)]
                                                                     for n in names])
 
@@ -234,7 +235,7 @@ def build_report(title: str, results: Sequence[EvaluationResult], figures: Seque
     reward and run settings as tables."""
     from mtf_core.selection import common_estimator
 
-    labels = _policy_labels(run_configs)
+    labels = policy_labels(run_configs)
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p class='headline'>{html.escape(decision_headline(results, labels))}</p>",
              f"<p>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} on {html.escape(results[0].sample)}. "

@@ -5,8 +5,9 @@ import json
 import streamlit as st
 
 from mtf_core import plots
-from mtf_core.compare import build_report, metric_frame, ope_frame
-from ui.common import KEY_REPORT_HTML, current_comparison, current_log, current_reward, page_setup, run_store
+from mtf_core.compare import build_report, decision_headline, metric_frame, ope_frame, policy_labels
+from ui.common import (KEY_REPORT_HTML, current_comparison, current_log, current_reward, page_setup, plain,
+                       run_store)
 
 page_setup()
 st.title("Report")
@@ -16,11 +17,19 @@ if not results:
     st.info("Run a comparison on the Compare page first; the report is built from it.")
     st.stop()
 
+runs = {f"run:{r.run_id}": r for r in run_store().list_runs()}
+configs = {r.policy: {"name": run.name, "algo": run.algo, "config": run.config, "seconds": run.seconds}
+           for r in results if (run := runs.get(r.policy)) is not None}  # a run deleted since is left out
+labels = policy_labels(configs)
+st.info(plain(decision_headline(results, labels)))
 title = st.text_input("Title", value="Fusion policy comparison")
 ope, metrics = ope_frame(results), metric_frame(results)
+ope["policy"] = ope["policy"].map(lambda p: labels.get(p, p))
+metrics["policy"] = metrics["policy"].map(lambda p: labels.get(p, p))
 # By segment: the truth where the simulator gives one, else DR where every policy has it, else DM; named as such.
-by_segment = next(e for e in ("truth", "dr", "dm") if set(ope.loc[ope["estimator"] == e, "policy"]) == set(
-    r.policy for r in results) or e == "dm")
+named = {labels.get(r.policy, r.policy) for r in results}
+by_segment = next(e for e in ("truth", "dr", "dm") if set(ope.loc[ope["estimator"] == e, "policy"]) == named
+                  or e == "dm")
 figures = [
     ("Policy value with 95% intervals", plots.forest_plot(ope[ope["segment"].isna()].rename(
         columns={"estimator": "label"}), "label", "Policy value: estimates and truth")),
@@ -30,9 +39,6 @@ figures = [
     ("Ranking metrics", plots.forest_plot(metrics[metrics["segment"].isna() & metrics["metric"].str.startswith(
         "ndcg")], "metric", "NDCG on the logged candidates")),
 ]
-runs = {f"run:{r.run_id}": r for r in run_store().list_runs()}
-configs = {r.policy: {"name": run.name, "algo": run.algo, "config": run.config, "seconds": run.seconds}
-           for r in results if (run := runs.get(r.policy)) is not None}  # a run deleted since is left out
 html = build_report(title, results, figures, json.loads(current_reward(log).to_json()), log.fingerprint, configs)
 st.session_state[KEY_REPORT_HTML] = html
 st.download_button("Download the report (HTML)", html, file_name="mtf_report.html", mime="text/html",

@@ -126,6 +126,7 @@ def test_compare_two_runs_and_build_the_report():
     assert "class='headline'" in html and "ecommendation" in html.split("</p>")[0]
     assert "Every policy's value, with 95% intervals and verdicts" in html and "by segment (" in html
     assert "<dt>DR</dt>" in html and "<th>setting</th>" in html and "trustworthy" in html
+    assert "Truth by segment" in html and "compare-a (grade, run:" in html  # runs by name; truth where known
     assert html.count("<script") >= 3 and len(html) > 1_000_000  # plotly.js inlined: opens offline
 
 

@@ -119,6 +119,63 @@ def test_two_sessions_train_and_list_at_once_and_the_run_is_recorded(server, bro
     assert [r.status for r in runs] == ["finished"], [(r.run_id, r.status) for r in runs]
 
 
+def test_the_whole_workflow_in_one_session_and_state_that_survives_revisits(server):
+    """Data -> reward -> train -> weights -> compare -> report in one browser session, moving by the sidebar as
+    an analyst does; then revisiting Data and Compare keeps the log and the comparison (issue 19)."""
+    from playwright.sync_api import sync_playwright
+
+    def settle(page) -> None:  # noqa: ANN001 - playwright's Page
+        page.wait_for_function("document.querySelector('[data-testid=\"stStatusWidget\"]') === null",
+                               timeout=240_000)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+
+    def go_to(page, title: str) -> None:  # noqa: ANN001
+        page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title).click()
+        page.get_by_role("heading", name=title).first.wait_for(timeout=120_000)
+        settle(page)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(server, timeout=120_000)
+            page.get_by_role("heading", name="Data").first.wait_for(timeout=120_000)
+            settle(page)
+            go_to(page, "Reward")
+            page.get_by_role("button", name="Apply to training and comparison").click()
+            settle(page)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+            go_to(page, "Train")
+            for label, value in (("Steps", "40"), ("Warm start steps", "10"), ("Run name", "workflow")):
+                field = page.get_by_label(label, exact=True)
+                field.fill(value)
+                field.press("Tab")
+            page.get_by_role("button", name="Train").click()
+            page.locator('[data-testid="stAlertContentSuccess"]').first.wait_for(timeout=240_000)
+            assert "finished" in page.locator('[data-testid="stAlertContentSuccess"]').first.inner_text()
+            settle(page)
+            go_to(page, "Weights by segment")
+            page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+            go_to(page, "Compare")
+            page.get_by_role("button", name="Compare").click()
+            page.get_by_text("Evaluated on").first.wait_for(timeout=240_000)
+            settle(page)
+            go_to(page, "Report")
+            page.get_by_role("button", name="Download the report (HTML)").wait_for(timeout=120_000)
+            headline = page.locator('[data-testid="stAlertContentInfo"]').first.inner_text()
+            # The recommendation first, a trained policy by its name and algorithm (whichever is chosen).
+            assert "ecommendation" in headline and ("workflow (grade" in headline or "logging" in headline)
+            page.screenshot(path=str(ARTIFACTS / "workflow_report.png"))
+            # Revisits change nothing: the log stays, the comparison is still there without a new click.
+            go_to(page, "Data")
+            go_to(page, "Compare")
+            page.get_by_text("Evaluated on").first.wait_for(timeout=60_000)
+            assert page.get_by_text("Pick policies and press Compare").count() == 0
+        finally:
+            browser.close()
+
+
 def test_the_exported_report_reads_as_a_decision_document_in_chromium(tiny_log, tmp_path):
     """The downloaded HTML opened offline: the recommendation is the first thing on the page, the charts
     render from the inlined plotly.js, and the verdicts, glossary and settings are there as tables."""
