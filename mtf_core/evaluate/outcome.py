@@ -107,7 +107,6 @@ class LearnedOutcome:
     fold_baseline: np.ndarray  # (F, R)
     nets: tuple[OutcomeNet, ...]
     scalings: tuple[_Scaling, ...]
-    signal_rates: np.ndarray  # (R, N, K) float32, out of fold: each candidate's learned rate per examination
 
 
 def user_folds(user_id: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
@@ -118,10 +117,11 @@ def user_folds(user_id: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 
 
 def _scaling(log: LogData, rows: np.ndarray, session: np.ndarray) -> _Scaling:
-    shown = log.shown[rows]
-    items = _item_inputs(log, rows)[shown].astype(np.float64)
+    n_slots = max(log.n_shown, 1)  # shown candidates fill the leading slots: the rest are never read here
+    shown = log.shown[rows][:, :n_slots]
+    items = _item_inputs(log, rows, n_slots)[shown].astype(np.float64)
     state = _state_inputs(log, rows).astype(np.float64)
-    labels = np.nan_to_num(log.labels[rows][shown]).astype(np.float64)
+    labels = np.nan_to_num(log.labels[rows][:, :n_slots][shown]).astype(np.float64)
     label_scale = labels.std(0)
     return _Scaling(items.mean(0), np.where(items.std(0) > 1e-9, items.std(0), 1.0), state.mean(0),
                     np.where(state.std(0) > 1e-9, state.std(0), 1.0), np.where(label_scale > 1e-9, label_scale, 1.0),
@@ -191,17 +191,16 @@ def _train_net(log: LogData, rows: np.ndarray, session: np.ndarray, curve: np.nd
 
 
 def _predict(net: OutcomeNet, scaling: _Scaling, log: LogData, coefficients: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Item values `[R,N]`, baselines `[R]` and signal rates `[R,N,K]` of one network on every request."""
-    values, baselines, rates_out = [], [], []
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Item values `[R,N]` and baselines `[R]` of one network on every request."""
+    values, baselines = [], []
     c = torch.from_numpy((coefficients * scaling.label_scale).astype(np.float32))
     with torch.no_grad():
         for rows in iter_chunks(log.n_requests, 8192):
             rates, item_session, baseline = net(*_tensors(log, rows, scaling))
             values.append((rates @ c + item_session * scaling.session_scale).numpy())
             baselines.append(baseline.double().numpy() * scaling.session_scale)
-            rates_out.append((rates * torch.from_numpy(scaling.label_scale.astype(np.float32))).numpy())
-    return np.concatenate(values), np.concatenate(baselines), np.concatenate(rates_out)
+    return np.concatenate(values), np.concatenate(baselines)
 
 
 def fit_outcome(log: LogData, session: np.ndarray, curve: np.ndarray, coefficients: np.ndarray, seed: int = 0
@@ -211,21 +210,19 @@ def fit_outcome(log: LogData, session: np.ndarray, curve: np.ndarray, coefficien
     `session` `[R]` is each request's logged session reward (the part of the composite reward the shown
     signals do not give), `coefficients` `[K]` the reward's signal coefficients."""
     folds = user_folds(log.user_id, N_FOLDS, seed)
-    nets, scalings, fold_values, fold_baselines, fold_rates = [], [], [], [], []
+    nets, scalings, fold_values, fold_baselines = [], [], [], []
     for f in range(N_FOLDS):
         net, scaling = _train_net(log, np.flatnonzero(folds != f), session, curve, seed + f)
-        value, baseline, rates = _predict(net, scaling, log, coefficients)
+        value, baseline = _predict(net, scaling, log, coefficients)
         nets.append(net)
         scalings.append(scaling)
         fold_values.append(value)
         fold_baselines.append(baseline)
-        fold_rates.append(rates)
     pick = folds[None, :] == np.arange(N_FOLDS)[:, None]  # (F, R): the network that did not see the request
     item_value = np.einsum("fr,frn->rn", pick.astype(np.float32), np.stack(fold_values))
     baseline = np.einsum("fr,fr->r", pick, np.stack(fold_baselines))
-    rates = np.einsum("fr,frnk->rnk", pick.astype(np.float32), np.stack(fold_rates))
     return LearnedOutcome(item_value, baseline, np.stack(fold_values), np.stack(fold_baselines), tuple(nets),
-                          tuple(scalings), rates)
+                          tuple(scalings))
 
 
 def apply_outcome(fitted: LearnedOutcome, log: LogData, coefficients: np.ndarray) -> LearnedOutcome:
@@ -235,7 +232,7 @@ def apply_outcome(fitted: LearnedOutcome, log: LogData, coefficients: np.ndarray
     fold_values = np.stack([p[0] for p in predictions])
     fold_baselines = np.stack([p[1] for p in predictions])
     return LearnedOutcome(fold_values.mean(0), fold_baselines.mean(0), fold_values, fold_baselines, fitted.nets,
-                          fitted.scalings, np.stack([p[2] for p in predictions]).mean(0))
+                          fitted.scalings)
 
 
 def r_squared(y: np.ndarray, predicted: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
