@@ -1,8 +1,11 @@
 """MTF Lab: the Streamlit entry point. It only declares the pages; each page calls the library."""
 
+from pathlib import Path
+
 import streamlit as st
 
-st.set_page_config(page_title="MTF Lab", page_icon=":material/tune:", layout="wide")
+# A local icon: a Material one is fetched from fonts.gstatic.com, an error on every page offline.
+st.set_page_config(page_title="MTF Lab", page_icon=str(Path(__file__).parent / "ui" / "favicon.png"), layout="wide")
 
 PAGES = [
     st.Page("pages/data.py", title="Data", icon=":material/database:", default=True),

@@ -6,7 +6,7 @@ is trained with `train` (the latest 20% of sessions held out for validation) and
 sessions with the truth: per request, per user, and the paired per-user lift over the best static vector
 (the same users, common random numbers) with its 95% interval.
 
-    python -m benchmarks.ablations [--method grade] [--seeds 0,1,2,3,4,5] [--users 2000] [--json]
+    python -m benchmarks.ablations [--method grade] [--seeds 0,1,2,3,4,5] [--users 2000] [--variants A,B] [--json]
 """
 
 from __future__ import annotations
@@ -67,9 +67,12 @@ def _evaluate(sample, policy, label: str, n_boot: int):  # type: ignore[no-untyp
 
 
 def ablation_study(method: str, seeds: list[int], n_users: int = 2000, n_boot: int = 200,
-                   folder: Path | None = None) -> pd.DataFrame:
-    """One row per (seed, variant): held-out truth per request and per user, the paired per-user lift over the
-    best static vector with its interval, and training seconds."""
+                   folder: Path | None = None, variants: list[str] | None = None) -> pd.DataFrame:
+    """One row per (seed, variant): held-out truth per request and per user, the paired lifts per request and
+    per user over the best static vector with their intervals, and training seconds. `variants` (names of
+    VARIANTS[method]) runs a subset; the full method always runs first."""
+    chosen = {name: params for i, (name, params) in enumerate(VARIANTS[method].items())
+              if i == 0 or variants is None or name in variants}
     folder = Path(folder or tempfile.mkdtemp(prefix="mtf-ablation-"))
     rows = []
     for seed in seeds:
@@ -85,7 +88,7 @@ def ablation_study(method: str, seeds: list[int], n_users: int = 2000, n_boot: i
         base = _evaluate(sample, static, "best static", n_boot)
         rows.append(_row(seed, "best static vector", base, base, 0.0))
         full = None
-        for variant, params in VARIANTS[method].items():
+        for variant, params in chosen.items():
             start = time.perf_counter()
             result = train(TrainConfig(method, seed=seed, params=params, validation_share=HELD_OUT), log, spec)
             seconds = time.perf_counter() - start
@@ -107,12 +110,18 @@ def ablation_study(method: str, seeds: list[int], n_users: int = 2000, n_boot: i
 
 def _row(seed: int, variant: str, result, base, seconds: float) -> dict[str, object]:  # type: ignore[no-untyped-def]
     per_user = result.unit_terms["truth_per_user"]
-    lift = paired_difference(result, base, "truth_per_user", n_boot=max(result.n_boot, 200), seed=result.seed)
+    n_boot = max(result.n_boot, 200)
+    lift = paired_difference(result, base, "truth_per_user", n_boot=n_boot, seed=result.seed)
+    lift_request = paired_difference(result, base, "truth", n_boot=n_boot, seed=result.seed)
+    own = result is base
     return {"seed": seed, "variant": variant, "truth_per_request": result.ground_truth["value"],
             "truth_per_user": float(per_user[:, 0].sum() / per_user[:, 1].sum()),
-            "lift_per_user": lift["difference"] if lift and result is not base else 0.0,
-            "lift_low": lift["ci_low"] if lift and result is not base else None,
-            "lift_high": lift["ci_high"] if lift and result is not base else None,
+            "lift_per_request": lift_request["difference"] if lift_request and not own else 0.0,
+            "lift_per_request_low": lift_request["ci_low"] if lift_request and not own else None,
+            "lift_per_request_high": lift_request["ci_high"] if lift_request and not own else None,
+            "lift_per_user": lift["difference"] if lift and not own else 0.0,
+            "lift_low": lift["ci_low"] if lift and not own else None,
+            "lift_high": lift["ci_high"] if lift and not own else None,
             "train_seconds": seconds}
 
 
@@ -122,10 +131,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4,5", help="comma-separated simulator seeds (0: the demo world)")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--n-boot", type=int, default=200)
+    parser.add_argument("--variants", help="comma-separated variant names to run besides the full method "
+                        "(default: all)")
     parser.add_argument("--out", help="also write the rows to this CSV")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    frame = ablation_study(args.method, [int(s) for s in args.seeds.split(",")], args.users, args.n_boot)
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants is not None else None
+    frame = ablation_study(args.method, [int(s) for s in args.seeds.split(",")], args.users, args.n_boot,
+                           variants=variants)
     if args.out:
         frame.to_csv(args.out, index=False)
     if args.json:

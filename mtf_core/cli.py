@@ -1,4 +1,5 @@
-"""`python -m mtf_core ...`: generate, import, validate, info, train, evaluate, compare, bench (DESIGN §6).
+"""`python -m mtf_core ...`: generate, import, import-kuairand, score, validate, info, train, evaluate, compare,
+bench (DESIGN §6).
 
 Bad input raises LogError, which becomes one line on stderr and its exit code, never a traceback.
 With --json, stdout holds one JSON document and nothing else; progress goes to stderr.
@@ -96,6 +97,67 @@ def cmd_import(args: argparse.Namespace) -> int:
     finally:
         con.close()
     print(f"wrote {out}")
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def _validation_problems(path: str | os.PathLike[str]) -> list:  # type: ignore[type-arg]
+    from mtf_core.schema import validate
+    from mtf_core.store import open_log
+
+    con = open_log(path)
+    try:
+        return validate(con)
+    finally:
+        con.close()
+
+
+def cmd_import_kuairand(args: argparse.Namespace) -> int:
+    from mtf_core.kuairand import KuaiRandConfig, import_kuairand
+    from mtf_core.scoring import ScoringConfig, quality_lines
+
+    config = KuaiRandConfig(args.segment_by, args.session_gap_minutes, args.slate_size, args.min_positives,
+                            args.task_scale, scoring=ScoringConfig(seed=args.seed))
+    say = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
+    report = import_kuairand(args.log, args.users, args.videos, args.out, args.train_log or (), config,
+                             force=args.force, progress=say)
+    problems = _validation_problems(report.out)
+    if args.json:
+        _emit({**report.to_json(), "problems": [str(p) for p in problems]})
+        return EXIT_PROBLEMS if problems else EXIT_OK
+    print(f"wrote {report.out}: {report.n_impressions:,} impressions in {report.n_requests:,} requests, "
+          f"{report.n_sessions:,} sessions, {report.n_users:,} users, {report.n_items:,} videos "
+          f"({'random exposure' if report.random_exposure else 'not random exposure'}; no fusion weights logged)")
+    print("segments: " + ", ".join(f"{s} ({n} users)" for s, n in report.segments.items()))
+    for task in report.tasks:
+        threshold = f"; GAUC threshold {task['threshold']:.3g}" if task["threshold"] is not None else ""
+        print(f"task {task['name']} ({task['kind']}): {task['description']}{threshold}")
+    for line in report.dropped:
+        print(f"dropped task {line}")
+    print(f"scores: {report.scoring['setup']}")
+    for line in quality_lines(report.scoring["tasks"]):  # type: ignore[arg-type]
+        print(f"  {line}")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"licence: CC BY-SA 4.0 (KuaiRand); the attribution is in the log's meta and in {report.out}.NOTICE.md")
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from mtf_core.scoring import ScoringConfig, quality_lines, score_log
+
+    config = ScoringConfig(folds=args.folds, fold_by=args.fold_by, seed=args.seed)
+    result = score_log(args.log, args.out, config, force=args.force, train_log=args.train_log)
+    problems = _validation_problems(args.out)
+    if args.json:
+        _emit({"out": args.out, **result.to_json(), "problems": [str(p) for p in problems]})
+        return EXIT_PROBLEMS if problems else EXIT_OK
+    print(f"wrote {args.out}: scores {result.setup}")
+    for line in quality_lines(result.to_json()["tasks"]):  # type: ignore[arg-type]
+        print(f"  {line}")
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     return EXIT_PROBLEMS if problems else EXIT_OK
@@ -293,10 +355,15 @@ def _headline(result) -> dict[str, dict[str, object]]:  # type: ignore[no-untype
 
 def _train_all(args: argparse.Namespace, log, spec) -> dict[str, tuple[str, float]]:  # type: ignore[no-untyped-def]
     """Train each algorithm of `--algo` with its defaults into the run store: policy ref -> (algo, seconds)."""
-    from mtf_core.policies.train import ALGORITHMS, TrainConfig
+    from mtf_core.policies.train import ALGORITHMS, NEEDS_LOGGED_WEIGHTS, TrainConfig
     from mtf_core.runs import RunStore
 
     algos = list(ALGORITHMS) if args.algo == "all" else [a.strip() for a in args.algo.split(",") if a.strip()]
+    if args.algo == "all" and not log.weights_known:
+        skipped = [a for a in algos if a in NEEDS_LOGGED_WEIGHTS]
+        algos = [a for a in algos if a not in NEEDS_LOGGED_WEIGHTS]
+        print(f"skipping {', '.join(skipped)}: they learn from the logged fusion weights, which this log does not "
+              "record", file=sys.stderr)
     store, trained = RunStore(args.runs), {}
     for algo in algos:
         params = {"per_segment": True} if algo == "cem" else {}
@@ -509,6 +576,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("import-kuairand", help="build a log from KuaiRand CSV files (impressions -> requests and "
+                       "sessions, user and video features, MTL scores from the scoring step)")
+    p.add_argument("--log", action="append", required=True, help="a KuaiRand log CSV (repeat for several)")
+    p.add_argument("--users", required=True, help="user_features CSV")
+    p.add_argument("--videos", required=True, help="video_features_basic CSV")
+    p.add_argument("--train-log", action="append", help="other traffic (a standard log CSV) to train the scoring "
+                   "network on and apply to --log (xMTF's setup); default: cross-fitted over users of --log")
+    p.add_argument("--out", required=True)
+    p.add_argument("--segment-by", default="user_active_degree", help="the user attribute that gives segments")
+    p.add_argument("--session-gap-minutes", type=float, default=30.0, help="a longer gap starts a new session")
+    p.add_argument("--slate-size", type=int, default=6, help="consecutive impressions per request")
+    p.add_argument("--min-positives", type=int, default=20, help="signals with fewer positives are dropped")
+    p.add_argument("--task-scale", choices=["standardised", "raw"], default="standardised",
+                   help="continuous tasks in standard deviations (comparable with probabilities) or raw units")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import_kuairand)
+
+    p = sub.add_parser("score", help="fill a log's MTL scores (s_*) with a multi-task network no label leaks into")
+    p.add_argument("log")
+    p.add_argument("--out", required=True, help="the scored copy to write")
+    p.add_argument("--train-log", help="another log (same tasks and features) to train on instead of cross-fitting")
+    p.add_argument("--folds", type=int, default=5, help="folds for cross-fitting")
+    p.add_argument("--fold-by", choices=["impression", "user"], default="impression",
+                   help="cross-fit over impressions (the network knows users from their other impressions) or users")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("validate", help="check a log; exit 0 clean, 1 problems, 2 unusable")
     p.add_argument("log")

@@ -15,7 +15,7 @@ from mtf_core.evaluate.paired import paired_difference
 
 __all__ = ["ope_frame", "metric_frame", "truth_frame", "lift_over", "lifts_over", "add_lifts", "paired_lifts",
            "headroom_shares", "per_user_truth", "build_report", "decision_headline", "segment_lifts", "policy_labels",
-           "GLOSSARY"]
+           "GLOSSARY", "ESTIMATOR_LABELS", "estimator_label", "ranking_metric_label"]
 
 
 def ope_frame(results: Sequence[EvaluationResult]) -> pd.DataFrame:
@@ -117,6 +117,25 @@ def headroom_shares(results: Sequence[EvaluationResult], oracle: str, logging: s
 def per_user_truth(result: EvaluationResult) -> float | None:
     """The simulator's truth per user over the evaluated days (the long-term view), where there is one."""
     return ((result.ground_truth or {}).get("per_user") or {}).get("value")  # type: ignore[union-attr]
+
+
+ESTIMATOR_LABELS = {"truth": "truth (simulator)", "ips": "IPS (importance-weighted)",
+                    "snips": "SNIPS (self-normalised IPS)", "ncis": "NCIS (capped IPS)", "dr": "DR (doubly robust)",
+                    "dm": "DM (direct model)"}
+_METRIC_NAMES = {"ndcg": "NDCG", "gauc": "GAUC", "mtf_gauc": "MTF-GAUC", "dm_reward": "DM reward"}
+
+
+def estimator_label(name: str) -> str:
+    """An estimator's name for people (the glossary explains each)."""
+    return ESTIMATOR_LABELS.get(name, name)
+
+
+def ranking_metric_label(metric: str) -> str:
+    """`ndcg@6:click` -> "NDCG@6, click"; `dm_reward@6:reward` -> "DM reward@6, composite reward"."""
+    name, _, task = metric.partition(":")
+    base, at, k = name.partition("@")
+    shown = _METRIC_NAMES.get(base, base) + (f"@{k}" if at else "")
+    return f"{shown}, {'composite reward' if task in ('', 'reward') else task}"
 
 
 GLOSSARY = {

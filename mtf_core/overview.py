@@ -11,9 +11,11 @@ import pandas as pd
 from mtf_core.schema import quote_ident, read_tasks
 from mtf_core.store import open_log
 
-__all__ = ["LogOverview", "log_overview"]
+__all__ = ["LogOverview", "log_overview", "score_scales", "scale_warning", "SCALE_RATIO"]
 
 _SCORE_SAMPLE = 20_000
+SCALE_RATIO = 10.0
+"""Task score scales (mean absolute score) further apart than this make a sum fusion rank by the largest."""
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,31 @@ def log_overview(path: str | os.PathLike[str], seed: int = 0) -> LogOverview:
     finally:
         con.close()
     return LogOverview(feedback, lengths, scores, correlation, sizes)
+
+
+def score_scales(path: str | os.PathLike[str]) -> dict[str, float]:
+    """Mean absolute MTL score per task over every candidate (one DuckDB pass)."""
+    con = open_log(path)
+    try:
+        tasks = [t.name for t in read_tasks(con)]
+        row = con.execute("SELECT " + ", ".join(f"avg(abs({quote_ident('s_' + t)}::DOUBLE))" for t in tasks)
+                          + " FROM impressions").fetchone() or ()
+    finally:
+        con.close()
+    return {t: float(v) for t, v in zip(tasks, row) if v is not None}
+
+
+def scale_warning(scales: dict[str, float]) -> str | None:
+    """A warning when the tasks' score scales differ by more than SCALE_RATIO: a weighted sum of the scores
+    then ranks by the largest task whatever its weight (play time in seconds beside click probabilities)."""
+    positive = {t: v for t, v in scales.items() if v > 0}
+    if len(positive) < 2:
+        return None
+    big, small = max(positive, key=positive.get), min(positive, key=positive.get)  # type: ignore[arg-type]
+    ratio = positive[big] / positive[small]
+    if ratio <= SCALE_RATIO:
+        return None
+    return (f"task scores differ in scale by {ratio:,.0f}x ({big}: mean {positive[big]:.3g}; {small}: mean "
+            f"{positive[small]:.3g}): a sum fusion with equal weights ranks by {big} alone. Weights must offset "
+            "the scales, or put the tasks on one scale (import-kuairand --task-scale standardised) or use the "
+            "product fusion, which no scale changes")

@@ -1,4 +1,5 @@
-"""Plotly figure builders: data in, `go.Figure` out. One colour per task and per policy across the app."""
+"""Plotly figure builders: data in, `go.Figure` out. One colour per task, per policy and per segment across
+the app, and segments in one order (by name, as every log lists them) on every page."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from plotly.subplots import make_subplots
 __all__ = [
     "task_colour",
     "policy_colour",
+    "segment_colour",
     "feedback_by_position",
     "session_length_histogram",
     "score_distributions",
@@ -32,6 +34,7 @@ __all__ = [
 
 _TASK_PALETTE = px.colors.qualitative.Set2
 _POLICY_PALETTE = px.colors.qualitative.D3
+_SEGMENT_PALETTE = px.colors.qualitative.Safe
 _TEMPLATE = "plotly_white"
 
 
@@ -44,22 +47,40 @@ def policy_colour(index: int) -> str:
     return _POLICY_PALETTE[index % len(_POLICY_PALETTE)]
 
 
+def segment_colour(segment: str, segments: Sequence[str]) -> str:
+    """The same colour for a segment on every page (its index among the segment names in order)."""
+    order = sorted(segments)
+    return _SEGMENT_PALETTE[order.index(segment) % len(_SEGMENT_PALETTE)] if segment in order else "#888888"
+
+
+def _segments(df: pd.DataFrame, segments: Sequence[str] | None = None) -> dict[str, object]:
+    """Plotly Express arguments that put segments in name order with their colours: of the log's `segments`
+    where given (a figure missing a segment keeps the others' colours), else of the frame's."""
+    present = [str(s) for s in df["segment"].unique()] if "segment" in df and len(df) else []
+    order = sorted(set(segments or ()) | set(present))
+    return {"category_orders": {"segment": order},
+            "color_discrete_map": {s: segment_colour(s, order) for s in order}}
+
+
 def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
     fig.update_layout(title=title, template=_TEMPLATE, height=height, margin=dict(l=40, r=20, t=60, b=70),
                       legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
     return fig
 
 
-def feedback_by_position(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
+def feedback_by_position(df: pd.DataFrame, tasks: Sequence[str], segments: Sequence[str] | None = None) -> go.Figure:
     """Feedback rate per shown position, one panel per segment, one line per task."""
     fig = px.line(df, x="position", y="rate", color="task", facet_col="segment", markers=True,
-                  color_discrete_map={t: task_colour(t, tasks) for t in tasks})
+                  color_discrete_map={t: task_colour(t, tasks) for t in tasks},
+                  category_orders=_segments(df, segments)["category_orders"])
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    fig.update_xaxes(title="position shown (0 = top)")
+    fig.update_yaxes(title="mean label", col=1)
     return _layout(fig, "How often users respond, by position shown and segment", 360)
 
 
-def session_length_histogram(df: pd.DataFrame) -> go.Figure:
-    fig = px.bar(df, x="n_requests", y="n_sessions", color="segment", barmode="group")
+def session_length_histogram(df: pd.DataFrame, segments: Sequence[str] | None = None) -> go.Figure:
+    fig = px.bar(df, x="n_requests", y="n_sessions", color="segment", barmode="group", **_segments(df, segments))
     fig.update_xaxes(title="requests per session")
     fig.update_yaxes(title="sessions")
     return _layout(fig, "Session lengths by segment")
@@ -78,6 +99,8 @@ def score_distributions(df: pd.DataFrame, tasks: Sequence[str], bins: int = 40, 
                              marker_color=task_colour(task, tasks), marker_line_width=0),
                       row=j // per_row + 1, col=j % per_row + 1)
     fig.update_layout(showlegend=False, bargap=0)
+    fig.update_xaxes(title="predicted score")
+    fig.update_yaxes(title="candidates", col=1)
     return _layout(fig, "What the MTL model predicts, per task (sample of candidates)", 300 * n_rows + 20)
 
 
@@ -87,8 +110,17 @@ def correlation_heatmap(corr: pd.DataFrame) -> go.Figure:
     return _layout(fig, "How the feedback signals move together (shown items)", 360)
 
 
-def segment_sizes(df: pd.DataFrame) -> go.Figure:
-    fig = px.bar(df, x="segment", y=["n_users", "n_requests"], barmode="group")
+def segment_sizes(df: pd.DataFrame, segments: Sequence[str] | None = None) -> go.Figure:
+    """Users and requests per segment, each on its own axis (requests outnumber users 20 to 1)."""
+    order = _segments(df, segments)["category_orders"]["segment"]  # type: ignore[index]
+    df = df.set_index(df["segment"].astype(str)).reindex(order)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["users", "requests"])
+    colours = [segment_colour(s, order) for s in order]
+    for col, column in ((1, "n_users"), (2, "n_requests")):
+        fig.add_trace(go.Bar(x=order, y=df[column], marker_color=colours, name=column.split("_")[1],
+                             showlegend=False), row=1, col=col)
+    fig.update_yaxes(title="users", row=1, col=1)
+    fig.update_yaxes(title="requests", row=1, col=2)
     return _layout(fig, "Users and requests per segment", 300)
 
 
@@ -103,21 +135,27 @@ def forest_plot(rows: pd.DataFrame, label: str, title: str) -> go.Figure:
                          arrayminus=(part["value"] - part["ci_low"]).fillna(0)),
         ))
     fig.update_layout(scattermode="group")
+    if label == "segment":  # one segment order everywhere (top to bottom by name)
+        order = sorted(str(s) for s in rows[label].dropna().unique())
+        fig.update_yaxes(categoryorder="array", categoryarray=order[::-1])
+    fig.update_xaxes(title="estimate (95% interval)")
     return _layout(fig, title, max(300, 40 * rows[label].nunique() + 120))
 
 
-def reward_distribution(df: pd.DataFrame) -> go.Figure:
+def reward_distribution(df: pd.DataFrame, segments: Sequence[str] | None = None) -> go.Figure:
     """Per-request composite reward per segment (columns segment, reward)."""
-    fig = px.violin(df, x="segment", y="reward", color="segment", box=True, points=False)
+    fig = px.violin(df, x="segment", y="reward", color="segment", box=True, points=False, **_segments(df, segments))
     fig.update_layout(showlegend=False)
+    fig.update_yaxes(title="composite reward per request")
     return _layout(fig, "Composite reward per request, by segment (logged actions)")
 
 
 def reward_shares(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
     """Each signal's share of the immediate reward per segment (columns segment, task, share)."""
     fig = px.bar(df, x="segment", y="share", color="task", barmode="stack",
-                 color_discrete_map={t: task_colour(t, tasks) for t in tasks})
-    fig.update_yaxes(tickformat=".0%")
+                 color_discrete_map={t: task_colour(t, tasks) for t in tasks},
+                 category_orders=_segments(df)["category_orders"])
+    fig.update_yaxes(tickformat=".0%", title="share of the immediate reward")
     return _layout(fig, "Which signals the reward is made of, by segment")
 
 
@@ -157,8 +195,10 @@ def training_curves(history: pd.DataFrame, names: Sequence[str] | None = None) -
 def segment_mean_weights(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
     """Mean weight per task and segment with spread across users (columns policy, segment, task, mean, std)."""
     fig = px.bar(df, x="segment", y="mean", color="task", error_y="std", barmode="group", facet_row="policy",
-                 color_discrete_map={t: task_colour(t, tasks) for t in tasks})
+                 color_discrete_map={t: task_colour(t, tasks) for t in tasks},
+                 category_orders=_segments(df)["category_orders"])
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    fig.update_yaxes(title="mean weight")
     return _layout(fig, "Mean fusion weight per segment (bars: ±1 sd across users)", 300 * df["policy"].nunique())
 
 
@@ -166,7 +206,8 @@ def beta_marginals(df: pd.DataFrame, tasks: Sequence[str],
                    title: str = "Distribution of each task's weight (Dirichlet marginals)") -> go.Figure:
     """Marginal densities of each task's weight (columns segment, task, x, density)."""
     fig = px.line(df, x="x", y="density", color="task", facet_col="segment",
-                  color_discrete_map={t: task_colour(t, tasks) for t in tasks})
+                  color_discrete_map={t: task_colour(t, tasks) for t in tasks},
+                  category_orders=_segments(df)["category_orders"])
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
     fig.update_xaxes(title="weight")
     return _layout(fig, title, 340)
@@ -192,7 +233,7 @@ def outcome_calibration(table: pd.DataFrame) -> go.Figure:
     """Observed against predicted request reward in deciles of the prediction, one panel per segment, one
     line per direct model; the diagonal is perfect calibration. Rows: model, segment, predicted, observed."""
     fig = px.line(table, x="predicted", y="observed", color="model", facet_col="segment", markers=True,
-                  hover_data=["n"])
+                  hover_data=["n"], category_orders=_segments(table)["category_orders"])
     low = float(min(table["predicted"].min(), table["observed"].min())) if len(table) else 0.0
     high = float(max(table["predicted"].max(), table["observed"].max())) if len(table) else 1.0
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))

@@ -9,6 +9,9 @@ reweights, so the profile decides which estimators a log supports before any of 
   of the rest scaled by their share;
 - `stochastic, density unknown` (weights vary within segments, no `logging_logp`): the same with estimated
   propensities, labelled so;
+- `no fusion weights logged` (the `w_*` of some request are NULL: random exposure, or a feed whose ranker was
+  not logged): nothing to reweight; the direct model and re-ranking metrics, on random exposure free of
+  exposure bias;
 - `deterministic` (one vector per segment) and `A/B buckets` (a few fixed vectors): importance weighting
   cannot reach a vector that was never logged; the direct model and re-ranking metrics (model-based), and for
   buckets an on-policy read-out of the logged arms.
@@ -24,7 +27,8 @@ from mtf_core.store import LogData
 
 __all__ = ["LogProfile", "profile_log", "MODES", "MAX_BUCKETS"]
 
-MODES = ("known density", "mixed", "stochastic, density unknown", "deterministic", "A/B buckets")
+MODES = ("known density", "mixed", "stochastic, density unknown", "deterministic", "A/B buckets",
+         "no fusion weights logged")
 MAX_BUCKETS = 10
 """At most this many distinct vectors per segment, each carrying at least 1% of the segment's requests, read
 as an A/B test; more varied weights without a density are read as a stochastic policy of unknown density."""
@@ -65,10 +69,19 @@ def profile_log(log: LogData) -> LogProfile:
     known = np.isfinite(log.logging_logp)
     share = float(known.mean()) if log.n_requests else 0.0
     random_exposure = str(log.meta.get("random_exposure", "")).lower() in ("true", "1", "yes")
+    model_based = ("DM (model-based)", "re-ranking metrics (model-based)")
+    if not log.weights_known:
+        missing = float((~np.isfinite(log.weights).all(1)).mean()) if log.n_requests else 1.0
+        why = (f"{missing:.0%} of requests logged no fusion weights (NULL w_*): there is no logged action to "
+               "reweight, so no importance-weighted estimate exists; the direct model and the re-ranking metrics "
+               "of the logged candidates remain")
+        if random_exposure:
+            why += ("; labels come from random exposure (meta flag random_exposure): every shown candidate's "
+                    "labels are free of exposure bias, so re-ranking metrics of the shown candidates are unbiased")
+        return LogProfile("no fusion weights logged", share, {}, random_exposure, model_based, why)
     unknown = ~known
     counts, shares = _distinct_vectors(log.weights[unknown], log.segment[unknown], len(log.segments))
     per_segment = {name: int(c) for name, c in zip(log.segments, counts)}
-    model_based = ("DM (model-based)", "re-ranking metrics (model-based)")
     if share == 1.0:
         mode, supports = "known density", ("IPS", "SNIPS", "DR", "NCIS", *model_based)
         why = "every request logs the density of its weights: importance-weighted estimates use it as logged"

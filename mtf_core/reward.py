@@ -198,7 +198,8 @@ def penalty(resolved: ResolvedReward, weights: np.ndarray, expected: np.ndarray)
         out += spec.share_penalty * drift
     if spec.vertex_penalty:
         top = weights.max(-1)
-        top = top.mean(-1) if top.ndim == 2 else top
+        # Weights a log did not record (NaN) cannot be charged: the term is about a policy's own weights.
+        top = np.nan_to_num(top.mean(-1) if top.ndim == 2 else top, nan=0.0)
         out += spec.vertex_penalty * np.maximum(top - spec.vertex_threshold, 0.0) / (1.0 - spec.vertex_threshold)
     return out
 

@@ -8,6 +8,7 @@ own columns first, and every value travels as a parameter.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -67,11 +68,15 @@ N_EXAMPLES = 5
 
 @dataclass(frozen=True)
 class Task:
-    """One feedback signal: `binary` scores and labels lie in [0, 1], `continuous` ones in [0, inf)."""
+    """One feedback signal: `binary` scores and labels lie in [0, 1], `continuous` ones in [0, inf).
+
+    `threshold` (continuous tasks only): a label above it counts as a positive where a binary view is needed
+    (GAUC); None means the median over shown items."""
 
     name: str
     kind: str
     description: str = ""
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,12 @@ def table_columns(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
 
 def read_tasks(con: duckdb.DuckDBPyConnection) -> list[Task]:
     """The declared tasks, in declaration order (rowid) so that K has a stable order."""
-    rows = con.execute("SELECT name, kind, coalesce(description, '') FROM tasks ORDER BY rowid").fetchall()
-    return [Task(str(n), str(k), str(d)) for n, k, d in rows]
+    has_threshold = "threshold" in {r[0] for r in con.execute("DESCRIBE tasks").fetchall()}
+    threshold = "TRY_CAST(threshold AS DOUBLE)" if has_threshold else "NULL"
+    rows = con.execute(f"SELECT name, kind, coalesce(description, ''), {threshold} FROM tasks ORDER BY rowid"
+                       ).fetchall()
+    return [Task(str(n), str(k), str(d), None if t is None or not math.isfinite(t) else float(t))
+            for n, k, d, t in rows]
 
 
 def create_table_sql(
@@ -132,6 +141,8 @@ def create_table_sql(
         cols.update({f"uf_{check_identifier(f, 'user feature')}": "DOUBLE" for f in user_features})
     elif table == "items":
         cols.update({f"if_{check_identifier(f, 'item feature')}": "DOUBLE" for f in item_features})
+    elif table == "tasks":
+        cols["threshold"] = "DOUBLE"
     elif table == "requests":
         cols.update({f"w_{t.name}": "DOUBLE" for t in tasks})
     elif table == "impressions":
@@ -259,13 +270,21 @@ def _check_values(
 ) -> list[Problem]:
     problems = []
     req, imp = columns.get("requests", {}), columns.get("impressions", {})
+    weight_cols = [f"w_{t.name}" for t in tasks if f"w_{t.name}" in req and _type_ok("DOUBLE", req[f"w_{t.name}"])]
+    complete = len(weight_cols) == len(tasks) and bool(tasks)
+    # A request whose weights are all NULL logged no fusion weights (random exposure, a feed whose ranker
+    # was not logged): allowed, and read as such. Some NULL among known weights is a broken row.
+    any_known = " OR ".join(f"{quote_ident(c)} IS NOT NULL" for c in weight_cols) or "FALSE"
     for t in tasks:
         w = f"w_{t.name}"
         if w in req and _type_ok("DOUBLE", req[w]):
-            sql = f"SELECT request_id FROM requests WHERE {quote_ident(w)} < 0 OR isnan({quote_ident(w)}::DOUBLE) OR {quote_ident(w)} IS NULL"
+            sql = (f"SELECT request_id FROM requests WHERE {quote_ident(w)} < 0 OR isnan({quote_ident(w)}::DOUBLE) "
+                   f"OR isinf({quote_ident(w)}::DOUBLE) OR ({quote_ident(w)} IS NULL AND ({any_known}))")
             n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
             if n:
-                problems.append(Problem("requests", w, "bad_weight", f"{n} weights are negative, NaN or NULL", _examples(con, sql)))
+                problems.append(Problem("requests", w, "bad_weight", f"{n} weights are negative, NaN, infinite or "
+                                        "NULL beside known weights of the same request (a request logs all its "
+                                        "weights or none)", _examples(con, sql)))
         iw = f"iw_{t.name}"
         if iw in imp and _type_ok("DOUBLE", imp[iw]):
             sql = (f"SELECT request_id, item_id FROM impressions WHERE {quote_ident(iw)} < 0 "
@@ -321,12 +340,11 @@ def _check_values(
                                     f"{n} requests do not show their items at positions 0, 1, ..., m-1 (positions "
                                     "are 0-based ranks without gaps; columns: request_id, first, last, shown)",
                                     _examples(con, sql)))
-    weight_cols = [f"w_{t.name}" for t in tasks if f"w_{t.name}" in req and _type_ok("DOUBLE", req[f"w_{t.name}"])]
-    if weight_cols and len(weight_cols) == len(tasks):
+    if complete:
         # The logged weights are a point of the simplex: importance ratios are densities on it, so weights
         # scaled by 10 (the same rankings) would make every ratio vanish.
         total = " + ".join(f"coalesce({quote_ident(c)}::DOUBLE, 0)" for c in weight_cols)
-        sql = f"SELECT request_id FROM requests WHERE abs(({total}) - 1) > 1e-6"
+        sql = f"SELECT request_id FROM requests WHERE ({any_known}) AND abs(({total}) - 1) > 1e-6"
         n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
         if n:
             problems.append(Problem("requests", ",".join(weight_cols), "not_on_simplex",

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from mtf_core.errors import LogError
 from mtf_core.evaluate import CHUNK
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.store import LogData, iter_chunks
@@ -71,6 +72,9 @@ def segment_weights(policy: FusionPolicy | None, log: LogData, label: str) -> Se
     if policy is None:
         from mtf_core.propensity import logging_policy
 
+        if not log.weights_known:
+            raise LogError(f"{log.path}: the log records no fusion weights (NULL w_*), so there is no logged "
+                           "weight distribution to show")
         policy = logging_policy(log)
     mean_w, alpha = _request_alpha(policy, log)
     users, user_index = np.unique(log.user_id, return_inverse=True)

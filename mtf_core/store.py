@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,6 +44,7 @@ __all__ = [
     "log_info",
     "fingerprint",
     "import_log",
+    "import_uploads",
     "read_mapping",
     "temporary_path",
 ]
@@ -127,6 +129,12 @@ class LogData:
     @property
     def n_shown(self) -> int:
         return int(self.positions.max()) + 1 if self.positions.size else 0
+
+    @property
+    def weights_known(self) -> bool:
+        """Whether every request logged its fusion weights (a random-exposure log or a feed whose ranker was
+        not logged has none: no importance weighting, no behaviour to clone or constrain to)."""
+        return bool(np.isfinite(self.weights).all())
 
     @property
     def is_simulated(self) -> bool:
@@ -519,7 +527,8 @@ def _write_tables(con: duckdb.DuckDBPyConnection, tables: Mapping[str, dict[str,
         item_weights = table == "impressions" and any(c.startswith("iw_") for c in tables["impressions"])
         con.execute(create_table_sql(table, list(tasks), uf, itf, item_weights))
     con.executemany("INSERT INTO meta VALUES (?, ?)", list(full_meta.items()))
-    con.executemany("INSERT INTO tasks VALUES (?, ?, ?)", [(t.name, t.kind, t.description) for t in tasks])
+    con.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?)", [(t.name, t.kind, t.description, t.threshold)
+                                                              for t in tasks])
     for table, cols in tables.items():
         arrow = _arrow_table(cols)  # noqa: F841 (read by DuckDB's replacement scan below)
         names = ", ".join(quote_ident(c) for c in cols)
@@ -543,7 +552,8 @@ def log_info(path: str | os.PathLike[str]) -> dict[str, object]:
             seg_sql = "SELECT segment, count(*) FROM users GROUP BY segment ORDER BY segment"
             info["segments"] = {str(s): int(n) for s, n in con.execute(seg_sql).fetchall()}
         if "requests" in columns and "ts" in columns["requests"]:
-            lo, hi = con.execute("SELECT min(ts), max(ts) FROM requests").fetchone()  # type: ignore[misc]
+            lo, hi = con.execute("SELECT strftime(min(ts), '%Y-%m-%d %H:%M:%S'), "  # to the second
+                                 "strftime(max(ts), '%Y-%m-%d %H:%M:%S') FROM requests").fetchone()  # type: ignore[misc]
             info["time_range"] = [str(lo), str(hi)]
         return info
     except duckdb.Error as exc:
@@ -668,9 +678,22 @@ def _cast_column(con: duckdb.DuckDBPyConnection, table: str, path: Path, src: st
     return f"TRY_CAST({base} AS {dtype})"
 
 
+def _threshold(value: object, path: Path) -> float | None:
+    if value is None:
+        return None
+    try:
+        threshold = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not math.isfinite(threshold):
+        raise LogError(f"{path}: a task's threshold must be a finite number, found {value!r}")
+    return threshold
+
+
 def _infer_tasks(imp_cols: dict[str, str], declared: list[dict[str, object]], path: Path) -> list[Task]:
     if declared:
-        tasks = [Task(str(t["name"]), str(t.get("kind", "binary")), str(t.get("description", ""))) for t in declared]
+        tasks = [Task(str(t["name"]), str(t.get("kind", "binary")), str(t.get("description", "")),
+                      _threshold(t.get("threshold"), path)) for t in declared]
     else:
         tasks = [Task(c[2:], "binary") for c in imp_cols if c.startswith("s_")]
     for t in tasks:
@@ -727,6 +750,35 @@ def import_log(
         con, {t: Path(p) for t, p in sources.items()}, mapping, Path(tasks_file) if tasks_file else None))
 
 
+def import_uploads(uploads: Mapping[str, tuple[str, bytes]], out: str | os.PathLike[str], mapping_text: str = "",
+                   force: bool = False) -> Path:
+    """Import files a user uploaded (table or "tasks" -> (the file's own name, its bytes)) into a new log.
+    They pass through a scratch folder, but every message names the uploaded file, never the scratch copy."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mtf-upload-") as folder:
+        names: dict[str, str] = {}
+        paths: dict[str, Path] = {}
+        for table, (name, content) in uploads.items():
+            target = Path(folder) / f"{table}{Path(name).suffix.lower()}"
+            target.write_bytes(content)
+            paths[table], names[str(target)] = target, f"uploaded file {Path(name).name!r} ({table})"
+        mapping: dict[str, object] = {}
+        try:
+            if mapping_text.strip():
+                mapping_path = Path(folder) / "mapping.json"
+                mapping_path.write_text(mapping_text, encoding="utf-8")
+                names[str(mapping_path)] = "the column mapping"
+                mapping = read_mapping(mapping_path)
+            tasks_file = paths.pop("tasks", None)
+            return import_log(paths, out, mapping, tasks_file, force=force)
+        except LogError as exc:
+            message = str(exc)
+            for scratch, shown in sorted(names.items(), key=lambda kv: -len(kv[0])):
+                message = message.replace(scratch, shown)
+            raise LogError(message.replace(folder, "the upload"), exc.exit_code) from exc
+
+
 def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mapping: dict[str, object],
                  tasks_file: Path | None) -> None:
     renames_all: dict[str, dict[str, str]] = mapping.get("tables", {})  # type: ignore[assignment]
@@ -773,7 +825,8 @@ def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mappi
             "source": "import: " + ", ".join(f"{t}={p.name}" for t, p in sources.items()),
             "mapping": json.dumps(mapping)}
     con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
-    con.executemany("INSERT INTO tasks VALUES (?, ?, ?)", [(t.name, t.kind, t.description) for t in tasks])
+    con.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?)", [(t.name, t.kind, t.description, t.threshold)
+                                                              for t in tasks])
     con.execute("COMMIT")
     for table in targets:
         con.execute(f"DROP TABLE {quote_ident('raw_' + table)}")

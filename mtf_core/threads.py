@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["idle_cores", "thread_budget", "heavy_work", "uses_cores", "refresh", "THREADS_ENV"]
+__all__ = ["idle_cores", "thread_budget", "heavy_work", "uses_cores", "refresh", "one_thread", "THREADS_ENV"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -116,3 +116,15 @@ def uses_cores(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread for small networks (layers of tens of units, batches of a thousand rows), whatever the
+    load: splitting such operations costs more than it saves, and a busy core made them 35x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

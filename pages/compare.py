@@ -4,7 +4,8 @@ import pandas as pd
 import streamlit as st
 
 from mtf_core import plots
-from mtf_core.compare import headroom_shares, metric_frame, ope_frame, paired_lifts, per_user_truth
+from mtf_core.compare import (estimator_label, headroom_shares, metric_frame, ope_frame, paired_lifts, per_user_truth,
+                               ranking_metric_label)
 from mtf_core.diagnostics import thresholds_text
 from mtf_core.errors import LogError
 from mtf_core.headroom import ORACLE_LABEL
@@ -72,7 +73,7 @@ st.info(plain(f"Evaluated on {results[0].sample}."))
 ope = ope_frame(results)
 metrics = metric_frame(results)
 overall = ope[ope["segment"].isna()]
-st.plotly_chart(plots.forest_plot(overall.rename(columns={"estimator": "label"}), "label",
+st.plotly_chart(plots.forest_plot(overall.assign(label=overall["estimator"].map(estimator_label)), "label",
                                   "Policy value: off-policy estimates and the simulator's truth"), width="stretch")
 baseline = st.selectbox("Baseline for lifts", [r.policy for r in results])
 lifts = paired_lifts(results, baseline)
@@ -82,6 +83,7 @@ if not lifts.empty:
     lifts["verdict"] = [overall_rows.get(k, {}).get("verdict", "") for k in keys]
     lifts["rests on"] = ["; ".join(str(overall_rows.get(k, {}).get(f)) for f in ("propensities", "model")
                                    if isinstance(overall_rows.get(k, {}).get(f), str)) for k in keys]
+    lifts["estimator"] = lifts["estimator"].map(estimator_label)
     show_table(lifts[["policy", "estimator", "difference", "ci_low", "ci_high", "lift", "separated", "verdict",
                         "rests on"]]
                  .rename(columns={"ci_low": "difference: low", "ci_high": "difference: high",
@@ -136,16 +138,19 @@ show_table(pd.DataFrame(choices_rows), width="stretch", hide_index=True)
 st.caption("mean: highest DR estimate; lower_bound: highest lower 95% bound; cvar: best value over the worst 10% "
            "of requests. Regret (simulator logs): truth of the best policy minus truth of the choice.")
 
-estimator = st.selectbox("Per segment: estimator", sorted(ope["estimator"].unique(), key=lambda e: e != "truth"))
+estimator = st.selectbox("Per segment: estimator", sorted(ope["estimator"].unique(), key=lambda e: e != "truth"),
+                         format_func=estimator_label)
 per_segment = ope[(ope["estimator"] == estimator) & ope["segment"].notna()]
-st.plotly_chart(plots.forest_plot(per_segment, "segment", f"{estimator} by segment"), width="stretch")
+st.plotly_chart(plots.forest_plot(per_segment, "segment", f"{estimator_label(estimator)} by segment"),
+                width="stretch")
 
 metric_names = sorted(metrics["metric"].unique())
-chosen = st.multiselect("Ranking metrics", metric_names,
+chosen = st.multiselect("Ranking metrics", metric_names, format_func=ranking_metric_label,
                         default=[m for m in metric_names if m.startswith("ndcg") and m.endswith("reward")])
 shown = metrics[metrics["metric"].isin(chosen) & metrics["segment"].isna()]
+shown = shown.assign(metric=shown["metric"].map(ranking_metric_label))
 # One chart per kind of metric: a reward of ~14 and an NDCG in [0, 1] on one axis would hide both.
-for kind, part in shown.groupby(shown["metric"].str.split(":").str[0], sort=False):
+for kind, part in shown.groupby(shown["metric"].str.split(",").str[0], sort=False):
     st.plotly_chart(plots.forest_plot(part, "metric", f"Counterfactual ranking metric: {kind}"), width="stretch")
 
 for r in results:

@@ -5,15 +5,14 @@ from pathlib import Path
 import streamlit as st
 
 import json
-import tempfile
 
 from mtf_core import plots
 from mtf_core.access import allowed_dirs, check_path_allowed, check_upload_size
 from mtf_core.errors import LogError
-from mtf_core.overview import log_overview
+from mtf_core.overview import log_overview, scale_warning, score_scales
 from mtf_core.profile import profile_log
 from mtf_core.schema import IDENTIFIER, validate
-from mtf_core.store import import_log, log_info, open_log, read_mapping
+from mtf_core.store import import_uploads, log_info, open_log
 from ui.common import (KEY_LOG, ROOT, cached_ab_readout, current_log, current_log_path, current_reward, ensure_demo,
                        load_log_checked, page_setup, plain, show_error, show_table)
 
@@ -25,24 +24,13 @@ UPLOADS = ROOT / "data" / "uploads"
 
 
 def _import_uploads(files: dict, mapping_text: str, name: str) -> str:  # type: ignore[type-arg]
-    """Write the uploaded tables to a scratch folder and import them into data/uploads/NAME.duckdb."""
+    """Import the uploaded tables into data/uploads/NAME.duckdb (messages name the uploaded files)."""
     if not IDENTIFIER.match(name):
         raise LogError(f"log name {name!r}: use lowercase letters, digits and underscores")
-    with tempfile.TemporaryDirectory() as folder:
-        sources = {}
-        for table, upload in files.items():
-            check_upload_size(upload.name, upload.size)
-            suffix = Path(upload.name).suffix.lower()
-            target = Path(folder) / f"{table}{suffix}"
-            target.write_bytes(upload.getvalue())
-            sources[table] = str(target)
-        mapping = {}
-        if mapping_text.strip():
-            mapping_path = Path(folder) / "mapping.json"
-            mapping_path.write_text(mapping_text)
-            mapping = read_mapping(mapping_path)
-        out = import_log(sources, UPLOADS / f"{name}.duckdb", mapping)
-    return str(out)
+    for upload in files.values():
+        check_upload_size(upload.name, upload.size)
+    uploads = {table: (upload.name, upload.getvalue()) for table, upload in files.items()}
+    return str(import_uploads(uploads, UPLOADS / f"{name}.duckdb", mapping_text))
 
 
 SOURCES = ["Demo (simulated)", "DuckDB file on this machine", "Upload CSV/Parquet files"]
@@ -80,7 +68,7 @@ elif source == SOURCES[2]:
         st.caption("One file per table; columns named as in the schema need no mapping.")
         files = {t: st.file_uploader(f"{t} ({'required' if t in ('users', 'requests', 'impressions') else 'optional'})",
                                      type=["csv", "tsv", "parquet"], key=f"up_{t}")
-                 for t in ("users", "requests", "impressions", "items", "sessions")}
+                 for t in ("users", "requests", "impressions", "items", "sessions", "tasks")}
         mapping_text = st.text_area("Column mapping (JSON, optional)",
                                     placeholder=json.dumps({"tables": {"impressions": {"is_click": "y_click"}},
                                                             "tasks": [{"name": "click", "kind": "binary"}]}))
@@ -111,6 +99,11 @@ def _check(path: str, mtime: float) -> tuple[dict, list[str]]:
 @st.cache_data(show_spinner="Summarising the log...")
 def _overview(path: str, mtime: float):  # type: ignore[no-untyped-def]
     return log_overview(path)
+
+
+@st.cache_data(show_spinner=False)
+def _score_scales(path: str, mtime: float) -> dict[str, float]:
+    return score_scales(path)
 
 
 try:
@@ -146,14 +139,17 @@ if profile.mode == "A/B buckets":
     show_table(arms, width="stretch", hide_index=True)
     st.caption("Differences are from each segment's control, the arm with the most users; intervals resample users.")
 
+warning = scale_warning(_score_scales(path, mtime))
+if warning:
+    st.warning(plain(warning[:1].upper() + warning[1:] + "."))
 tasks = [t["name"] for t in info["tasks"]]
 ov = _overview(path, mtime)
-st.plotly_chart(plots.feedback_by_position(ov.feedback_by_segment_position, tasks), width="stretch")
+st.plotly_chart(plots.feedback_by_position(ov.feedback_by_segment_position, tasks, log.segments), width="stretch")
 left, right = st.columns(2)
-left.plotly_chart(plots.session_length_histogram(ov.session_lengths), width="stretch")
+left.plotly_chart(plots.session_length_histogram(ov.session_lengths, log.segments), width="stretch")
 right.plotly_chart(plots.correlation_heatmap(ov.label_correlation), width="stretch")
 st.plotly_chart(plots.score_distributions(ov.score_sample, tasks), width="stretch")
-st.plotly_chart(plots.segment_sizes(ov.segment_sizes), width="stretch")
+st.plotly_chart(plots.segment_sizes(ov.segment_sizes, log.segments), width="stretch")
 with st.expander("Tasks and tables"):
     show_table(info["tasks"], width="stretch")
     st.json(tables)

@@ -5,7 +5,8 @@ import json
 import streamlit as st
 
 from mtf_core import plots
-from mtf_core.compare import build_report, decision_headline, metric_frame, ope_frame, policy_labels
+from mtf_core.compare import (build_report, decision_headline, estimator_label, metric_frame, ope_frame, policy_labels,
+                              ranking_metric_label)
 from ui.common import (KEY_REPORT_HTML, current_comparison, current_log, current_reward, page_setup, plain,
                        run_store)
 
@@ -31,13 +32,14 @@ named = {labels.get(r.policy, r.policy) for r in results}
 by_segment = next(e for e in ("truth", "dr", "dm") if set(ope.loc[ope["estimator"] == e, "policy"]) == named
                   or e == "dm")
 figures = [
-    ("Policy value with 95% intervals", plots.forest_plot(ope[ope["segment"].isna()].rename(
-        columns={"estimator": "label"}), "label", "Policy value: estimates and truth")),
+    ("Policy value with 95% intervals", plots.forest_plot(ope[ope["segment"].isna()].assign(
+        label=lambda f: f["estimator"].map(estimator_label)), "label", "Policy value: estimates and truth")),
     (f"{'Truth' if by_segment == 'truth' else by_segment.upper()} by segment",
      plots.forest_plot(ope[(ope["estimator"] == by_segment) & ope["segment"].notna()], "segment",
                        f"Value by segment ({'simulator truth' if by_segment == 'truth' else by_segment.upper()})")),
     ("Ranking metrics", plots.forest_plot(metrics[metrics["segment"].isna() & metrics["metric"].str.startswith(
-        "ndcg")], "metric", "NDCG on the logged candidates")),
+        "ndcg")].assign(metric=lambda f: f["metric"].map(ranking_metric_label)), "metric",
+        "NDCG on the logged candidates")),
 ]
 html = build_report(title, results, figures, json.loads(current_reward(log).to_json()), log.fingerprint, configs)
 st.session_state[KEY_REPORT_HTML] = html

@@ -88,7 +88,7 @@ ctx = cached_context(path, mtime, new_spec.to_json())
 per_request, shares = reward_preview(ctx)
 st.metric("Mean composite reward per request (logged actions)", f"{per_request['reward'].mean():.3f}")
 a, b = st.columns(2)
-a.plotly_chart(plots.reward_distribution(per_request), width="stretch")
+a.plotly_chart(plots.reward_distribution(per_request, log.segments), width="stretch")
 b.plotly_chart(plots.reward_shares(shares, log.task_names), width="stretch")
 with st.expander("Resolved coefficients (after normalisation)"):
     st.json(ctx.resolved.to_dict())

@@ -90,7 +90,7 @@ if not runs:
     st.stop()
 table = pd.DataFrame([{
     "id": r.run_id, "name": r.name, "algorithm": r.algo, "status": r.status,
-    "started": r.created_at, "seconds": round(r.seconds or 0.0, 1),
+    "started": r.created_at.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(r.seconds or 0.0, 1),
     "final reward": r.summary.get("final", {}).get("charts/reward"),
     "best step": r.summary.get("best_step"), "held-out estimate": r.summary.get("best_validation"),
     "estimator": str(r.summary.get("validation_estimator", "dr")).upper(),

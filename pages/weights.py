@@ -18,7 +18,13 @@ st.caption("For a trained run, beside the logging policy: the mean weight each s
 log = current_log()
 choices = policy_choices(log)
 runs = [label for label, ref in choices.items() if ref != "logging"]
-if not runs:
+if not log.weights_known:
+    st.info("This log records no fusion weights (random exposure or an unlogged ranker), so there is no logging "
+            "policy to show beside a run.")
+    if not runs:
+        st.info("No run on this log yet: train one on the Train page.")
+        st.stop()
+elif not runs:
     st.info("No run on this log yet: train one on the Train page. Showing the logging policy alone.")
 label = st.selectbox("Run", runs) if runs else None
 
@@ -31,7 +37,7 @@ def _weights(path: str, mtime: float, ref: str, runs: str):  # type: ignore[no-u
 
 path, mtime = log_version()
 try:
-    parts = [_weights(path, mtime, "logging", str(runs_dir()))]
+    parts = [_weights(path, mtime, "logging", str(runs_dir()))] if log.weights_known else []
     if label:
         parts.append(_weights(path, mtime, choices[label], str(runs_dir())))
 except LogError as exc:

@@ -67,6 +67,13 @@ def test_every_page_renders_in_chromium(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1500})
+        # Offline use: nothing may be fetched from another host (a favicon from a font CDN was, on every page).
+        outside = []
+        page.on("request", lambda r: outside.append(r.url) if r.url.startswith("http")
+                and not r.url.startswith(server) else None)
+        failed = []  # Streamlit probes for a base path under a page's URL (404 by design); nothing else may fail
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400
+                and not r.url.endswith(("/_stcore/health", "/_stcore/host-config")) else None)
         for path, title in PAGES.items():
             page.goto(f"{server}/{path}", timeout=120_000)
             page.get_by_role("heading", name=title).first.wait_for(timeout=120_000)
@@ -79,7 +86,10 @@ def test_every_page_renders_in_chromium(server):
             page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
             assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
             assert page.locator('[data-testid="stAlertContentError"]').count() == 0, f"error box on /{path}"
+            assert page.get_by_role("button", name="Deploy").count() == 0, "Streamlit's Deploy button is shown"
         browser.close()
+    assert outside == [], f"fetched from other hosts: {sorted(set(outside))}"
+    assert failed == [], failed
 
 
 def test_two_sessions_train_and_list_at_once_and_the_run_is_recorded(server, browser_runs):

@@ -34,3 +34,24 @@ def test_training_curves_are_titled_in_words_with_their_own_scales():
                       "exploration factor, core"}
     assert metric_label("custom/thing") == "custom/thing"
     assert fig.layout.yaxis2.matches is None  # every panel keeps its own y scale
+
+
+def test_segments_keep_one_order_and_one_colour_on_every_figure():
+    rows = pd.DataFrame({"segment": ["power", "casual", "new", "casual", "power", "new"],
+                         "reward": [3.0, 1.0, 2.0, 1.5, 2.5, 0.5]})
+    violin = plots.reward_distribution(rows)
+    colours = {trace.name: trace.marker.color for trace in violin.data}
+    assert [trace.name for trace in violin.data] == ["casual", "new", "power"]  # by name, not by appearance
+    assert colours == {s: plots.segment_colour(s, ["power", "new", "casual"]) for s in colours}
+    lengths = pd.DataFrame({"segment": ["power", "casual"], "n_requests": [1, 1], "n_sessions": [5, 7]})
+    bars = plots.session_length_histogram(lengths, ["power", "new", "casual"])  # "new" has no sessions here
+    assert {trace.name: trace.marker.color for trace in bars.data} == {s: colours[s] for s in ("casual", "power")}
+    sizes = plots.segment_sizes(pd.DataFrame({"segment": ["power", "casual", "new"], "n_users": [10, 50, 20],
+                                              "n_requests": [400, 900, 300]}))
+    # Users and requests on their own axes (20 requests per user would flatten the users' bars), same order.
+    assert [t.yaxis for t in sizes.data] == ["y", "y2"] and list(sizes.data[0].x) == ["casual", "new", "power"]
+    assert list(sizes.data[0].y) == [50, 20, 10] and list(sizes.data[1].marker.color) == [colours[s] for s in
+                                                                                          ("casual", "new", "power")]
+    forest = plots.forest_plot(pd.DataFrame({"policy": "a", "segment": ["power", "casual"], "value": [1.0, 2.0],
+                                             "ci_low": [0.5, 1.5], "ci_high": [1.5, 2.5]}), "segment", "t")
+    assert list(forest.layout.yaxis.categoryarray) == ["power", "casual"]  # casual on top, as in every list

@@ -52,3 +52,13 @@ def test_report_lays_out_tables_not_json(results):
     assert "<td>steps</td><td>5</td>" in html and "<td>seed</td><td>3</td>" in html
     assert "<td>b (static, balanced)</td>" in html  # policies by name and algorithm, not by reference
     assert "<dt>trustworthy</dt>" in html and "{" not in html.split("<h2>Run settings</h2>")[1].split("</table>")[0]
+
+
+def test_estimators_and_ranking_metrics_are_named_for_people():
+    from mtf_core.compare import estimator_label, ranking_metric_label
+
+    assert estimator_label("dr") == "DR (doubly robust)" and estimator_label("truth") == "truth (simulator)"
+    assert estimator_label("custom") == "custom"  # an unknown name shows as is
+    assert ranking_metric_label("ndcg@6:click") == "NDCG@6, click"
+    assert ranking_metric_label("mtf_gauc:reward") == "MTF-GAUC, composite reward"
+    assert ranking_metric_label("dm_reward@6:reward") == "DM reward@6, composite reward"

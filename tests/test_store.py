@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mtf_core.errors import LogError
-from mtf_core.store import import_log, load_log, read_mapping
+from mtf_core.store import import_log, load_log, open_log, read_mapping
 
 RENAMES = {
     "users": {"user_id": "uid", "segment": "cohort"},
@@ -231,3 +231,27 @@ def test_force_refuses_to_replace_a_log_open_in_another_process(tmp_path):
         holder.wait(timeout=30)
     time.sleep(0.1)
     generate(config, str(out), force=True)  # once closed, --force replaces it
+
+
+def test_uploaded_files_are_named_in_messages_not_their_scratch_copies(tmp_path):
+    from mtf_core.store import import_uploads
+
+    users = ("my users.csv", b"user_id,segment\n1,a\n")
+    impressions = ("clicks.csv", b"request_id,item_id,position,s_click,y_click\n1,7,0,0.5,1\n")
+    bad_requests = ("reqs.csv", b"request_id,session_id,user_id,step,ts,w_click\nx,1,1,0,2024-01-01,1\n")
+    with pytest.raises(LogError) as caught:
+        import_uploads({"users": users, "requests": bad_requests, "impressions": impressions}, tmp_path / "a.duckdb")
+    message = str(caught.value)
+    assert "uploaded file 'reqs.csv' (requests)" in message and "request_id" in message
+    assert "mtf-upload-" not in message and "/tmp" not in message
+    # A tasks file uploaded beside the tables declares the tasks (here: watch time, continuous).
+    good_requests = ("reqs.csv", b"request_id,session_id,user_id,step,ts,w_watch\n1,1,1,0,2024-01-01,1\n")
+    watch = ("w.csv", b"request_id,item_id,position,s_watch,y_watch\n1,7,0,3.5,12\n")
+    tasks = ("tasks.csv", b"name,kind,description\nwatch,continuous,seconds watched\n")
+    out = import_uploads({"users": users, "requests": good_requests, "impressions": watch, "tasks": tasks},
+                         tmp_path / "b.duckdb")
+    con = open_log(out)
+    try:
+        assert con.execute("SELECT name, kind FROM tasks").fetchall() == [("watch", "continuous")]
+    finally:
+        con.close()

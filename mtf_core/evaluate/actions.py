@@ -11,7 +11,7 @@ from mtf_core.evaluate import context
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.store import LogData, iter_chunks
 
-__all__ = ["TargetActions", "target_actions", "N_DM_SAMPLES"]
+__all__ = ["TargetActions", "target_actions", "logged_order", "N_DM_SAMPLES"]
 
 N_DM_SAMPLES = 4
 
@@ -30,13 +30,17 @@ class TargetActions:
     is_logging: bool = False
     stochastic: bool = False
     ope_note: str = ""  # why importance-weighted estimates are absent, if they are
+    order: np.ndarray | None = None
+    """(R,N) a ranking score that replaces fusion: the shown order of a log that logged no weights."""
 
 
 def target_actions(policy: FusionPolicy | None, log: LogData, label: str, stochastic: bool | None = None,
                    seed: int = 0) -> TargetActions:
     """Act on every request of `log` in chunks. `policy=None` means the logged actions themselves."""
     if policy is None:
-        return TargetActions(label, log.weights, "sum", None, log.logging_logp.copy(), None, None, True, True)
+        order = None if log.weights_known else logged_order(log.positions)
+        return TargetActions(label, log.weights, "sum", None, log.logging_logp.copy(), None, None, True, True,
+                             order=order)
     stochastic = policy.stochastic if stochastic is None else (stochastic and policy.stochastic)
     weights, logps, samples, sample_logps = [], [], [], []
     in_weight_space = policy.form == "sum" and not policy.per_item
@@ -65,6 +69,15 @@ def target_actions(policy: FusionPolicy | None, log: LogData, label: str, stocha
         np.concatenate(logps) if logps else None, np.concatenate(samples, axis=1) if samples else None,
         np.concatenate(sample_logps, axis=1) if sample_logps else None, False, stochastic and in_weight_space, note,
     )
+
+
+def logged_order(positions: np.ndarray) -> np.ndarray:
+    """A ranking score `[R,N]` that reproduces the shown order (shown candidates first, in their positions;
+    candidates ranked but not shown after them, in slot order): the logged ranking where no weights were
+    logged to re-rank with."""
+    n = positions.shape[1]
+    unshown = n + np.arange(n, dtype=np.float32)[None, :]
+    return -np.where(positions >= 0, positions.astype(np.float32), unshown)
 
 
 def _interior(w: torch.Tensor) -> torch.Tensor:

@@ -47,9 +47,10 @@ def paired_difference(a: "EvaluationResult", b: "EvaluationResult", estimator: s
     diffs, lifts = [], []
     for counts in poisson_counts(len(ta), n_boot, seed, chunk):
         sums = (counts.double() @ both).numpy()
-        ra, rb = sums[:, 0] / sums[:, 1], sums[:, 2] / sums[:, 3]
-        diffs.append(ra - rb)
-        lifts.append(ra / rb - 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a resample without the users: NaN, skipped
+            ra, rb = sums[:, 0] / sums[:, 1], sums[:, 2] / sums[:, 3]
+            diffs.append(ra - rb)
+            lifts.append(ra / rb - 1.0)
     (d_low, l_low), (d_high, l_high) = percentile_interval(
         np.stack([np.concatenate(diffs), np.concatenate(lifts)], 1), level)
     difference = float(value_a - value_b)

@@ -14,7 +14,7 @@ from mtf_core.evaluate.context import EvalContext
 from mtf_core.evaluate.direct import DirectView, ModelTerms, direct_value, model_based_intervals
 from mtf_core.evaluate.estimators import DR, NCIS, SNIPS, IPS, OPEInputs
 from mtf_core.evaluate.ratios import ImportanceRatios, importance_ratio
-from mtf_core.evaluate.rerank import expected_under, gauc, learned_under, rerank_metrics
+from mtf_core.evaluate.rerank import expected_under, gauc, learned_under, positive_labels, rerank_metrics
 from mtf_core.evaluate.truth import truth_with_unit_terms
 from mtf_core.diagnostics import estimator_verdicts, overlap_diagnostics
 from mtf_core.reward import penalty
@@ -125,7 +125,7 @@ def _target_terms(ctx: EvalContext, actions: TargetActions, expected: np.ndarray
     pen = np.mean([penalty(ctx.resolved, d, s) for d, s in zip(draws, signals)], axis=0)
     x_folds = None
     if view.name == "learned":
-        valued = [learned_under(ctx, d, actions.form, actions.bias) for d in draws]
+        valued = [learned_under(ctx, d, actions.form, actions.bias, actions.order) for d in draws]
         x = np.mean([v[0] for v in valued], axis=0)
         x_folds = np.mean([v[1] for v in valued], axis=0)
     else:
@@ -185,10 +185,11 @@ def _ranking_metrics(ctx: EvalContext, actions: TargetActions, k: int, n_boot: i
     figs.add({"name": f"ndcg@{k}", "task": None}, *_per_unit(ctx, ndcg_reward), useg, segs)
     shown = log.shown
     unit_flat = np.broadcast_to(ctx.unit[:, None], shown.shape)[shown]
+    positive = positive_labels(log)[shown]
     for j, task in enumerate(log.task_names):
         figs.add({"name": "gauc", "task": task},
-                 *gauc(unit_flat, fused[shown], log.labels[..., j][shown] > 0, len(useg)), useg, segs)
-    consumed = (np.nan_to_num(log.labels[shown]) > 0).any(-1)
+                 *gauc(unit_flat, fused[shown], positive[:, j], len(useg)), useg, segs)
+    consumed = positive.any(-1)
     reward_weight = np.maximum(np.bincount(ctx.unit, weights=ctx.logged.total, minlength=len(useg)), 0.0)
     figs.add({"name": "mtf_gauc", "task": None},
              *gauc(unit_flat, fused[shown], consumed, len(useg), reward_weight), useg, segs)

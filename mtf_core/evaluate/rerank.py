@@ -15,10 +15,10 @@ from mtf_core.evaluate import context
 from mtf_core.evaluate.actions import TargetActions
 from mtf_core.evaluate.context import EvalContext
 from mtf_core.fusion import fuse
-from mtf_core.store import iter_chunks
+from mtf_core.store import LogData, iter_chunks
 
 __all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "expected_under", "learned_under",
-           "rerank_metrics", "gauc", "streamed_rerank"]
+           "rerank_metrics", "positive_labels", "gauc", "streamed_rerank"]
 
 
 def ndcg_at_k(fused: torch.Tensor, gains: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,16 +49,20 @@ class RerankResult:
 
 def rerank_core(scores: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor, mask: torch.Tensor,
                 weights: torch.Tensor, k: int, curve: torch.Tensor, coefficients: torch.Tensor, form: str = "sum",
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                bias: torch.Tensor | None = None, fused: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The vectorised heart of counterfactual evaluation: one fusion, a few top-k selections per request.
 
     scores, labels `[R,N,K]` (labels never negative; NaN or 0 where not shown), shown and mask `[R,N]`, weights
     `[R,K]`/`[R,N,K]`. Returns NDCG@k per task `[R,K]` and for the composite item reward `[R]` (NaN without
     a positive gain), the direct-method signals of the top L = len(curve) of all candidates `[R,K]`, and
-    the fused scores. NDCG only touches the leading S slots up to the last one ever shown; `load_log` packs
+    the fused scores. `fused` `[R,N]` replaces the fusion (a fixed order, e.g. the logged one). NDCG only touches the leading S slots up to the last one ever shown; `load_log` packs
     shown candidates first, so S is the number shown (6 of 20), which is what makes it fast.
     """
-    fused = fuse(scores, weights, form, bias=bias, mask=mask)
+    if fused is None:
+        fused = fuse(scores, weights, form, bias=bias, mask=mask)
+    else:
+        fused = torch.where(mask, fused.to(scores.dtype), float("-inf"))
     expected = top_signals(fused, scores, mask, curve)  # while this chunk's scores are still in cache
     # No slot after the last one ever shown matters. (max(0) is torch's fastest column reduction of a bool
     # tensor on CPU: 3x sum(0), 6x any(0).)
@@ -111,27 +115,33 @@ def top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, c
 
 
 def _top_l_sums(ctx: EvalContext, weights: np.ndarray, form: str, bias: np.ndarray | None,
-                values_of: Callable[[slice, torch.Tensor], torch.Tensor]) -> np.ndarray:
+                values_of: Callable[[slice, torch.Tensor], torch.Tensor], order: np.ndarray | None = None
+                ) -> np.ndarray:
     """Per request, the curve-weighted sums `[R,C]` over the top L candidates under weights `[R,K]`/`[R,N,K]`
-    of per-candidate values `[r,N,C]` (`values_of(rows, scores)`), in chunks."""
+    (or the fixed ranking score `order` `[R,N]`) of per-candidate values `[r,N,C]` (`values_of(rows, scores)`),
+    in chunks."""
     log, curve = ctx.log, torch.from_numpy(ctx.resolved.position_curve)
     b = None if bias is None else torch.from_numpy(bias)
     out = []
     for rows in iter_chunks(log.n_requests, context.CHUNK):
         scores, mask = torch.from_numpy(log.scores[rows]), torch.from_numpy(log.mask[rows])
-        fused = fuse(scores, torch.from_numpy(weights[rows]), form, bias=b, mask=mask)
+        if order is None:
+            fused = fuse(scores, torch.from_numpy(weights[rows]), form, bias=b, mask=mask)
+        else:
+            fused = torch.where(mask, torch.from_numpy(order[rows]).to(scores.dtype), float("-inf"))
         out.append(top_signals(fused, values_of(rows, scores), mask, curve).double().numpy())
     return np.concatenate(out)
 
 
 def expected_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum",
-                   bias: np.ndarray | None = None) -> np.ndarray:
-    """Direct-method signals `[R,K]` of every request of the log under weights `[R,K]`/`[R,N,K]`, in chunks."""
-    return _top_l_sums(ctx, weights, form, bias, lambda rows, scores: scores)
+                   bias: np.ndarray | None = None, order: np.ndarray | None = None) -> np.ndarray:
+    """Direct-method signals `[R,K]` of every request of the log under weights `[R,K]`/`[R,N,K]` (or the
+    fixed ranking score `order`), in chunks."""
+    return _top_l_sums(ctx, weights, form, bias, lambda rows, scores: scores, order)
 
 
-def learned_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum", bias: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def learned_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum", bias: np.ndarray | None = None,
+                  order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The learned outcome model's value of the ranking under weights `[R,K]`/`[R,N,K]` per request `[R]`
     (out of fold), and each network's `[F,R]`: baseline plus the top L candidates' values under the curve."""
     learned = ctx.learned_outcome
@@ -141,7 +151,7 @@ def learned_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum", bias
         return torch.from_numpy(np.concatenate([learned.item_value[rows][..., None],
                                                 np.moveaxis(learned.fold_item_value[:, rows], 0, -1)], -1))
 
-    x = _top_l_sums(ctx, weights, form, bias, values)  # (R, 1+F)
+    x = _top_l_sums(ctx, weights, form, bias, values, order)  # (R, 1+F)
     return learned.baseline + x[:, 0], learned.fold_baseline + x[:, 1:].T
 
 
@@ -154,9 +164,26 @@ def rerank_metrics(ctx: EvalContext, actions: TargetActions, rows: slice, k: int
         torch.from_numpy(log.scores[rows]), torch.from_numpy(log.labels[rows]), shown,
         torch.from_numpy(log.mask[rows]), torch.from_numpy(actions.weights[rows]), k,
         torch.from_numpy(ctx.resolved.position_curve), torch.from_numpy(ctx.resolved.coefficients), actions.form,
-        bias)
+        bias, None if actions.order is None else torch.from_numpy(actions.order[rows]))
     return RerankResult(ndcg.numpy(), ndcg_reward.numpy(), expected.numpy(),
                         torch.where(shown, fused, float("-inf")).numpy())
+
+
+def positive_labels(log: LogData) -> np.ndarray:
+    """`[R,N,K]` whether each label counts as a positive (binary views such as GAUC): above 0 for binary
+    tasks, above the task's threshold for continuous ones (declared in `tasks`, else the median over shown
+    items; play time is positive on almost every impression, so `> 0` would make every item a positive)."""
+    labels = log.labels
+    shown = log.shown
+    thresholds = np.zeros(len(log.tasks))
+    for j, task in enumerate(log.tasks):
+        if task.kind == "continuous":
+            observed = labels[..., j][shown]
+            observed = observed[np.isfinite(observed)]
+            thresholds[j] = task.threshold if task.threshold is not None else (
+                float(np.median(observed)) if len(observed) else 0.0)
+    with np.errstate(invalid="ignore"):
+        return np.nan_to_num(labels, nan=-np.inf) > thresholds
 
 
 def gauc(unit: np.ndarray, score: np.ndarray, label: np.ndarray, n_units: int,

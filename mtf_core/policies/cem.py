@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mtf_core.policies.objective import TrainingData, composite_reward
+from mtf_core.policies.objective import TrainingData, composite_reward, mean_logged_weights
 from mtf_core.policies.static import StaticPolicy
 
 __all__ = ["CEMConfig", "CEMTrainer"]
@@ -54,7 +54,7 @@ class CEMTrainer:
             idx = np.flatnonzero(log.segment == s) if s is not None else np.arange(log.n_requests)
             take = self.rng.choice(idx, size=min(len(idx), config.n_eval_requests), replace=False)
             self.rows.append(torch.from_numpy(np.sort(take)))
-        start = log.weights.mean(0)
+        start = mean_logged_weights(log)
         self.mean = [start.copy() for _ in self.rows]
         self.best = [(start.copy(), self._objective(r, start[None])[0]) for r in self.rows]
         self.concentration = config.concentration

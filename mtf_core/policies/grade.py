@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from mtf_core.policies.base import FusionPolicy, StateBatch
-from mtf_core.policies.objective import FeatureEncoder, RuleTerms, TrainingData, composite_reward
+from mtf_core.policies.objective import FeatureEncoder, RuleTerms, TrainingData, composite_reward, mean_logged_weights
 
 __all__ = ["GradeConfig", "DirichletPolicy", "GradeTrainer", "group_advantage", "lambda_rank_loss"]
 
@@ -209,11 +209,15 @@ class GradeTrainer:
         self.policy = DirichletPolicy(log.task_names, log.segments, log.user_features.shape[1],
                                       log.context.shape[1], config.hidden, config.exploration, controlled=True)
         self.policy.encoder.fit(data.state.user_features.float())
-        concentration = float(np.median(1.0 / np.maximum(log.weights.var(0) / np.maximum(
-            log.weights.mean(0) * (1 - log.weights.mean(0)), 1e-9), 1e-9) - 1.0))
+        start = mean_logged_weights(log)
+        if log.weights_known:
+            concentration = float(np.median(1.0 / np.maximum(log.weights.var(0) / np.maximum(
+                start * (1 - start), 1e-9), 1e-9) - 1.0))
+        else:  # no logged exploration to match: start from the floor
+            concentration = config.min_initial_concentration
         self.logging_concentration = float(np.clip(concentration, 2.0, 500.0))
         self.initial_concentration = max(self.logging_concentration, config.min_initial_concentration)
-        self.policy.init_from(log.weights.mean(0), self.initial_concentration)
+        self.policy.init_from(start, self.initial_concentration)
         self.optimizer = torch.optim.Adam(self.policy.net.parameters(), lr=config.lr)
         self.reference: DirichletPolicy | None = None
         self.spread_target = torch.zeros(len(log.segments))

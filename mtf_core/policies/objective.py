@@ -23,7 +23,7 @@ from mtf_core.policies.base import StateBatch
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
 
-__all__ = ["TrainingData", "build_training_data", "composite_reward", "RuleTerms", "FeatureEncoder", "soft_exam",
+__all__ = ["TrainingData", "build_training_data", "mean_logged_weights", "composite_reward", "RuleTerms", "FeatureEncoder", "soft_exam",
            "top_exam", "soft_top_signals"]
 
 
@@ -88,6 +88,13 @@ def build_training_data(log: LogData, spec: RewardSpec) -> TrainingData:
         intercept=f32(ctx.direct.intercept), slope=f32(ctx.direct.slope),
         reference_share=f32(ctx.resolved.reference_share), logged_weights=f32(log.weights),
     )
+
+
+def mean_logged_weights(log: LogData) -> np.ndarray:
+    """The logged weights' mean `[K]`, a trainer's starting point; equal weights where none were logged."""
+    if log.weights_known and log.n_requests:
+        return log.weights.mean(0)
+    return np.full(len(log.tasks), 1.0 / len(log.tasks))
 
 
 def soft_exam(fused: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -34,7 +34,8 @@ from mtf_core.threads import uses_cores
 if TYPE_CHECKING:
     from mtf_core.runs import RunStore
 
-__all__ = ["TrainConfig", "TrainResult", "StepInfo", "Trainer", "ALGORITHMS", "train", "train_run", "run_summary",
+__all__ = ["TrainConfig", "TrainResult", "StepInfo", "Trainer", "ALGORITHMS", "NEEDS_LOGGED_WEIGHTS",
+           "check_trainable", "scaled_budget", "train", "train_run", "run_summary",
            "algorithm_config", "config_fields"]
 
 
@@ -53,6 +54,52 @@ ALGORITHMS: dict[str, tuple[type, Callable[..., Trainer]]] = {
     "integrated": (IntegratedConfig, IntegratedTrainer),
     "enhanced": (EnhancedConfig, EnhancedTrainer),
 }
+
+NEEDS_LOGGED_WEIGHTS: dict[str, str] = {
+    "static": "it copies the logged weights' mean per segment",
+    "batchrl": "its critic learns the value of the logged actions and its actor stays near them (BCQ)",
+    "integrated": "its constraints are built on the exploration policy that chose the logged actions",
+    "enhanced": "its actor is regularised towards the logged (per-item) actions",
+}
+"""Algorithms that learn from the logged fusion weights, and why: a log without them cannot train these."""
+
+
+BUDGET_EPOCHS = 50
+"""A small log trains for at most this many passes over its requests (never fewer than BUDGET_FLOOR steps)."""
+BUDGET_FLOOR = 50
+_STEP_SETTINGS = ("steps", "warm_start_steps", "steps_per_round", "fqe_steps")
+
+
+def scaled_budget(algo: str, params: dict[str, Any], n_requests: int) -> tuple[dict[str, Any], str | None]:
+    """The settings a log of `n_requests` training requests trains with: a batch no larger than the log and
+    at most BUDGET_EPOCHS passes over it, for the budget settings left at their defaults (a setting the user
+    gave is kept). Large logs keep the defaults. Returns (params, a note saying what was scaled, or None)."""
+    default = algorithm_config(algo, {})
+    effective, changed = dict(params), []
+    batch = int(params.get("batch_size", getattr(default, "batch_size", 0)) or 0)
+    if "batch_size" not in params and hasattr(default, "batch_size") and n_requests < default.batch_size:
+        batch = max(min(32, default.batch_size), n_requests)
+        effective["batch_size"] = batch
+        changed.append(f"batch size {default.batch_size} -> {batch}")
+    if batch:
+        cap = max(BUDGET_FLOOR, math.ceil(BUDGET_EPOCHS * n_requests / batch))
+        for name in _STEP_SETTINGS:
+            value = getattr(default, name, None)
+            if name not in params and isinstance(value, int) and value > cap:
+                effective[name] = cap
+                changed.append(f"{name.replace('_', ' ')} {value} -> {cap}")
+    if not changed:
+        return effective, None
+    return effective, (f"budget scaled to the log's {n_requests:,} training requests (at most {BUDGET_EPOCHS} "
+                       f"passes over them): {', '.join(changed)}")
+
+
+def check_trainable(algo: str, log: LogData) -> None:
+    """Refuse, naming the log and the reason, an algorithm that needs logged weights on a log without them."""
+    if algo in NEEDS_LOGGED_WEIGHTS and not log.weights_known:
+        raise LogError(f"{log.path}: {algo} cannot train on this log: {NEEDS_LOGGED_WEIGHTS[algo]}, and the log "
+                       "records no fusion weights (NULL w_*: random exposure or an unlogged ranker); train cem or "
+                       "grade, which learn from the scores and labels alone")
 
 
 @dataclass(frozen=True)
@@ -245,6 +292,7 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     a warm-up (`validate_from`, e.g. GRADE's stage 1) is validated only after it: the method's policy is what
     its main stage makes of the warm start, not the warm start itself.
     """
+    check_trainable(config.algo, log)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2**32))
     start = time.perf_counter()
@@ -252,7 +300,8 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     train_log = log.subset(train_rows) if len(val_rows) else log
     data = build_training_data(train_log, reward)
     config_cls, trainer_cls = ALGORITHMS[config.algo]
-    trainer = trainer_cls(algorithm_config(config.algo, config.params), data, config.seed)
+    params, budget_note = scaled_budget(config.algo, config.params, train_log.n_requests)
+    trainer = trainer_cls(algorithm_config(config.algo, params), data, config.seed)
     validator = _Validator(log.subset(val_rows) if len(val_rows) else None, reward, trainer.n_steps,
                            config.n_evaluations, data.ctx)
     history: list[tuple[int, dict[str, float]]] = []
@@ -278,7 +327,7 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
         trainer.policy.load_state_dict(validator.best_state)
     trainer.policy.eval()
     best = validator.best_value if validator.best_step is not None else None
-    notes = trainer.notes() if hasattr(trainer, "notes") else []
+    notes = ([budget_note] if budget_note else []) + (trainer.notes() if hasattr(trainer, "notes") else [])
     return TrainResult(trainer.policy, history, status, time.perf_counter() - start, config, data,
                        validator.best_step, best, stopped_early, validator.estimator, notes)
 
