@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,6 +199,57 @@ def bench_memory(folder: Path, scale: float) -> Figure:
                   f"streamed evaluation of {large} requests in {seconds:.1f}s; reference: {small} requests")
 
 
+_STREAMED = """
+import json, sys, time
+from pathlib import Path
+from benchmarks.synthetic import write_synthetic_log
+from mtf_core.policies.train import TrainConfig, train
+from mtf_core.reward import RewardSpec
+from mtf_core.store import load_log
+from mtf_core.stream import streamed_evaluation
+small = Path(sys.argv[2])
+if not small.exists():
+    write_synthetic_log(small, 20_000)
+log = load_log(small)
+spec = RewardSpec.default(log.task_names)
+policy = train(TrainConfig("grade", 0, {"steps": 20, "warm_start_steps": 10, "batch_size": 512}), log, spec).policy
+del log
+start = time.perf_counter()
+result = streamed_evaluation(sys.argv[1], policy, "grade", spec, n_boot=200)
+seconds = time.perf_counter() - start
+with open("/proc/self/status") as status:
+    peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+print(json.dumps({"peak_mb": peak_kb / 1024, "seconds": seconds, "n": result.n_requests,
+                  "shards": result.n_shards, "dm": result.ope[0]["value"]}))
+"""
+STREAMED_SIZES = (1_000_000, 4_000_000, 16_000_000)
+
+
+def bench_streamed(folder: Path, scale: float, sizes: tuple[int, ...] = STREAMED_SIZES,
+                   say: Callable[[str], None] = lambda msg: None) -> Figure:
+    """Streamed evaluation of a trained GRADE policy on synthetic lakes of each size (shards of 250k
+    requests), each in its own process: time, requests/s and peak memory (VmHWM)."""
+    from benchmarks.synthetic import write_synthetic_lake
+
+    runs = []
+    for n in sizes:
+        n = max(20_000, int(n * scale))
+        say(f"streamed: writing a lake of {n:,} requests")
+        lake = write_synthetic_lake(folder / f"lake{n}", n)
+        say(f"streamed: evaluating {n:,} requests")
+        proc = subprocess.run([sys.executable, "-c", _STREAMED, str(lake), str(folder / "small.duckdb")],
+                              capture_output=True, text=True, cwd=ROOT, check=True)
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        shutil.rmtree(lake, ignore_errors=True)
+    first, last = runs[0], runs[-1]
+    rate = last["n"] / last["seconds"]
+    ratio = last["peak_mb"] / first["peak_mb"]
+    detail = "; ".join(f"{r['n']:,} requests ({r['shards']} shards): {r['seconds']:.1f}s, "
+                       f"{r['n'] / r['seconds'] / 1e6:.2f}M requests/s, peak {r['peak_mb']:.0f} MB" for r in runs)
+    return Figure("streamed", rate, "requests/s (largest)", first["peak_mb"], ratio,
+                  ">= 1M requests/s; peak <= 1.5x the smallest's", rate >= 1e6 and ratio <= 1.5, detail)
+
+
 def bench_app() -> Figure:
     from streamlit.testing.v1 import AppTest
 
@@ -255,15 +307,18 @@ def _figures(folder: Path, scale: float, say: Callable[[str], None]) -> list[Fig
     return figures
 
 
-def run_bench(quick: bool = False, progress: Callable[[str], None] | None = None, busy: bool = False
-              ) -> dict[str, object]:
-    """All figures; `quick` uses a tenth of every workload; `busy` adds each figure with a core held."""
+def run_bench(quick: bool = False, progress: Callable[[str], None] | None = None, busy: bool = False,
+              streamed: bool = False) -> dict[str, object]:
+    """All figures; `quick` uses a tenth of every workload; `busy` adds each figure with a core held;
+    `streamed` adds streamed evaluation at 1M, 4M and 16M requests (minutes, and 8 GB of disk at 16M)."""
     say = progress or (lambda msg: None)
     scale = 0.1 if quick else 1.0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         os.environ.setdefault("MTF_RUNS_DIR", str(folder / "runs"))
         figures = _figures(folder, scale, say)
+        if streamed:
+            figures.append(bench_streamed(folder, scale, say=say))
         if busy:
             with busy_core():
                 loaded = {f.name: f for f in _figures(folder, scale, lambda msg: say(f"{msg} (one core busy)"))}
@@ -273,5 +328,6 @@ def run_bench(quick: bool = False, progress: Callable[[str], None] | None = None
                 f.busy = {"value": other.value, "reference": other.reference, "ratio": other.ratio,
                           "target": target, "met": bool(check(other)), "detail": other.detail}
     machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "quick": quick, "busy_core": busy}
+               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "quick": quick, "busy_core": busy,
+               "streamed": streamed}
     return {"figures": [asdict(f) for f in figures], "machine": machine}

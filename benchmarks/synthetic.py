@@ -33,7 +33,9 @@ def write_synthetic_log(path: Path, n_requests: int, n_candidates: int = 20, n_s
             import pyarrow as pa
 
             req_t = pa.table(req)  # noqa: F841
-            imp_t = pa.table({k: (pa.array(v, mask=v < 0) if k == "position" else pa.array(v)) for k, v in imp.items()})  # noqa: F841
+            imp_t = pa.table({k: (pa.array(v, mask=v < 0) if k == "position"  # noqa: F841
+                                  else pa.array(v, mask=np.isnan(v)) if v.dtype.kind == "f" else pa.array(v))
+                              for k, v in imp.items()})
             con.execute("INSERT INTO requests BY NAME SELECT * FROM req_t")
             con.execute("INSERT INTO impressions BY NAME SELECT * FROM imp_t")
     finally:
@@ -62,3 +64,61 @@ def _impressions(rng: np.random.Generator, start: int, size: int, n: int, n_show
         out[f"s_t{j}"] = s
         out[f"y_t{j}"] = np.where(shown, (rng.random(rows) < s).astype(np.float64), np.nan)
     return out
+
+
+REQUESTS_PER_SHARD = 250_000
+
+
+def write_synthetic_lake(path: Path, n_requests: int, n_candidates: int = 20, n_shown: int = 6, seed: int = 0,
+                         requests_per_shard: int = REQUESTS_PER_SHARD) -> Path:
+    """The synthetic log as a Parquet lake (`mtf_core.lake`), written shard by shard straight from numpy:
+    20 requests per user in one session, shards of contiguous users (whole users, as a lake needs), scores
+    and labels as float32 (what loading reads them as). Memory follows one shard."""
+    import shutil
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mtf_core.schema import SCHEMA_VERSION
+
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    n_users = max(1, n_requests // 20)
+    n_requests = n_users * 20
+    users_per_shard = max(1, requests_per_shard // 20)
+
+    def write(table: str, shard: int | None, columns: dict[str, np.ndarray]) -> None:
+        folder = path / table / (f"shard={shard}" if shard is not None else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {}
+        for name, values in columns.items():
+            if name == "position":
+                arrays[name] = pa.array(values, type=pa.int32(), mask=values < 0)
+            elif values.dtype.kind == "f":
+                arrays[name] = pa.array(values, mask=np.isnan(values))
+            elif values.dtype.kind == "O":
+                arrays[name] = pa.array(values.astype(str))
+            else:
+                arrays[name] = pa.array(values)
+        pq.write_table(pa.table(arrays), folder / "data_0.parquet")
+
+    write("meta", None, {"key": np.array(["schema_version", "source", "created_at"], dtype=object),
+                         "value": np.array([SCHEMA_VERSION, "synthetic benchmark lake",
+                                            datetime.now(timezone.utc).isoformat()], dtype=object)})
+    write("tasks", None, {"name": np.array([t.name for t in TASKS], dtype=object),
+                          "kind": np.array([t.kind for t in TASKS], dtype=object),
+                          "description": np.array([""] * len(TASKS), dtype=object)})
+    for shard, first_user in enumerate(range(0, n_users, users_per_shard)):
+        users = np.arange(first_user, min(first_user + users_per_shard, n_users)) + 1
+        start, size = (users[0] - 1) * 20, len(users) * 20
+        write("users", shard, {"user_id": users, "segment": np.array(["all"] * len(users), dtype=object)})
+        write("sessions", shard, {"session_id": users, "user_id": users,
+                                  "n_requests": np.full(len(users), 20, dtype=np.int32),
+                                  "returned": np.zeros(len(users), dtype=bool)})
+        write("requests", shard, _requests(rng, start, size, n_users))
+        impressions = _impressions(rng, start, size, n_candidates, n_shown)
+        write("impressions", shard, {k: (v.astype(np.float32) if k[:2] in ("s_", "y_") else v)
+                                     for k, v in impressions.items()})
+    return path

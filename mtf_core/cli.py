@@ -1,5 +1,5 @@
-"""`python -m mtf_core ...`: generate, import, import-kuairand, score, validate, info, train, evaluate, compare,
-bench (DESIGN §6).
+"""`python -m mtf_core ...`: generate, import, import-kuairand, score, export-parquet, validate, info, train,
+evaluate, compare, bench (DESIGN §6).
 
 Bad input raises LogError, which becomes one line on stderr and its exit code, never a traceback.
 With --json, stdout holds one JSON document and nothing else; progress goes to stderr.
@@ -163,6 +163,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if problems else EXIT_OK
 
 
+def cmd_export_parquet(args: argparse.Namespace) -> int:
+    from mtf_core.lake import export_lake, lake_files
+
+    out = export_lake(args.log, args.out, args.shards, force=args.force)
+    files = {t: len(lake_files(out, t)) for t in sorted(p.name for p in out.iterdir())}
+    if args.json:
+        _emit({"out": str(out), "shards": args.shards, "files": files})
+        return EXIT_OK
+    print(f"wrote {out}: " + ", ".join(f"{t} {n} file{'s' if n != 1 else ''}" for t, n in files.items())
+          + f"; every command reads it as a log (python -m mtf_core info {out})")
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -312,9 +325,44 @@ def _ci(row: dict[str, object]) -> str:
     return f"{v:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else f"{v:.4f}"
 
 
+def _evaluate_streamed(args: argparse.Namespace) -> int:
+    from mtf_core.policies.resolve import resolve_policy
+    from mtf_core.reward import load_reward_spec
+    from mtf_core.stream import policy_view, streamed_evaluation
+
+    if args.policy.strip() == "logging":
+        raise LogError("--stream evaluates a policy's own rankings; the logging policy's figures are the log's "
+                       "(evaluate without --stream)")
+    view = policy_view(args.log)
+    policy, label = resolve_policy(args.policy, view, args.runs)
+    assert policy is not None
+    update, close = _progress_bar("streaming", not args.json)
+    try:
+        result = streamed_evaluation(args.log, policy, label, load_reward_spec(args.reward, view.task_names),
+                                     args.k, args.n_boot, args.seed, lambda f, msg: update(f))
+    finally:
+        close()
+    if args.json:
+        _emit(result.to_json())
+        return EXIT_OK
+    print(f"policy {result.policy} on {result.log}: {result.n_requests:,} requests of {result.n_users:,} users, "
+          f"streamed over {result.n_shards} shards in {result.seconds:.1f}s")
+    for row in result.ope:
+        if row["segment"] is None:
+            print(f"  {row['estimator']:<20} {_ci(row)}")
+    for row in result.metrics:
+        if row["segment"] is None:
+            print(f"  {row['name'] + ' ' + (row['task'] or 'reward'):<20} {_ci(row)}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return EXIT_OK
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mtf_core.diagnostics import overlap_summary
 
+    if args.stream:
+        return _evaluate_streamed(args)
     log, spec = _evaluation_inputs(args)
     result = _evaluate_one(_evaluation_sample(args, log, spec, [args.policy]), args.policy, args)
     if args.json:
@@ -608,6 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("export-parquet", help="write a log as a folder of Parquet files per table, sharded by "
+                       "user (a data lake's layout; every command reads the folder as a log)")
+    p.add_argument("log")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--shards", type=int, default=8, help="user shards of the tables that grow with traffic")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export_parquet)
+
     p = sub.add_parser("validate", help="check a log; exit 0 clean, 1 problems, 2 unusable")
     p.add_argument("log")
     p.add_argument("--json", action="store_true")
@@ -624,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("log")
         if name == "evaluate":
             p.add_argument("--policy", required=True, help="logging | static:TASK=W,... | run:RUN_ID")
+            p.add_argument("--stream", action="store_true",
+                           help="a Parquet lake (export-parquet) read shard by shard, memory following a shard: "
+                                "re-ranking metrics and DM, equal to the in-memory figures")
         else:
             p.add_argument("--policy", action="append", help="repeat; default: logging and every finished run")
             p.add_argument("--algo", help="train these algorithms with their defaults first (comma list, or "
@@ -679,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-core", action="store_true",
                    help="also measure every figure with one core held by a spinning process (started and stopped "
                         "by the bench)")
+    p.add_argument("--streamed", action="store_true",
+                   help="also streamed evaluation of a trained GRADE policy on Parquet lakes of 1M, 4M and 16M "
+                        "requests (several minutes, 8 GB of disk at 16M)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -691,7 +754,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.bench import run_bench
 
     result = run_bench(args.quick, progress=lambda msg: print(f"bench: {msg}...", file=sys.stderr),
-                       busy=args.busy_core)
+                       busy=args.busy_core, streamed=args.streamed)
     if args.json:
         _emit(result)
         return EXIT_OK

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -146,7 +147,9 @@ def fit_position_curve(scores: np.ndarray, labels: np.ndarray, positions: np.nda
     n_pos = int(positions.max()) + 1
     shown = positions >= 0
     y = np.nan_to_num(labels)
-    scale = np.maximum(np.nanmean(np.where(shown[..., None], labels, np.nan), axis=(0, 1)), 1e-9)
+    with warnings.catch_warnings():  # a task without any label: its scale falls back to the floor
+        warnings.simplefilter("ignore", RuntimeWarning)
+        scale = np.maximum(np.nan_to_num(np.nanmean(labels[shown].astype(np.float64), axis=0)), 1e-9)
     obs = np.bincount(positions[shown], weights=(y[shown] / scale).sum(-1), minlength=n_pos)
     pred = np.bincount(positions[shown], weights=(scores[shown] / scale).sum(-1), minlength=n_pos)
     curve = obs / np.maximum(pred, 1e-12)
@@ -165,8 +168,10 @@ def resolve_reward(spec: RewardSpec, tasks: tuple[str, ...], labels: np.ndarray,
     """Bind a spec to a log: std normalisation and the logging policy's reward shares."""
     spec.check_tasks(tasks)
     c = np.array([spec.coefficients.get(t, 0.0) for t in tasks], dtype=np.float64)
-    if spec.normalize:
-        std = np.nanstd(np.where(shown[..., None], labels, np.nan), axis=(0, 1))
+    if spec.normalize:  # in float64 over the shown items (float32 sums lose four digits on a large log)
+        with warnings.catch_warnings():  # a task without any label: no normalisation (below)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            std = np.nanstd(labels[shown].astype(np.float64), axis=0)
         c = c / np.where(np.isfinite(std) & (std > 0), std, 1.0)
     totals = c * expected_logged.sum(0)
     share = totals / totals.sum() if totals.sum() > 0 else np.full(len(tasks), 1.0 / max(len(tasks), 1))

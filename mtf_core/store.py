@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from mtf_core.errors import EXIT_PROBLEMS, EXIT_UNUSABLE, LogError, is_disk_full
+from mtf_core.lake import is_lake, open_lake
 from mtf_core.policies.base import StateBatch, context_features
 from mtf_core.schema import (
     IDENTIFIER,
@@ -40,6 +41,7 @@ __all__ = [
     "LogData",
     "open_log",
     "load_log",
+    "load_from",
     "write_log",
     "log_info",
     "fingerprint",
@@ -56,12 +58,16 @@ def temporary_path(path: Path) -> Path:
 
 
 def open_log(path: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
-    """Open a log read-only; a missing file or a file that is not a DuckDB database raises LogError(exit 2)."""
+    """Open a log read-only (a `.duckdb` file, or a folder of Parquet files per table: `lake`); a missing file or
+    one that is neither raises LogError(exit 2)."""
     p = Path(path)
     if not p.exists():
         raise LogError(f"{p}: no such file", EXIT_UNUSABLE)
     if p.is_dir():
-        raise LogError(f"{p}: is a directory, not a DuckDB log", EXIT_UNUSABLE)
+        if is_lake(p):
+            return open_lake(p)
+        raise LogError(f"{p}: is a directory, not a DuckDB log nor a Parquet lake (a folder per table, with "
+                       "meta/)", EXIT_UNUSABLE)
     try:
         con = duckdb.connect(str(p), read_only=True)
         con.execute("SET enable_progress_bar = false")
@@ -335,6 +341,15 @@ def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | N
     reads what can be read: ragged requests as padding, unknown items and segments as zeros)."""
     con = open_log(path)
     try:
+        return load_from(con, str(path), progress, check)
+    finally:
+        con.close()
+
+
+def load_from(con: duckdb.DuckDBPyConnection, path: str, progress: Callable[[float], None] | None = None,
+              check: bool = True) -> LogData:
+    """`load_log` on an open connection (e.g. one shard of a lake); `path` names the log in messages."""
+    try:
         columns = table_columns(con)
         missing = [t for t in ("tasks", "users", "requests", "impressions") if t not in columns]
         if missing:
@@ -363,8 +378,6 @@ def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | N
         fp = fingerprint(con) if "meta" in columns else "unknown"
     except duckdb.Error as exc:
         raise LogError(f"{path}: cannot load ({str(exc).splitlines()[0]})", EXIT_PROBLEMS) from exc
-    finally:
-        con.close()
     return _assemble(str(path), tasks, uf, itf, meta, fp, req, cand)
 
 

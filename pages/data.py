@@ -55,7 +55,8 @@ source = st.radio("Log", SOURCES, index=SOURCES.index(st.session_state[KEY_SOURC
                   key="_log_source_widget", on_change=_source_changed)
 if source == SOURCES[1]:
     with st.form("path_form"):
-        typed = st.text_input("Path to a .duckdb log", value=current_log_path(), key="_log_path_input")
+        typed = st.text_input("Path to a log: a .duckdb file or a Parquet lake folder (export-parquet)",
+                              value=current_log_path(), key="_log_path_input")
         if st.form_submit_button("Use this log"):
             try:
                 folders = [*allowed_dirs(), ROOT / "data"] if allowed_dirs() else []

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from mtf_core.evaluate.context import EvalContext
 
 __all__ = ["DirectModel", "DirectFitData", "DirectView", "LINEAR_LABEL", "LEARNED_LABEL", "fit_direct",
-           "direct_value", "model_based_intervals", "ModelTerms"]
+           "fit_from_user_stats", "direct_value", "model_based_intervals", "intervals_from_units", "ModelTerms"]
 
 LINEAR_LABEL = "linear direct model (per segment, on the MTL-score expected reward)"
 LEARNED_LABEL = "learned outcome model (cross-fitted network, recalibrated per segment)"
@@ -71,6 +71,14 @@ def fit_direct(segment: np.ndarray, n_seg: int, x: np.ndarray, y: np.ndarray, us
     unit_segment = np.zeros(len(users), dtype=np.int64)
     unit_segment[unit] = segment
     return DirectModel(*_coefficients(*sums)), DirectFitData(users, unit_segment, stats)
+
+
+def fit_from_user_stats(users: np.ndarray, segment: np.ndarray, stats: np.ndarray, n_seg: int
+                        ) -> tuple[DirectModel, DirectFitData]:
+    """`fit_direct` from per-user statistics `[U,5]` (users sorted, their segments), as a streamed pass
+    gathers them: the same least squares per segment."""
+    sums = [np.bincount(segment, weights=stats[:, j], minlength=n_seg) for j in range(5)]
+    return DirectModel(*_coefficients(*sums)), DirectFitData(users, segment, stats)
 
 
 def direct_value(ctx: "EvalContext", expected: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -187,19 +195,26 @@ def _resampled_intervals(ctx: "EvalContext", view: DirectView, terms: ModelTerms
                             rho * (terms.reward + terms.penalty_logged) - terms.penalty_target], 1)
     evaluated = np.stack([np.bincount(ctx.unit, weights=c, minlength=n_eval_units) for c in per_request.T], 1)
     names = ["dm"] if terms.ratio is None else ["dm", "dr"]
+    return intervals_from_units(view.fit, view.model, np.unique(ctx.log.user_id), ctx.unit_segment, evaluated,
+                                n_seg, names, n_boot, seed, level)
+
+
+def intervals_from_units(fit: DirectFitData, model: DirectModel, eval_users: np.ndarray, eval_segment: np.ndarray,
+                         evaluated: np.ndarray, n_seg: int, names: list[str], n_boot: int, seed: int,
+                         level: float = 0.95) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The bootstrap of `_resampled_intervals` from per-user sums alone (what a streamed evaluation keeps):
+    the fit's statistics per user, and the evaluated users' (sorted ids) six sums `[U,6]`."""
     # One row per user of either part: the fit's statistics beside the evaluated requests' terms.
-    eval_users = np.unique(ctx.log.user_id)
-    fit = view.fit
     users = np.union1d(eval_users, fit.user_id)
     per_unit = np.zeros((len(users), 5 + evaluated.shape[1]))
     per_unit[np.searchsorted(users, fit.user_id), :5] = fit.stats
     per_unit[np.searchsorted(users, eval_users), 5:] = evaluated
     segment = np.zeros(len(users), dtype=np.int64)
     segment[np.searchsorted(users, fit.user_id)] = fit.segment
-    segment[np.searchsorted(users, eval_users)] = ctx.unit_segment
+    segment[np.searchsorted(users, eval_users)] = eval_segment
     n_units = len(users)
     if n_units > BLB_THRESHOLD:
-        return _fixed_model_intervals(ctx, view.model, evaluated, names, n_boot, seed, level)
+        return _fixed_model_intervals(eval_segment, n_seg, model, evaluated, names, n_boot, seed, level)
     one_hot = (segment[:, None] == np.arange(n_seg)[None, :]).astype(np.float64)  # (U, S)
     by_segment = torch.from_numpy((per_unit[:, None, :] * one_hot[:, :, None]).reshape(n_units, -1))
     estimates = []
@@ -227,16 +242,16 @@ def _values_from_sums(sums: np.ndarray, names: list[str]) -> np.ndarray:
     return np.concatenate(out, 1)
 
 
-def _fixed_model_intervals(ctx: "EvalContext", model: DirectModel, evaluated: np.ndarray, names: list[str],
-                           n_boot: int, seed: int, level: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _fixed_model_intervals(unit_segment: np.ndarray, n_seg: int, model: DirectModel, evaluated: np.ndarray,
+                           names: list[str], n_boot: int, seed: int, level: float
+                           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Intervals with the model held at its fit: evaluated `[U,6]` per evaluated user (layout as above)."""
-    n_seg = len(ctx.log.segments)
-    a, b = model.intercept[ctx.unit_segment], model.slope[ctx.unit_segment]
+    a, b = model.intercept[unit_segment], model.slope[unit_segment]
     n, s_xt, s_pt, s_one_minus_rho, s_xt_rho_xl, s_rest = evaluated.T
     numerators = {"dm": a * n + b * s_xt - s_pt, "dr": a * s_one_minus_rho + b * s_xt_rho_xl + s_rest}
     out = {}
     for name in names:
-        cols_num = [numerators[name]] + [np.where(ctx.unit_segment == s, numerators[name], 0.0) for s in range(n_seg)]
-        cols_den = [n] + [np.where(ctx.unit_segment == s, n, 0.0) for s in range(n_seg)]
+        cols_num = [numerators[name]] + [np.where(unit_segment == s, numerators[name], 0.0) for s in range(n_seg)]
+        cols_den = [n] + [np.where(unit_segment == s, n, 0.0) for s in range(n_seg)]
         out[name] = bootstrap_ratio(np.stack(cols_num, 1), np.stack(cols_den, 1), n_boot, seed, level)
     return out

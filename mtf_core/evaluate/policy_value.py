@@ -22,7 +22,7 @@ from mtf_core.store import iter_chunks
 from mtf_core import threads
 from mtf_core.threads import uses_cores
 
-__all__ = ["EvaluationResult", "evaluate_policy", "point_value"]
+__all__ = ["EvaluationResult", "evaluate_policy", "point_value", "ranking_metric_terms", "metric_rows"]
 
 
 @dataclass
@@ -169,33 +169,53 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
                             sample or f"all {log.n_requests:,} requests", view.describe())
 
 
-def _ranking_metrics(ctx: EvalContext, actions: TargetActions, k: int, n_boot: int, seed: int
-                     ) -> tuple[list[dict[str, object]], np.ndarray]:
-    """NDCG@k, GAUC, MTF-GAUC and the direct-method reward of the top L, and the expected signals `[R,K]`."""
+def ranking_metric_terms(ctx: EvalContext, actions: TargetActions, k: int, thresholds: np.ndarray | None = None
+                         ) -> tuple[list[tuple[dict[str, object], np.ndarray, np.ndarray]], np.ndarray]:
+    """Per-user sums (figure, numerator `[U]`, denominator `[U]`) of NDCG@k, GAUC, MTF-GAUC and the
+    direct-method reward of the top L, and the expected signals `[R,K]` of the target's rankings. Every
+    figure is a ratio of sums over users, so a streamed evaluation adds these up shard by shard."""
     log = ctx.log
     chunks = [rerank_metrics(ctx, actions, rows, k) for rows in iter_chunks(log.n_requests, context.CHUNK)]
     ndcg = np.concatenate([c.ndcg for c in chunks])
     ndcg_reward = np.concatenate([c.ndcg_reward for c in chunks])
     expected = np.concatenate([c.expected for c in chunks])
     fused = np.concatenate([c.fused_shown for c in chunks])
-    figs = _Figures(len(ctx.unit_segment))
-    segs, useg = log.segments, ctx.unit_segment
+    n_units = len(ctx.unit_segment)
+    terms: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = []
     for j, task in enumerate(log.task_names):
-        figs.add({"name": f"ndcg@{k}", "task": task}, *_per_unit(ctx, ndcg[:, j]), useg, segs)
-    figs.add({"name": f"ndcg@{k}", "task": None}, *_per_unit(ctx, ndcg_reward), useg, segs)
+        terms.append(({"name": f"ndcg@{k}", "task": task}, *_per_unit(ctx, ndcg[:, j])))
+    terms.append(({"name": f"ndcg@{k}", "task": None}, *_per_unit(ctx, ndcg_reward)))
     shown = log.shown
     unit_flat = np.broadcast_to(ctx.unit[:, None], shown.shape)[shown]
-    positive = positive_labels(log)[shown]
+    positive = positive_labels(log, thresholds)[shown]
+    score = fused[shown]
+    order = np.lexsort((score, unit_flat))  # one sort serves every task's GAUC and MTF-GAUC
     for j, task in enumerate(log.task_names):
-        figs.add({"name": "gauc", "task": task},
-                 *gauc(unit_flat, fused[shown], positive[:, j], len(useg)), useg, segs)
+        terms.append(({"name": "gauc", "task": task},
+                      *gauc(unit_flat, score, positive[:, j], n_units, order=order)))
     consumed = positive.any(-1)
-    reward_weight = np.maximum(np.bincount(ctx.unit, weights=ctx.logged.total, minlength=len(useg)), 0.0)
-    figs.add({"name": "mtf_gauc", "task": None},
-             *gauc(unit_flat, fused[shown], consumed, len(useg), reward_weight), useg, segs)
+    reward_weight = np.maximum(np.bincount(ctx.unit, weights=ctx.logged.total, minlength=n_units), 0.0)
+    terms.append(({"name": "mtf_gauc", "task": None},
+                  *gauc(unit_flat, score, consumed, n_units, reward_weight, order=order)))
     dm_top = expected @ ctx.resolved.coefficients
-    figs.add({"name": f"dm_reward@{ctx.n_top}", "task": None}, *_per_unit(ctx, dm_top), useg, segs)
-    return figs.finish(n_boot, seed), expected
+    terms.append(({"name": f"dm_reward@{ctx.n_top}", "task": None}, *_per_unit(ctx, dm_top)))
+    return terms, expected
+
+
+def metric_rows(terms: list[tuple[dict[str, object], np.ndarray, np.ndarray]], unit_segment: np.ndarray,
+                segments: tuple[str, ...], n_boot: int, seed: int) -> list[dict[str, object]]:
+    """The figures of `ranking_metric_terms`, overall and per segment, with bootstrap intervals over users."""
+    figs = _Figures(len(unit_segment))
+    for row, num_u, den_u in terms:
+        figs.add(row, num_u, den_u, unit_segment, segments)
+    return figs.finish(n_boot, seed)
+
+
+def _ranking_metrics(ctx: EvalContext, actions: TargetActions, k: int, n_boot: int, seed: int
+                     ) -> tuple[list[dict[str, object]], np.ndarray]:
+    """NDCG@k, GAUC, MTF-GAUC and the direct-method reward of the top L, and the expected signals `[R,K]`."""
+    terms, expected = ranking_metric_terms(ctx, actions, k)
+    return metric_rows(terms, ctx.unit_segment, ctx.log.segments, n_boot, seed), expected
 
 
 def _off_policy(ctx: EvalContext, view: DirectView, ratios: ImportanceRatios | None, target: _Target, n_boot: int,

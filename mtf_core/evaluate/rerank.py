@@ -18,7 +18,7 @@ from mtf_core.fusion import fuse
 from mtf_core.store import LogData, iter_chunks
 
 __all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "expected_under", "learned_under",
-           "rerank_metrics", "positive_labels", "gauc", "streamed_rerank"]
+           "rerank_metrics", "label_thresholds", "positive_labels", "gauc", "streamed_rerank"]
 
 
 def ndcg_at_k(fused: torch.Tensor, gains: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -169,32 +169,38 @@ def rerank_metrics(ctx: EvalContext, actions: TargetActions, rows: slice, k: int
                         torch.where(shown, fused, float("-inf")).numpy())
 
 
-def positive_labels(log: LogData) -> np.ndarray:
-    """`[R,N,K]` whether each label counts as a positive (binary views such as GAUC): above 0 for binary
-    tasks, above the task's threshold for continuous ones (declared in `tasks`, else the median over shown
-    items; play time is positive on almost every impression, so `> 0` would make every item a positive)."""
-    labels = log.labels
-    shown = log.shown
+def label_thresholds(log: LogData) -> np.ndarray:
+    """`[K]` above which a label counts as a positive (binary views such as GAUC): 0 for binary tasks; for
+    continuous ones the task's declared threshold, else the median over shown items (play time is positive
+    on almost every impression, so `> 0` would make every item a positive)."""
     thresholds = np.zeros(len(log.tasks))
     for j, task in enumerate(log.tasks):
         if task.kind == "continuous":
-            observed = labels[..., j][shown]
-            observed = observed[np.isfinite(observed)]
+            observed = log.labels[..., j][log.shown]
+            observed = observed[np.isfinite(observed)].astype(np.float64)
             thresholds[j] = task.threshold if task.threshold is not None else (
                 float(np.median(observed)) if len(observed) else 0.0)
+    return thresholds
+
+
+def positive_labels(log: LogData, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """`[R,N,K]` whether each label is above its task's threshold (`label_thresholds`, unless given)."""
+    thresholds = label_thresholds(log) if thresholds is None else thresholds
     with np.errstate(invalid="ignore"):
-        return np.nan_to_num(labels, nan=-np.inf) > thresholds
+        return np.nan_to_num(log.labels, nan=-np.inf) > thresholds
 
 
 def gauc(unit: np.ndarray, score: np.ndarray, label: np.ndarray, n_units: int,
-         unit_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+         unit_weight: np.ndarray | None = None, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-unit AUC of `score` against binary `label` (flat arrays over shown candidates).
 
     Returns (numerator, denominator) per unit so that GAUC = sum(num) / sum(den): num = weight * AUC_u,
     den = weight for units with both classes (weight = the unit's candidate count unless given), else 0.
-    AUC by the Mann-Whitney rank sum with tied scores given their average rank.
+    AUC by the Mann-Whitney rank sum with tied scores given their average rank. `order` is
+    `np.lexsort((score, unit))` where the caller has it (the sort is the cost, and it is the same for every
+    label of one ranking).
     """
-    order = np.lexsort((score, unit))
+    order = np.lexsort((score, unit)) if order is None else order
     u, s, y = unit[order], score[order], label[order].astype(np.float64)
     n = len(u)
     if n == 0:

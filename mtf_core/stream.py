@@ -1,0 +1,285 @@
+"""Streamed evaluation: a lake read one shard at a time, so that memory follows a shard, not the log.
+
+Every figure of an evaluation is a ratio of sums over users (the bootstrap resamples users), and a lake's
+shard holds whole users (`lake`), so a shard's per-user sums are final: two passes over the shards give
+the same figures as the in-memory evaluation of the whole log.
+
+1. Statistics of the whole log that the reward and the models rest on, as DuckDB aggregates over the lake
+   (one parallel scan, nothing held): the label moments (the reward's normalisation), per-position sums of
+   labels and scores (the position curve and the logging policy's reward shares), the users and their
+   segments, and the thresholds of continuous tasks (an exact median).
+2. Per shard: the target policy acts, and its re-ranking metrics, the direct model's statistics (n, x, y,
+   x^2, xy per user) and the target's direct-method terms are summed per user.
+
+The direct model's calibration is then fitted from the per-user statistics, and the bootstrap runs on the
+per-user arrays exactly as in memory. What is streamed: the re-ranking metrics (NDCG, GAUC, MTF-GAUC, the
+DM reward of the top L) and DM with the linear direct model, for any policy at its deterministic action.
+Importance-weighted estimates are not: their Monte-Carlo parts (kernel draws for a deterministic target,
+the target's own draws for a stochastic one) follow the request order of one random stream, which shards
+cannot reproduce to the digit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import duckdb
+import numpy as np
+
+from mtf_core.errors import LogError
+from mtf_core.evaluate.actions import target_actions
+from mtf_core.evaluate.bootstrap import N_BOOT, finite_or_none
+from mtf_core.evaluate.context import EvalContext
+from mtf_core.evaluate.direct import DirectFitData, DirectModel, fit_from_user_stats, intervals_from_units
+from mtf_core.evaluate.policy_value import metric_rows, ranking_metric_terms
+from mtf_core.lake import is_lake, lake_shards, open_lake
+from mtf_core.policies.base import FusionPolicy
+from mtf_core.profile import profile_log
+from mtf_core.reward import ResolvedReward, RewardSpec, expected_signals, penalty, request_reward
+from mtf_core.schema import Task, quote_ident, read_tasks
+from mtf_core.simulate import SimConfig, position_curve
+from mtf_core.store import LogData, load_from
+
+__all__ = ["LogStatistics", "StreamedEvaluation", "iter_shards", "log_statistics", "streamed_evaluation",
+           "policy_view", "peak_memory_mb"]
+
+
+def policy_view(lake: str | os.PathLike[str]) -> LogData:
+    """A shard of the lake with the whole lake's segment names: what resolving a policy reference needs (its
+    tasks and segments), without reading the log."""
+    for _, log in iter_shards(lake):
+        con = open_lake(lake)
+        try:
+            names = [str(r[0]) for r in con.execute("SELECT DISTINCT segment FROM users WHERE segment IS NOT NULL "
+                                                    "ORDER BY 1").fetchall()]
+        finally:
+            con.close()
+        return dataclasses.replace(log, segments=tuple(names))
+    raise LogError(f"{lake}: the lake has no shards with requests")
+
+
+def iter_shards(lake: str | os.PathLike[str]) -> Iterator[tuple[str, LogData]]:
+    """(shard name, the shard as a log) for every shard of a lake, one at a time."""
+    if not is_lake(lake):
+        raise LogError(f"{lake}: streamed evaluation reads a Parquet lake (python -m mtf_core export-parquet LOG "
+                       "--out DIR writes one)")
+    for shard in lake_shards(lake):
+        con = open_lake(lake, shard)
+        try:
+            yield shard, load_from(con, f"{lake} ({shard})")
+        finally:
+            con.close()
+
+
+@dataclass(frozen=True)
+class LogStatistics:
+    """What the reward and the direct model rest on, over the whole log (pass 1)."""
+
+    path: str
+    tasks: tuple[Task, ...]
+    segments: tuple[str, ...]  # with requests, by name (as `load_log` numbers them)
+    users: np.ndarray  # (U,) sorted ids
+    user_segment: np.ndarray  # (U,) index into segments
+    n_requests: int
+    n_top: int
+    label_mean: np.ndarray  # (K,) over shown items with a label
+    label_std: np.ndarray  # (K,) population std, NaN for a task without labels
+    label_by_position: np.ndarray  # (P, K) sums of shown labels
+    score_by_position: np.ndarray  # (P, K) sums of shown scores
+    thresholds: np.ndarray  # (K,)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sim_config(self) -> SimConfig | None:
+        simulated = self.meta.get("source") == "simulator" and "simulator_config" in self.meta
+        return SimConfig.from_json(self.meta["simulator_config"]) if simulated else None
+
+    def position_curve(self) -> np.ndarray:
+        """`fit_position_curve` (or the simulator's) from the per-position sums."""
+        sim = self.sim_config
+        if sim is not None:
+            return position_curve(sim, self.n_top)
+        scale = np.maximum(np.nan_to_num(self.label_mean), 1e-9)
+        obs = (self.label_by_position / scale).sum(1)
+        pred = (self.score_by_position / scale).sum(1)
+        curve = obs / np.maximum(pred, 1e-12)
+        return np.clip(curve / max(curve[0], 1e-12), 0.0, 1.0) if curve[0] > 0 else np.ones(len(curve))
+
+    def resolve(self, spec: RewardSpec) -> ResolvedReward:
+        """`resolve_reward` from the whole log's statistics."""
+        names = tuple(t.name for t in self.tasks)
+        spec.check_tasks(names)
+        c = np.array([spec.coefficients.get(t, 0.0) for t in names], dtype=np.float64)
+        if spec.normalize:
+            std = self.label_std
+            c = c / np.where(np.isfinite(std) & (std > 0), std, 1.0)
+        curve = self.position_curve()
+        expected_total = curve[:len(self.score_by_position)] @ self.score_by_position[:len(curve)]
+        totals = c * expected_total
+        share = totals / totals.sum() if totals.sum() > 0 else np.full(len(names), 1.0 / max(len(names), 1))
+        return ResolvedReward(spec, names, c, share, curve)
+
+
+def _thresholds(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...]) -> np.ndarray:
+    """`label_thresholds` over the whole lake: continuous tasks' declared thresholds, else the exact median of
+    their shown labels (as float32, as `load_log` reads them)."""
+    thresholds = np.zeros(len(tasks))
+    for j, task in enumerate(tasks):
+        if task.kind != "continuous":
+            continue
+        if task.threshold is not None:
+            thresholds[j] = task.threshold
+            continue
+        col = quote_ident("y_" + task.name)
+        value = con.execute(f"SELECT median({col}::FLOAT::DOUBLE) FROM impressions WHERE position IS NOT NULL "
+                            f"AND isfinite({col}::FLOAT)").fetchone()[0]  # type: ignore[index]
+        thresholds[j] = float(value) if value is not None else 0.0
+    return thresholds
+
+
+def log_statistics(lake: str | os.PathLike[str]) -> LogStatistics:
+    """Pass 1 (module docstring), as DuckDB aggregates over the whole lake: one parallel scan, nothing held."""
+    if not is_lake(lake):
+        raise LogError(f"{lake}: streamed evaluation reads a Parquet lake (python -m mtf_core export-parquet LOG "
+                       "--out DIR writes one)")
+    con = open_lake(lake)
+    try:
+        tasks = tuple(read_tasks(con))
+        if not tasks:
+            raise LogError(f"{lake}: the lake declares no tasks")
+        label = [f"{quote_ident('y_' + t.name)}::FLOAT::DOUBLE" for t in tasks]
+        score = [f"CASE WHEN isfinite({quote_ident('s_' + t.name)}::DOUBLE) THEN "
+                 f"{quote_ident('s_' + t.name)}::FLOAT::DOUBLE ELSE 0 END" for t in tasks]
+        finite = [f"CASE WHEN isfinite({y}) THEN {y} END" for y in label]
+        moments = con.execute("SELECT " + ", ".join(f"avg({v}), stddev_pop({v})" for v in finite)
+                              + " FROM impressions WHERE position IS NOT NULL").fetchone()
+        by_position = con.execute(
+            "SELECT position, " + ", ".join(f"sum(coalesce({v}, 0))" for v in finite) + ", "
+            + ", ".join(f"sum({v})" for v in score) + " FROM impressions WHERE position IS NOT NULL "
+            "AND request_id IN (SELECT request_id FROM requests) GROUP BY position ORDER BY position").fetchall()
+        users = con.execute("SELECT r.user_id, any_value(coalesce(u.segment, '(missing)')), count(*) FROM requests r "
+                            "JOIN users u ON u.user_id = r.user_id GROUP BY r.user_id ORDER BY r.user_id").fetchall()
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        thresholds = _thresholds(con, tasks)
+    except duckdb.Error as exc:
+        raise LogError(f"{lake}: cannot be summarised ({str(exc).splitlines()[0]})") from exc
+    finally:
+        con.close()
+    if not users or moments is None:
+        raise LogError(f"{lake}: the lake has no requests")
+    k = len(tasks)
+    n_pos = int(by_position[-1][0]) + 1 if by_position else 1
+    sums = np.zeros((n_pos, 2 * k))
+    for row in by_position:
+        sums[int(row[0])] = [v or 0.0 for v in row[1:]]
+    ids = np.array([u[0] for u in users], dtype=np.int64)
+    names = np.array([str(u[1]) for u in users], dtype=object)
+    segments = tuple(sorted(set(names.tolist())))
+    mean = np.array([np.nan if v is None else v for v in moments[0::2]], dtype=np.float64)
+    std = np.array([np.nan if v is None else v for v in moments[1::2]], dtype=np.float64)
+    return LogStatistics(str(lake), tasks, segments, ids, np.searchsorted(segments, names).astype(np.int64),
+                         int(sum(u[2] for u in users)), n_pos, mean, std, sums[:, :k], sums[:, k:], thresholds,
+                         {str(a): str(b) for a, b in meta.items()})
+
+
+@dataclass
+class StreamedEvaluation:
+    """A streamed evaluation's figures (the rows of `EvaluationResult`'s metrics and its DM row)."""
+
+    log: str
+    policy: str
+    n_requests: int
+    n_users: int
+    n_shards: int
+    metrics: list[dict[str, object]]
+    ope: list[dict[str, object]]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def _shard_context(log: LogData, stats: LogStatistics, resolved: ResolvedReward) -> tuple[EvalContext, np.ndarray]:
+    """The shard as an evaluation context on the whole log's reward, and its users' global unit indices."""
+    code = np.searchsorted(stats.segments, np.asarray(log.segments, dtype=object).astype(str))
+    log = dataclasses.replace(log, segment=code[log.segment], segments=stats.segments)
+    expected = expected_signals(log.scores, log.positions, resolved.position_curve)
+    feedback = np.nan_to_num(log.labels).sum(1)
+    logged = request_reward(resolved, feedback, log.continued, log.returned, log.weights, expected)
+    users, unit = np.unique(log.user_id, return_inverse=True)
+    unit_segment = np.zeros(len(users), dtype=np.int64)
+    unit_segment[unit] = log.segment
+    placeholder = DirectModel(np.zeros(len(stats.segments)), np.zeros(len(stats.segments)))
+    empty_fit = DirectFitData(users, unit_segment, np.zeros((len(users), 5)))
+    ctx = EvalContext(log, resolved, logged, expected, placeholder, empty_fit, unit, unit_segment, stats.sim_config,
+                      stats.n_top, profile_log(log), "linear")
+    return ctx, np.searchsorted(stats.users, users)
+
+
+def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, label: str, spec: RewardSpec,
+                        k: int | None = None, n_boot: int = N_BOOT, seed: int = 0,
+                        progress: Callable[[float, str], None] | None = None) -> StreamedEvaluation:
+    """Re-ranking metrics and DM of `policy` (at its deterministic action) on a lake, shard by shard; equal
+    to `evaluate_policy` on the whole log with the linear direct model (module docstring)."""
+    start = time.perf_counter()
+    say = progress or (lambda f, msg: None)
+    say(0.0, "pass 1: the whole log's statistics")
+    stats = log_statistics(lake)
+    resolved = stats.resolve(spec)
+    k = k or stats.n_top
+    n_users, n_seg = len(stats.users), len(stats.segments)
+    fit_stats = np.zeros((n_users, 5))
+    evaluated = np.zeros((n_users, 6))
+    figures: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = []
+    shards = lake_shards(lake)
+    for i, (shard, log) in enumerate(iter_shards(lake)):
+        ctx, at = _shard_context(log, stats, resolved)
+        x = ctx.logged_expected @ resolved.coefficients
+        y = ctx.logged.immediate + ctx.logged.session
+        for j, v in enumerate((np.ones_like(x), x, y, x * x, x * y)):
+            fit_stats[at, j] = np.bincount(ctx.unit, weights=v, minlength=len(at))
+        actions = target_actions(policy, ctx.log, label, stochastic=False)
+        terms, expected = ranking_metric_terms(ctx, actions, k, stats.thresholds)
+        x_target = expected @ resolved.coefficients
+        pen_target = penalty(resolved, actions.weights, expected)
+        one = np.ones_like(x_target)
+        for j, v in enumerate((one, x_target, pen_target, one, x_target, -pen_target)):
+            evaluated[at, j] = np.bincount(ctx.unit, weights=v, minlength=len(at))
+        if not figures:
+            figures = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in terms]
+        for (_, num, den), (_, num_s, den_s) in zip(figures, terms):
+            num[at], den[at] = num_s, den_s
+        del ctx, log, actions, terms, expected
+        say(0.1 + 0.8 * (i + 1) / max(len(shards), 1), f"shard {i + 1} of {len(shards)}")
+    metrics = metric_rows(figures, stats.user_segment, stats.segments, n_boot, seed)
+    model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)
+    low, high = intervals_from_units(fit, model, stats.users, stats.user_segment, evaluated, n_seg, ["dm"], n_boot,
+                                     seed + 1)["dm"]
+    numerator = model.intercept[stats.user_segment] * evaluated[:, 0] + model.slope[stats.user_segment] * \
+        evaluated[:, 1] - evaluated[:, 2]
+    ope = []
+    for j, (s, name) in enumerate([(None, None), *enumerate(stats.segments)]):
+        keep = np.ones(n_users, dtype=bool) if s is None else stats.user_segment == s
+        n = evaluated[keep, 0].sum()
+        value = float(numerator[keep].sum() / n) if n > 0 else None
+        ope.append({"estimator": "dm", "segment": name, "value": value,
+                    "ci_low": finite_or_none(low[j]) if value is not None else None,
+                    "ci_high": finite_or_none(high[j]) if value is not None else None})
+    say(1.0, "done")
+    notes = ["streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
+             "importance-weighted estimates need the whole log in memory (`evaluate` without --stream)"]
+    return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
+                              time.perf_counter() - start, notes)
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux ru_maxrss is in KB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+

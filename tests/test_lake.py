@@ -1,0 +1,80 @@
+"""A log as a folder of Parquet files per table (a data lake's layout): exported, and read as a log by every
+command with the same arrays, fingerprint and figures as the DuckDB file it came from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtf_core.errors import LogError
+from mtf_core.evaluate import evaluate_policy, prepare, target_actions
+from mtf_core.lake import export_lake, is_lake, lake_files
+from mtf_core.policies.static import parse_static
+from mtf_core.reward import RewardSpec
+from mtf_core.schema import validate
+from mtf_core.store import load_log, open_log
+
+ROOT = Path(__file__).resolve().parent.parent
+ARRAYS = ("request_id", "session_id", "user_id", "step", "ts", "segment", "user_features", "context", "weights",
+          "logging_logp", "scores", "labels", "positions", "mask", "item_features", "continued", "returned")
+
+
+@pytest.fixture(scope="module")
+def lake(tiny_log_path, tmp_path_factory):
+    return export_lake(tiny_log_path, tmp_path_factory.mktemp("lake") / "tiny", shards=3)
+
+
+def test_a_lake_is_sharded_by_user_and_reads_back_as_the_same_log(tiny_log_path, tiny_log, lake):
+    assert is_lake(lake) and len(lake_files(lake, "impressions")) == 3 and len(lake_files(lake, "meta")) == 1
+    con = open_log(lake)
+    try:
+        assert validate(con) == []
+        # A shard holds whole users: no user's requests are split over two shards.
+        split = con.execute("SELECT count(*) FROM (SELECT user_id FROM read_parquet(?, filename = true) "
+                            "GROUP BY user_id HAVING count(DISTINCT filename) > 1)",
+                            [[str(f) for f in lake_files(lake, "requests")]]).fetchone()[0]
+    finally:
+        con.close()
+    assert split == 0
+    again = load_log(lake)
+    assert again.fingerprint == tiny_log.fingerprint and again.tasks == tiny_log.tasks
+    assert again.segments == tiny_log.segments and dict(again.meta) == dict(tiny_log.meta)
+    for name in ARRAYS:
+        a, b = getattr(tiny_log, name), getattr(again, name)
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+
+
+def test_every_figure_on_a_lake_equals_the_duckdb_files(tiny_log, lake):
+    spec = RewardSpec.default(tiny_log.task_names)
+    policy = parse_static("click=0.4,like=0.1,finish=0.2,share=0.1,watch_time=0.2", tiny_log.task_names,
+                          tiny_log.segments)
+    results = []
+    for log in (tiny_log, load_log(lake)):
+        ctx = prepare(log, spec, outcome_model="linear")
+        results.append(evaluate_policy(ctx, target_actions(policy, log, "static"), n_boot=100))
+    file_result, lake_result = (json.dumps(r.to_json(), sort_keys=True, default=str) for r in results)
+    assert file_result.replace(str(tiny_log.path), "LOG") == lake_result.replace(str(load_log(lake).path), "LOG")
+
+
+def test_export_parquet_from_the_command_line_and_its_refusals(tiny_log_path, tmp_path):
+    out = tmp_path / "lake"
+    done = subprocess.run([sys.executable, "-m", "mtf_core", "export-parquet", str(tiny_log_path), "--out", str(out),
+                           "--shards", "2", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["files"]["requests"] == 2
+    info = subprocess.run([sys.executable, "-m", "mtf_core", "validate", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert info.returncode == 0 and "valid" in info.stdout
+    with pytest.raises(LogError, match="already exists"):
+        export_lake(tiny_log_path, out)
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(LogError, match="exists and is not a lake"):
+        export_lake(tiny_log_path, tmp_path / "notes", force=True)
+    with pytest.raises(LogError, match="is a directory, not a DuckDB log nor a Parquet lake"):
+        open_log(tmp_path / "notes")
+    assert not list(tmp_path.glob(".*tmp-*"))  # nothing half-written left behind

@@ -1,0 +1,92 @@
+"""Streamed evaluation over a Parquet lake, shard by shard: the same figures as the in-memory evaluation of
+the whole log, to 1e-9 (values and bootstrap intervals)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtf_core.errors import LogError
+from mtf_core.evaluate import evaluate_policy, prepare, target_actions
+from mtf_core.lake import export_lake
+from mtf_core.policies.static import parse_static
+from mtf_core.policies.train import TrainConfig, train
+from mtf_core.reward import RewardSpec
+from mtf_core.store import LogData, load_log
+from mtf_core.stream import streamed_evaluation
+
+ROOT = Path(__file__).resolve().parent.parent
+KUAIRAND = ROOT.parent / "shared" / "data" / "kuairand"
+
+
+def _assert_equal_figures(log: LogData, lake: Path, policy, spec: RewardSpec, n_boot: int = 100) -> None:  # type: ignore[no-untyped-def]
+    in_memory = evaluate_policy(prepare(log, spec, outcome_model="linear"),
+                                target_actions(policy, log, "p", stochastic=False), n_boot=n_boot)
+    streamed = streamed_evaluation(lake, policy, "p", spec, n_boot=n_boot)
+    dm = [row for row in in_memory.ope if row["estimator"] == "dm"]
+    assert len(streamed.metrics) == len(in_memory.metrics) > 0 and len(streamed.ope) == len(dm) > 1
+    for a, b in [*zip(in_memory.metrics, streamed.metrics), *zip(dm, streamed.ope)]:
+        assert (a.get("name"), a.get("task"), a["segment"]) == (b.get("name"), b.get("task"), b["segment"])
+        for key in ("value", "ci_low", "ci_high"):
+            if a[key] is None:
+                assert b[key] is None, (a, b)
+            else:
+                assert b[key] == pytest.approx(a[key], abs=1e-9), (key, a, b)
+    assert streamed.n_requests == log.n_requests
+
+
+@pytest.fixture(scope="module")
+def tiny_lake(tiny_log_path, tmp_path_factory) -> Path:
+    return export_lake(tiny_log_path, tmp_path_factory.mktemp("stream") / "lake", shards=3)
+
+
+def test_streamed_figures_equal_the_in_memory_ones_for_a_static_and_a_trained_policy(tiny_log, tiny_lake):
+    spec = RewardSpec.default(tiny_log.task_names)
+    static = parse_static("click=0.5,like=0.1,finish=0.1,share=0.1,watch_time=0.2", tiny_log.task_names,
+                          tiny_log.segments)
+    _assert_equal_figures(tiny_log, tiny_lake, static, spec)
+    grade = train(TrainConfig("grade", 0, {"steps": 4, "warm_start_steps": 2, "batch_size": 64}), tiny_log, spec)
+    _assert_equal_figures(tiny_log, tiny_lake, grade.policy, spec)
+
+
+def test_streamed_intervals_equal_the_in_memory_ones_when_the_bag_of_little_bootstraps_takes_over(
+        tiny_log, tiny_lake, monkeypatch):
+    import mtf_core.evaluate.direct as direct
+
+    monkeypatch.setattr(direct, "BLB_THRESHOLD", 20)  # the large-log branch, on a small log
+    spec = RewardSpec.default(tiny_log.task_names)
+    static = parse_static("click=0.2,like=0.2,finish=0.2,share=0.2,watch_time=0.2", tiny_log.task_names,
+                          tiny_log.segments)
+    _assert_equal_figures(tiny_log, tiny_lake, static, spec)
+
+
+@pytest.mark.skipif(not KUAIRAND.exists(), reason="the shared KuaiRand sample is not beside the checkout")
+def test_streamed_figures_on_real_data_with_a_fitted_position_curve_and_median_thresholds(tmp_path):
+    from mtf_core.kuairand import import_kuairand
+
+    path = tmp_path / "kuairand.duckdb"
+    import_kuairand([KUAIRAND / "log_random_4_22_to_5_08_1k.head.csv"], KUAIRAND / "user_features_pure.csv",
+                    KUAIRAND / "video_features_basic_pure.csv", path)
+    log = load_log(path)
+    lake = export_lake(path, tmp_path / "lake", shards=4)
+    policy = parse_static("click=0.2,long_view=0.3,play_time=0.5", log.task_names, log.segments)
+    _assert_equal_figures(log, lake, policy, RewardSpec.default(log.task_names))
+
+
+def test_evaluate_stream_from_the_command_line_and_its_refusals(tiny_log_path, tiny_lake):
+    policy = "static:click=0.5,like=0.1,finish=0.1,share=0.1,watch_time=0.2"
+    done = subprocess.run([sys.executable, "-m", "mtf_core", "evaluate", str(tiny_lake), "--stream", "--policy",
+                           policy, "--n-boot", "50", "--json"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["n_shards"] == 3 and result["ope"][0]["estimator"] == "dm"
+    refused = subprocess.run([sys.executable, "-m", "mtf_core", "evaluate", str(tiny_log_path), "--stream",
+                              "--policy", policy], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert refused.returncode == 2 and "streamed evaluation reads a Parquet lake" in refused.stderr
+    with pytest.raises(LogError, match="reads a Parquet lake"):
+        streamed_evaluation(tiny_log_path, None, "p", RewardSpec.default(("click",)))  # type: ignore[arg-type]
