@@ -9,6 +9,7 @@ stops itself (an analyst's machine is never idle), reported as each figure's `bu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -215,12 +216,12 @@ spec = RewardSpec.default(log.task_names)
 policy = train(TrainConfig("grade", 0, {"steps": 20, "warm_start_steps": 10, "batch_size": 512}), log, spec).policy
 del log
 start = time.perf_counter()
-result = streamed_evaluation(sys.argv[1], policy, "grade", spec, n_boot=200)
+result = streamed_evaluation(sys.argv[1], policy, "grade", spec, n_boot=200, engine=sys.argv[3])
 seconds = time.perf_counter() - start
 with open("/proc/self/status") as status:
     peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
 print(json.dumps({"peak_mb": peak_kb / 1024, "seconds": seconds, "n": result.n_requests,
-                  "shards": result.n_shards, "dm": result.ope[0]["value"]}))
+                  "shards": result.n_shards, "figures": [result.metrics, result.ope]}))
 """
 STREAMED_SIZES = (1_000_000, 4_000_000, 16_000_000)
 
@@ -231,21 +232,31 @@ def bench_streamed(folder: Path, scale: float, sizes: tuple[int, ...] = STREAMED
     requests), each in its own process: time, requests/s and peak memory (VmHWM)."""
     from benchmarks.synthetic import write_synthetic_lake
 
-    runs = []
+    def evaluate(lake: Path, engine: str) -> dict[str, object]:
+        proc = subprocess.run([sys.executable, "-c", _STREAMED, str(lake), str(folder / "small.duckdb"), engine],
+                              capture_output=True, text=True, cwd=ROOT, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    runs, on_ray = [], None
     for n in sizes:
         n = max(20_000, int(n * scale))
         say(f"streamed: writing a lake of {n:,} requests")
         lake = write_synthetic_lake(folder / f"lake{n}", n)
         say(f"streamed: evaluating {n:,} requests")
-        proc = subprocess.run([sys.executable, "-c", _STREAMED, str(lake), str(folder / "small.duckdb")],
-                              capture_output=True, text=True, cwd=ROOT, check=True)
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        runs.append(evaluate(lake, "local"))
+        if on_ray is None and importlib.util.find_spec("ray") is not None:
+            say(f"streamed: {n:,} requests on 2 local Ray workers")
+            on_ray = evaluate(lake, "ray")
         shutil.rmtree(lake, ignore_errors=True)
     first, last = runs[0], runs[-1]
     rate = last["n"] / last["seconds"]
     ratio = last["peak_mb"] / first["peak_mb"]
     detail = "; ".join(f"{r['n']:,} requests ({r['shards']} shards): {r['seconds']:.1f}s, "
                        f"{r['n'] / r['seconds'] / 1e6:.2f}M requests/s, peak {r['peak_mb']:.0f} MB" for r in runs)
+    if on_ray is not None:
+        same = "the same figures" if on_ray["figures"] == first["figures"] else "DIFFERENT figures"
+        detail += (f"; Ray, 2 local workers, {first['n']:,} requests: {on_ray['seconds']:.1f}s "
+                   f"({on_ray['seconds'] / first['seconds']:.2f}x the local path's, start-up included), {same}")
     return Figure("streamed", rate, "requests/s (largest)", first["peak_mb"], ratio,
                   ">= 1M requests/s; peak <= 1.5x the smallest's", rate >= 1e6 and ratio <= 1.5, detail)
 

@@ -339,14 +339,15 @@ def _evaluate_streamed(args: argparse.Namespace) -> int:
     update, close = _progress_bar("streaming", not args.json)
     try:
         result = streamed_evaluation(args.log, policy, label, load_reward_spec(args.reward, view.task_names),
-                                     args.k, args.n_boot, args.seed, lambda f, msg: update(f))
+                                     args.k, args.n_boot, args.seed, lambda f, msg: update(f), args.engine,
+                                     args.address)
     finally:
         close()
     if args.json:
         _emit(result.to_json())
         return EXIT_OK
     print(f"policy {result.policy} on {result.log}: {result.n_requests:,} requests of {result.n_users:,} users, "
-          f"streamed over {result.n_shards} shards in {result.seconds:.1f}s")
+          f"streamed over {result.n_shards} shards ({result.engine}) in {result.seconds:.1f}s")
     for row in result.ope:
         if row["segment"] is None:
             print(f"  {row['estimator']:<20} {_ci(row)}")
@@ -363,6 +364,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.stream:
         return _evaluate_streamed(args)
+    if args.engine != "local" or args.address:
+        raise LogError("--engine and --address apply to --stream (a Parquet lake read shard by shard)")
     log, spec = _evaluation_inputs(args)
     result = _evaluate_one(_evaluation_sample(args, log, spec, [args.policy]), args.policy, args)
     if args.json:
@@ -684,6 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--stream", action="store_true",
                            help="a Parquet lake (export-parquet) read shard by shard, memory following a shard: "
                                 "re-ranking metrics and DM, equal to the in-memory figures")
+            p.add_argument("--engine", choices=["local", "ray"], default="local",
+                           help="with --stream: shards in this process, or mapped over Ray workers (Ray Data)")
+            p.add_argument("--address", help="with --engine ray: a running Ray cluster (default: start a local one "
+                                             "with 2 CPUs)")
         else:
             p.add_argument("--policy", action="append", help="repeat; default: logging and every finished run")
             p.add_argument("--algo", help="train these algorithms with their defaults first (comma list, or "

@@ -23,7 +23,7 @@ import numpy as np
 from mtf_core.errors import LogError
 
 __all__ = ["RewardSpec", "ResolvedReward", "RewardParts", "resolve_reward", "request_reward", "session_rewards",
-           "expected_signals", "fit_position_curve", "load_reward_spec"]
+           "expected_signals", "fit_position_curve", "load_reward_spec", "weighted_sum", "penalty"]
 
 _MAX_COEFFICIENT = 1e6
 
@@ -191,6 +191,13 @@ class RewardParts:
         return self.immediate + self.session - self.penalty
 
 
+def weighted_sum(values: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """`values @ coefficients` over the last axis as an elementwise product and sum: a BLAS matrix-vector
+    product splits its sums by the thread count, so the last bits would differ between a worker with one
+    thread and the local process."""
+    return (values * coefficients).sum(-1)
+
+
 def penalty(resolved: ResolvedReward, weights: np.ndarray, expected: np.ndarray) -> np.ndarray:
     """GRADE's anti-hacking terms per request `[R]` for weights `[R,K]`/`[R,N,K]` and expected signals `[R,K]`."""
     spec = resolved.spec
@@ -213,7 +220,7 @@ def request_reward(resolved: ResolvedReward, feedback_sum: np.ndarray, continued
                    returned: np.ndarray, weights: np.ndarray, expected: np.ndarray) -> RewardParts:
     """Composite reward per request from summed feedback `[R,K]`, session flags `[R]`, action and expected signals."""
     spec = resolved.spec
-    immediate = feedback_sum @ resolved.coefficients
+    immediate = weighted_sum(feedback_sum, resolved.coefficients)
     if spec.clip is not None:
         immediate = np.clip(immediate, -spec.clip, spec.clip)
     last = ~continued.astype(bool)

@@ -90,3 +90,18 @@ def test_evaluate_stream_from_the_command_line_and_its_refusals(tiny_log_path, t
     assert refused.returncode == 2 and "streamed evaluation reads a Parquet lake" in refused.stderr
     with pytest.raises(LogError, match="reads a Parquet lake"):
         streamed_evaluation(tiny_log_path, None, "p", RewardSpec.default(("click",)))  # type: ignore[arg-type]
+
+
+def test_ray_workers_give_the_local_numbers_exactly(tiny_log, tiny_lake):
+    pytest.importorskip("ray")
+    spec = RewardSpec.default(tiny_log.task_names)
+    static = parse_static("click=0.3,like=0.2,finish=0.2,share=0.1,watch_time=0.2", tiny_log.task_names,
+                          tiny_log.segments)
+    local = streamed_evaluation(tiny_lake, static, "p", spec, n_boot=100)
+    on_ray = streamed_evaluation(tiny_lake, static, "p", spec, n_boot=100, engine="ray")  # 2 local workers
+    assert on_ray.engine == "ray" and on_ray.n_shards == local.n_shards == 3
+    assert on_ray.metrics == local.metrics and on_ray.ope == local.ope  # exactly, not approximately
+    import ray
+
+    assert not ray.is_initialized()  # the cluster it started is shut down
+

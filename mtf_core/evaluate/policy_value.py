@@ -17,7 +17,7 @@ from mtf_core.evaluate.ratios import ImportanceRatios, importance_ratio
 from mtf_core.evaluate.rerank import expected_under, gauc, learned_under, positive_labels, rerank_metrics
 from mtf_core.evaluate.truth import truth_with_unit_terms
 from mtf_core.diagnostics import estimator_verdicts, overlap_diagnostics
-from mtf_core.reward import penalty
+from mtf_core.reward import penalty, weighted_sum
 from mtf_core.store import iter_chunks
 from mtf_core import threads
 from mtf_core.threads import uses_cores
@@ -197,7 +197,7 @@ def ranking_metric_terms(ctx: EvalContext, actions: TargetActions, k: int, thres
     reward_weight = np.maximum(np.bincount(ctx.unit, weights=ctx.logged.total, minlength=n_units), 0.0)
     terms.append(({"name": "mtf_gauc", "task": None},
                   *gauc(unit_flat, score, consumed, n_units, reward_weight, order=order)))
-    dm_top = expected @ ctx.resolved.coefficients
+    dm_top = weighted_sum(expected, ctx.resolved.coefficients)
     terms.append(({"name": f"dm_reward@{ctx.n_top}", "task": None}, *_per_unit(ctx, dm_top)))
     return terms, expected
 
