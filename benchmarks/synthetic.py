@@ -77,10 +77,10 @@ def write_synthetic_lake(path: Path, n_requests: int, n_candidates: int = 20, n_
     import shutil
     from datetime import datetime, timezone
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from mtf_core.schema import SCHEMA_VERSION
+    from mtf_core.store import arrow_table
 
     rng = np.random.default_rng(seed)
     path = Path(path)
@@ -92,17 +92,7 @@ def write_synthetic_lake(path: Path, n_requests: int, n_candidates: int = 20, n_
     def write(table: str, shard: int | None, columns: dict[str, np.ndarray]) -> None:
         folder = path / table / (f"shard={shard}" if shard is not None else "")
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {}
-        for name, values in columns.items():
-            if name == "position":
-                arrays[name] = pa.array(values, type=pa.int32(), mask=values < 0)
-            elif values.dtype.kind == "f":
-                arrays[name] = pa.array(values, mask=np.isnan(values))
-            elif values.dtype.kind == "O":
-                arrays[name] = pa.array(values.astype(str))
-            else:
-                arrays[name] = pa.array(values)
-        pq.write_table(pa.table(arrays), folder / "data_0.parquet")
+        pq.write_table(arrow_table(columns), folder / "data_0.parquet")
 
     write("meta", None, {"key": np.array(["schema_version", "source", "created_at"], dtype=object),
                          "value": np.array([SCHEMA_VERSION, "synthetic benchmark lake",

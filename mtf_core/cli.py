@@ -737,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the latest sessions held out for validation and early stopping (0 = none)")
     p.add_argument("--patience", type=int, default=4,
                    help="validation estimates without improvement before stopping (0 = never)")
+    p.add_argument("--sample-users", type=float, default=1.0, metavar="SHARE",
+                   help="train on a reproducible share of the users (by a hash of user_id and --seed): a log larger "
+                        "than memory, or a quick run; recorded with the run")
     p.add_argument("--runs", default="runs", help="run store folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -813,8 +816,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mtf_core.store import load_log
 
     config = TrainConfig(args.algo, args.seed, _train_params(args), validation_share=args.validation_share,
-                         patience=args.patience)
-    log = load_log(args.log)
+                         patience=args.patience, user_sample=args.sample_users)
+    log = load_log(args.log, user_sample=config.user_sample, sample_seed=config.seed)
     spec = load_reward_spec(args.reward, log.task_names)
     run_id, result = _train_into_store(RunStore(args.runs), config, log, spec, args.name)
     summary = run_summary(result)

@@ -270,6 +270,10 @@ def import_kuairand(logs: Sequence[str | Path], users: str | Path, videos: str |
     log_paths, train_paths = [Path(p) for p in logs], [Path(p) for p in train_logs]
     if not log_paths:
         raise LogError("import-kuairand needs at least one --log file")
+    same = {p.resolve() for p in log_paths} & {p.resolve() for p in train_paths}
+    if same:
+        raise LogError(f"{sorted(same)[0]}: given as --log and as --train-log; the scoring network must be trained "
+                       "on other traffic, or its scores would have seen their own labels")
     if Path(out).exists() and not force:
         raise LogError(f"{out}: already exists; pass --force to replace it")
     con = duckdb.connect()

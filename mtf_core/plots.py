@@ -124,13 +124,22 @@ def segment_sizes(df: pd.DataFrame, segments: Sequence[str] | None = None) -> go
     return _layout(fig, "Users and requests per segment", 300)
 
 
+UNSUPPORTED = "not supported by this log"
+
+
 def forest_plot(rows: pd.DataFrame, label: str, title: str) -> go.Figure:
-    """Point estimates with 95% intervals; rows need `label`, value, ci_low, ci_high and `policy`."""
+    """Point estimates with 95% intervals; rows need `label`, value, ci_low, ci_high and `policy`. Where rows
+    have a `verdict`, an estimate the log does not support is drawn hollow and faded (trust first)."""
     fig = go.Figure()
     for i, (policy, part) in enumerate(rows.groupby("policy", sort=False)):
+        verdict = part["verdict"].fillna("").astype(str) if "verdict" in part else pd.Series("", index=part.index)
+        unsupported = (verdict == UNSUPPORTED).to_numpy()
         fig.add_trace(go.Scatter(
             x=part["value"], y=part[label], mode="markers", name=str(policy),
-            marker=dict(color=policy_colour(i), size=9),
+            marker=dict(color=policy_colour(i), size=9, symbol=np.where(unsupported, "circle-open", "circle"),
+                        opacity=np.where(unsupported, 0.35, 1.0)),
+            customdata=verdict.to_numpy(), hovertemplate="%{y}: %{x:.4g}<br>%{customdata}<extra>" + str(policy)
+            + "</extra>",
             error_x=dict(type="data", symmetric=False, array=(part["ci_high"] - part["value"]).fillna(0),
                          arrayminus=(part["value"] - part["ci_low"]).fillna(0)),
         ))

@@ -7,6 +7,7 @@ leaves nothing in place of the requested file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,11 +43,13 @@ __all__ = [
     "open_log",
     "load_log",
     "load_from",
+    "sample_users",
     "write_log",
     "log_info",
     "fingerprint",
     "import_log",
     "import_uploads",
+    "arrow_table",
     "read_mapping",
     "temporary_path",
 ]
@@ -336,14 +339,42 @@ def _slots(rid: np.ndarray, request_id: np.ndarray
 
 
 def load_log(path: str | os.PathLike[str], progress: Callable[[float], None] | None = None,
-             check: bool = True) -> LogData:
+             check: bool = True, user_sample: float = 1.0, sample_seed: int = 0) -> LogData:
     """Read a whole log into dense arrays. Raises LogError for anything `validate` refuses (`check=False`
-    reads what can be read: ragged requests as padding, unknown items and segments as zeros)."""
+    reads what can be read: ragged requests as padding, unknown items and segments as zeros). With
+    `user_sample` < 1, only that share of the users is read (`sample_users`): a log larger than memory
+    trains on a reproducible sample of whole users; the fingerprint stays the whole log's."""
+    if not 0.0 < user_sample <= 1.0:
+        raise LogError(f"user sample {user_sample!r}: a share of the users in (0, 1]")
     con = open_log(path)
     try:
+        if user_sample < 1.0:
+            fp = fingerprint(con)
+            sample_users(con, user_sample, sample_seed)
+            log = load_from(con, str(path), progress, check)
+            return dataclasses.replace(log, fingerprint=fp, meta={**log.meta, "user_sample": f"{user_sample:g}",
+                                                                    "user_sample_seed": str(sample_seed)})
         return load_from(con, str(path), progress, check)
     finally:
         con.close()
+
+
+SAMPLE_BUCKETS = 1_000_000
+
+
+def sample_users(con: duckdb.DuckDBPyConnection, share: float, seed: int = 0) -> None:
+    """Shadow the log's user-level tables on `con` with temporary views of a reproducible share of its users
+    (those whose hash(user_id, seed) falls in the first `share` of its range), every request, candidate and
+    session of them, nothing of the others: what DuckDB reads afterwards is that sample alone."""
+    database = con.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+    home = f"{quote_ident(str(database))}.main"
+    cut, seed = int(round(share * SAMPLE_BUCKETS)), int(seed)  # numbers in the SQL text (views take no parameters)
+    chosen = f"hash(user_id, {seed}) % {SAMPLE_BUCKETS} < {cut}"
+    con.execute(f"CREATE OR REPLACE TEMP VIEW users AS SELECT * FROM {home}.users WHERE {chosen}")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW requests AS SELECT * FROM {home}.requests WHERE {chosen}")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW sessions AS SELECT * FROM {home}.sessions WHERE {chosen}")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW impressions AS SELECT * FROM {home}.impressions WHERE request_id IN "
+                "(SELECT request_id FROM requests)")
 
 
 def load_from(con: duckdb.DuckDBPyConnection, path: str, progress: Callable[[float], None] | None = None,
@@ -441,7 +472,8 @@ def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str],
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _arrow_table(columns: dict[str, np.ndarray]) -> pa.Table:
+def arrow_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """Columns as Arrow, as the log stores them: NaN as NULL, negative positions as NULL (not shown)."""
     arrays = {}
     for name, values in columns.items():
         if name == "position":
@@ -543,7 +575,7 @@ def _write_tables(con: duckdb.DuckDBPyConnection, tables: Mapping[str, dict[str,
     con.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?)", [(t.name, t.kind, t.description, t.threshold)
                                                               for t in tasks])
     for table, cols in tables.items():
-        arrow = _arrow_table(cols)  # noqa: F841 (read by DuckDB's replacement scan below)
+        arrow = arrow_table(cols)  # noqa: F841 (read by DuckDB's replacement scan below)
         names = ", ".join(quote_ident(c) for c in cols)
         con.execute(f"INSERT INTO {quote_ident(table)} ({names}) SELECT {names} FROM arrow")
     con.execute("COMMIT")

@@ -5,7 +5,7 @@ shard holds whole users (`lake`), so a shard's per-user sums are final: two pass
 the same figures as the in-memory evaluation of the whole log.
 
 1. Statistics of the whole log that the reward and the models rest on, as DuckDB aggregates over the lake
-   (one parallel scan, nothing held): the label moments (the reward's normalisation), per-position sums of
+   (one scan, on one thread so that its sums come out the same on every run; nothing held): the label moments (the reward's normalisation), per-position sums of
    labels and scores (the position curve and the logging policy's reward shares), the users and their
    segments, and the thresholds of continuous tasks (an exact median).
 2. Per shard: the target policy acts, and its re-ranking metrics, the direct model's statistics (n, x, y,
@@ -46,12 +46,12 @@ from mtf_core.store import LogData, load_from
 from mtf_core.threads import one_thread
 
 __all__ = ["LogStatistics", "StreamedEvaluation", "ShardTerms", "ENGINES", "iter_shards", "log_statistics",
-           "shard_terms", "streamed_evaluation", "policy_view", "peak_memory_mb"]
+           "shard_terms", "streamed_evaluation", "policy_view"]
 
 
 def policy_view(lake: str | os.PathLike[str]) -> LogData:
-    """A shard of the lake with the whole lake's segment names: what resolving a policy reference needs (its
-    tasks and segments), without reading the log."""
+    """The first shard of the lake with the whole lake's segment names: what resolving a policy reference
+    needs (its tasks and segments), without reading the whole log."""
     for _, log in iter_shards(lake):
         con = open_lake(lake)
         try:
@@ -272,8 +272,8 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
 ENGINES = ("local", "ray")
 
 
-def _local_terms(lake: str | os.PathLike[str], shards: list[str], work: Callable[[str], ShardTerms],
-                 say: Callable[[float, str], None]) -> Iterator[ShardTerms]:
+def _local_terms(shards: list[str], work: Callable[[str], ShardTerms], say: Callable[[float, str], None]
+                 ) -> Iterator[ShardTerms]:
     for i, shard in enumerate(shards):
         yield work(shard)
         say(0.1 + 0.8 * (i + 1) / max(len(shards), 1), f"shard {i + 1} of {len(shards)}")
@@ -330,7 +330,7 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     def work(shard: str) -> ShardTerms:
         return shard_terms(lake, shard, policy, label, stats, resolved, k)
 
-    parts = _ray_terms(shards, work, address, say) if engine == "ray" else _local_terms(lake, shards, work, say)
+    parts = _ray_terms(shards, work, address, say) if engine == "ray" else _local_terms(shards, work, say)
     for part in parts:
         at = np.searchsorted(stats.users, part.users)
         fit_stats[at], evaluated[at] = part.fit_stats, part.evaluated
@@ -358,11 +358,4 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
              "importance-weighted estimates need the whole log in memory (`evaluate` without --stream)"]
     return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
                               time.perf_counter() - start, notes, engine)
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux ru_maxrss is in KB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

@@ -75,6 +75,9 @@ metrics = metric_frame(results)
 overall = ope[ope["segment"].isna()]
 st.plotly_chart(plots.forest_plot(overall.assign(label=overall["estimator"].map(estimator_label)), "label",
                                   "Policy value: off-policy estimates and the simulator's truth"), width="stretch")
+if "verdict" in overall and (overall["verdict"] == plots.UNSUPPORTED).any():
+    st.caption("Hollow, faded points: estimates rated 'not supported by this log' (the log holds almost no "
+               "requests with weights like the policy's); read them as extrapolations, not evidence.")
 baseline = st.selectbox("Baseline for lifts", [r.policy for r in results])
 lifts = paired_lifts(results, baseline)
 if not lifts.empty:

@@ -228,3 +228,20 @@ def test_every_page_of_the_app_opens_on_the_imported_sample(kuairand_log, tmp_pa
             at.button[0].click().run()
             assert not at.exception and not at.error
             state.update({k: at.session_state[k] for k in ("mtf_comparison", "mtf_comparison_for")})
+
+
+def test_scores_trained_on_other_traffic_as_in_xmtf(tmp_path):
+    lines = LOG_CSV.read_text().splitlines()
+    train_csv, log_csv = tmp_path / "standard.csv", tmp_path / "random.csv"
+    train_csv.write_text("\n".join([lines[0], *lines[1:500]]) + "\n")  # the earlier impressions as "traffic"
+    log_csv.write_text("\n".join([lines[0], *lines[500:]]) + "\n")
+    report = import_kuairand([log_csv], USERS_CSV, VIDEOS_CSV, tmp_path / "out.duckdb", train_logs=[train_csv],
+                             config=KuaiRandConfig(min_positives=5))
+    assert report.scoring["setup"].startswith("trained on 499 rows of other traffic")
+    con = open_log(tmp_path / "out.duckdb")
+    try:
+        assert validate(con) == [] and "standard.csv" in dict(con.execute("SELECT * FROM meta").fetchall())["source"]
+    finally:
+        con.close()
+    with pytest.raises(LogError, match="given as --log and as --train-log"):
+        import_kuairand([log_csv], USERS_CSV, VIDEOS_CSV, tmp_path / "again.duckdb", train_logs=[log_csv])

@@ -78,3 +78,29 @@ def test_export_parquet_from_the_command_line_and_its_refusals(tiny_log_path, tm
     with pytest.raises(LogError, match="is a directory, not a DuckDB log nor a Parquet lake"):
         open_log(tmp_path / "notes")
     assert not list(tmp_path.glob(".*tmp-*"))  # nothing half-written left behind
+
+
+def test_a_reproducible_sample_of_whole_users_reads_the_same_from_a_file_and_a_lake(tiny_log_path, tiny_log, lake):
+    sample = load_log(tiny_log_path, user_sample=0.3)
+    again = load_log(lake, user_sample=0.3)
+    users = np.unique(sample.user_id)
+    assert 0.15 < len(users) / len(np.unique(tiny_log.user_id)) < 0.45
+    for name in ARRAYS:  # the same users, requests and candidates whichever form the log is in
+        a, b = getattr(sample, name), getattr(again, name)
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+    whole = np.isin(tiny_log.user_id, users)
+    assert sample.n_requests == int(whole.sum())  # every request of a sampled user, none of the others
+    assert sample.fingerprint == tiny_log.fingerprint and sample.meta["user_sample"] == "0.3"
+    other = load_log(tiny_log_path, user_sample=0.3, sample_seed=1)
+    assert set(np.unique(other.user_id)) != set(users)
+    with pytest.raises(LogError, match="a share of the users"):
+        load_log(tiny_log_path, user_sample=0.0)
+
+
+def test_training_on_a_user_sample_records_it_with_the_run(lake, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mtf_core", "train", str(lake), "--algo", "cem", "--steps", "2",
+                           "--sample-users", "0.5", "--runs", str(tmp_path / "runs"), "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert run["config"]["user_sample"] == 0.5 and run["notes"][0].startswith("trained on a 50% sample")

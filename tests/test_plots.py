@@ -55,3 +55,11 @@ def test_segments_keep_one_order_and_one_colour_on_every_figure():
     forest = plots.forest_plot(pd.DataFrame({"policy": "a", "segment": ["power", "casual"], "value": [1.0, 2.0],
                                              "ci_low": [0.5, 1.5], "ci_high": [1.5, 2.5]}), "segment", "t")
     assert list(forest.layout.yaxis.categoryarray) == ["power", "casual"]  # casual on top, as in every list
+
+
+def test_estimates_the_log_does_not_support_are_drawn_hollow_and_faded():
+    rows = pd.DataFrame({"policy": ["a", "a"], "label": ["IPS", "DM"], "value": [1.0, 2.0], "ci_low": [0.5, 1.5],
+                         "ci_high": [1.5, 2.5], "verdict": [plots.UNSUPPORTED, "trustworthy"]})
+    trace = plots.forest_plot(rows, "label", "t").data[0]
+    assert list(trace.marker.symbol) == ["circle-open", "circle"] and list(trace.marker.opacity) == [0.35, 1.0]
+    assert list(trace.customdata) == [plots.UNSUPPORTED, "trustworthy"]  # the verdict on hover

@@ -115,6 +115,9 @@ class TrainConfig:
     """Validation estimates during training."""
     patience: int = 4
     """Stop after this many validation estimates without improvement (0 = never stop early)."""
+    user_sample: float = 1.0
+    """The share of the log's users trained on (`load_log(..., user_sample, seed)`: a log larger than memory
+    trains on a reproducible sample of whole users); recorded with the run."""
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -123,11 +126,13 @@ class TrainConfig:
             raise LogError("need 0 <= validation_share < 0.9, n_evaluations >= 1 and patience >= 0")
         if not 0 <= self.seed < 2**63:
             raise LogError(f"seed {self.seed} must lie in [0, 2**63)")
+        if not 0.0 < self.user_sample <= 1.0:
+            raise LogError(f"user sample {self.user_sample!r}: a share of the users in (0, 1]")
         algorithm_config(self.algo, self.params)
 
     def to_dict(self) -> dict[str, Any]:
         return {"algo": self.algo, "seed": self.seed, "validation_share": self.validation_share,
-                "n_evaluations": self.n_evaluations, "patience": self.patience,
+                "n_evaluations": self.n_evaluations, "patience": self.patience, "user_sample": self.user_sample,
                 "params": dataclasses.asdict(algorithm_config(self.algo, self.params))}
 
 
@@ -328,6 +333,10 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     trainer.policy.eval()
     best = validator.best_value if validator.best_step is not None else None
     notes = ([budget_note] if budget_note else []) + (trainer.notes() if hasattr(trainer, "notes") else [])
+    if "user_sample" in log.meta:
+        notes.insert(0, f"trained on a {float(log.meta['user_sample']):.0%} sample of the log's users "
+                        f"({len(np.unique(log.user_id)):,} users, {log.n_requests:,} requests; hash of user_id "
+                        f"with seed {log.meta.get('user_sample_seed', '0')})")
     return TrainResult(trainer.policy, history, status, time.perf_counter() - start, config, data,
                        validator.best_step, best, stopped_early, validator.estimator, notes)
 
