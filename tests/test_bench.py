@@ -63,3 +63,14 @@ def test_pandas_reference_computes_the_same_metrics_as_rerank_core():
                                            curve.numpy())
     np.testing.assert_allclose(np.nanmean(ndcg.numpy(), 0), ref_ndcg, rtol=1e-5)
     np.testing.assert_allclose(expected.mean(0).numpy(), ref_expected, rtol=1e-5)
+
+
+def test_the_streamed_figure_measures_every_size_and_ray_on_the_same_figures(tmp_path):
+    from benchmarks.bench import bench_streamed
+
+    figure = bench_streamed(tmp_path, 0.01, (2_000_000, 4_000_000))  # lakes of 20k and 40k requests
+    assert figure.name == "streamed" and figure.value > 0 and math.isfinite(figure.ratio)
+    assert "20,000 requests (1 shards)" in figure.detail and "40,000 requests (1 shards)" in figure.detail
+    if "Ray" in figure.detail:  # where Ray is installed (the test set-up installs it)
+        assert "the same figures" in figure.detail
+    assert not list(tmp_path.glob("lake*"))  # each lake removed once measured
