@@ -85,17 +85,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from mtf_core.schema import validate
-    from mtf_core.store import import_log, open_log, read_mapping
+    from mtf_core.store import import_log, read_mapping
 
     sources = {t: getattr(args, t) for t in ("users", "requests", "impressions", "items", "sessions")
                if getattr(args, t)}
     out = import_log(sources, args.out, read_mapping(args.mapping), args.tasks, force=args.force)
-    con = open_log(out)
-    try:
-        problems = validate(con)
-    finally:
-        con.close()
+    problems = _validation_problems(out)
     print(f"wrote {out}")
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)

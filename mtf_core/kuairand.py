@@ -188,7 +188,8 @@ def _features(con: duckdb.DuckDBPyConnection, table: str, key: str, ids: np.ndar
               ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Numeric feature columns of `table` for `ids` (absent ids: zeros): names, values `[n, F]`, found `[n]`."""
     types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {quote_ident(table)})").fetchall())
-    numeric = [c for c, t in types.items() if c != key and c not in skip and not c.endswith("_id") and c not in ("__file", "__row")
+    numeric = [c for c, t in types.items()
+               if c != key and c not in skip and not c.endswith("_id") and c not in ("__file", "__row")
                and t in ("BIGINT", "INTEGER", "DOUBLE", "FLOAT", "SMALLINT", "TINYINT", "HUGEINT")
                and _feature_name(c)]
     con.execute("CREATE OR REPLACE TEMP TABLE __ids AS SELECT unnest(?::BIGINT[]) AS id", [ids.tolist()])

@@ -5,9 +5,10 @@ shard holds whole users (`lake`), so a shard's per-user sums are final: two pass
 the same figures as the in-memory evaluation of the whole log.
 
 1. Statistics of the whole log that the reward and the models rest on, as DuckDB aggregates over the lake
-   (one scan, on one thread so that its sums come out the same on every run; nothing held): the label moments (the reward's normalisation), per-position sums of
-   labels and scores (the position curve and the logging policy's reward shares), the users and their
-   segments, and the thresholds of continuous tasks (an exact median).
+   (one scan, on one thread so that its sums come out the same on every run; nothing held): the label
+   moments (the reward's normalisation), per-position sums of labels and scores (the position curve and
+   the logging policy's reward shares), the users and their segments, and the thresholds of continuous
+   tasks (an exact median).
 2. Per shard: the target policy acts, and its re-ranking metrics, the direct model's statistics (n, x, y,
    x^2, xy per user) and the target's direct-method terms are summed per user.
 

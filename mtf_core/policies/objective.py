@@ -23,8 +23,8 @@ from mtf_core.policies.base import StateBatch
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
 
-__all__ = ["TrainingData", "build_training_data", "mean_logged_weights", "composite_reward", "RuleTerms", "FeatureEncoder", "soft_exam",
-           "top_exam", "soft_top_signals"]
+__all__ = ["TrainingData", "build_training_data", "mean_logged_weights", "composite_reward", "RuleTerms",
+           "FeatureEncoder", "soft_exam", "top_exam", "soft_top_signals"]
 
 
 class FeatureEncoder(torch.nn.Module):
