@@ -335,7 +335,7 @@ def _evaluate_streamed(args: argparse.Namespace) -> int:
     try:
         result = streamed_evaluation(args.log, policy, label, load_reward_spec(args.reward, view.task_names),
                                      args.k, args.n_boot, args.seed, lambda f, msg: update(f), args.engine,
-                                     args.address)
+                                     args.address, args.stochastic)
     finally:
         close()
     if args.json:

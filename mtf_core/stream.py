@@ -14,10 +14,11 @@ the same figures as the in-memory evaluation of the whole log.
 
 The direct model's calibration is then fitted from the per-user statistics, and the bootstrap runs on the
 per-user arrays exactly as in memory. What is streamed: the re-ranking metrics (NDCG, GAUC, MTF-GAUC, the
-DM reward of the top L) and DM with the linear direct model, for any policy at its deterministic action.
-Importance-weighted estimates are not: their Monte-Carlo parts (kernel draws for a deterministic target,
-the target's own draws for a stochastic one) follow the request order of one random stream, which shards
-cannot reproduce to the digit.
+DM reward of the top L) and DM with the linear direct model, for any policy at its deterministic action;
+and, for a policy that draws its weights from a density (GRADE's Dirichlet) on a log that logged every
+action's density, IPS, SNIPS and NCIS with the exact ratios. Not streamed: the kernel-smoothed ratios of a
+deterministic target and DR (their Monte-Carlo parts, kernel draws and the target's own draws, follow one
+random stream in request order, which shards cannot reproduce to the digit).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mtf_core.evaluate.actions import target_actions
 from mtf_core.evaluate.bootstrap import N_BOOT, finite_or_none
 from mtf_core.evaluate.context import EvalContext
 from mtf_core.evaluate.direct import DirectFitData, DirectModel, fit_from_user_stats, intervals_from_units
+from mtf_core.evaluate.estimators import IPS, NCIS, SNIPS, OPEInputs
 from mtf_core.evaluate.policy_value import metric_rows, ranking_metric_terms
 from mtf_core.lake import is_lake, lake_shards, open_lake
 from mtf_core.policies.base import FusionPolicy
@@ -94,6 +96,7 @@ class LogStatistics:
     score_by_position: np.ndarray  # (P, K) sums of shown scores
     thresholds: np.ndarray  # (K,)
     meta: dict[str, str] = field(default_factory=dict)
+    densities_logged: bool = False  # every request has a finite logging_logp
 
     @property
     def sim_config(self) -> SimConfig | None:
@@ -169,6 +172,8 @@ def log_statistics(lake: str | os.PathLike[str]) -> LogStatistics:
         users = con.execute("SELECT r.user_id, any_value(coalesce(u.segment, '(missing)')), count(*) FROM requests r "
                             "JOIN users u ON u.user_id = r.user_id GROUP BY r.user_id ORDER BY r.user_id").fetchall()
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        missing_density = con.execute("SELECT count(*) FROM requests WHERE logging_logp IS NULL OR "
+                                      "NOT isfinite(logging_logp)").fetchone()[0]  # type: ignore[index]
         thresholds = _thresholds(con, tasks)
     except duckdb.Error as exc:
         raise LogError(f"{lake}: cannot be summarised ({str(exc).splitlines()[0]})") from exc
@@ -188,7 +193,7 @@ def log_statistics(lake: str | os.PathLike[str]) -> LogStatistics:
     std = np.array([np.nan if v is None else v for v in moments[1::2]], dtype=np.float64)
     return LogStatistics(str(lake), tasks, segments, ids, np.searchsorted(segments, names).astype(np.int64),
                          int(sum(u[2] for u in users)), n_pos, mean, std, sums[:, :k], sums[:, k:], thresholds,
-                         {str(a): str(b) for a, b in meta.items()})
+                         {str(a): str(b) for a, b in meta.items()}, missing_density == 0)
 
 
 @dataclass
@@ -235,20 +240,22 @@ class ShardTerms:
     fit_stats: np.ndarray  # (u, 5) the direct model's n, x, y, x^2, xy
     evaluated: np.ndarray  # (u, 6) the target's direct-method terms (intervals_from_units' layout)
     figures: list[tuple[dict[str, object], np.ndarray, np.ndarray]]  # (figure, numerator, denominator) per user
+    weighted: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = field(default_factory=list)
+    """IPS, SNIPS and NCIS per user, where the target's density ratios to the logged weights exist."""
 
 
 def shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, label: str,
-                stats: LogStatistics, resolved: ResolvedReward, k: int) -> ShardTerms:
+                stats: LogStatistics, resolved: ResolvedReward, k: int, weighted: bool = False) -> ShardTerms:
     """Pass 2 on one shard: the policy acts on it and its per-user sums are made (the function every engine
     maps over the shards). With one torch thread wherever it runs: the last bits of a float sum depend on
     how it was split, so one thread makes a worker's sums the local ones exactly (and on 2 cores, next to
     DuckDB's reader, it was also 13% faster)."""
     with one_thread():
-        return _shard_terms(lake, shard, policy, label, stats, resolved, k)
+        return _shard_terms(lake, shard, policy, label, stats, resolved, k, weighted)
 
 
 def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, label: str,
-                 stats: LogStatistics, resolved: ResolvedReward, k: int) -> ShardTerms:
+                 stats: LogStatistics, resolved: ResolvedReward, k: int, weighted: bool) -> ShardTerms:
     con = open_lake(lake, shard)
     try:
         log = load_from(con, f"{lake} ({shard})")
@@ -262,12 +269,22 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     fit = np.stack([np.bincount(ctx.unit, weights=v, minlength=n) for v in (np.ones_like(x), x, y, x * x, x * y)], 1)
     actions = target_actions(policy, ctx.log, label, stochastic=False)
     terms, expected = ranking_metric_terms(ctx, actions, k, stats.thresholds)
+    ratio_terms = []
+    if weighted:  # the target's own density of each logged action over the logged one: no draws needed
+        logp = target_actions(policy, ctx.log, label, stochastic=True).logp_logged
+        assert logp is not None
+        ratios = np.exp(np.clip(logp - ctx.log.logging_logp, -700, 700))
+        x_ope = OPEInputs(ctx.logged.total, ratios, np.zeros(ctx.log.n_requests), np.zeros(ctx.log.n_requests))
+        for est in (IPS(), SNIPS(), NCIS()):
+            part = est.terms(x_ope)
+            ratio_terms.append(({"estimator": est.name}, np.bincount(ctx.unit, weights=part.num, minlength=n),
+                                np.bincount(ctx.unit, weights=part.den, minlength=n)))
     x_target = weighted_sum(expected, resolved.coefficients)
     pen_target = penalty(resolved, actions.weights, expected)
     one = np.ones_like(x_target)
     evaluated = np.stack([np.bincount(ctx.unit, weights=v, minlength=n)
                           for v in (one, x_target, pen_target, one, x_target, -pen_target)], 1)
-    return ShardTerms(users, fit, evaluated, terms)
+    return ShardTerms(users, fit, evaluated, terms, ratio_terms)
 
 
 ENGINES = ("local", "ray")
@@ -310,16 +327,24 @@ def _ray_terms(shards: list[str], work: Callable[[str], ShardTerms], address: st
 def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, label: str, spec: RewardSpec,
                         k: int | None = None, n_boot: int = N_BOOT, seed: int = 0,
                         progress: Callable[[float, str], None] | None = None, engine: str = "local",
-                        address: str | None = None) -> StreamedEvaluation:
+                        address: str | None = None, stochastic: bool = False) -> StreamedEvaluation:
     """Re-ranking metrics and DM of `policy` (at its deterministic action) on a lake, shard by shard (in this
     process, or on Ray workers with `engine="ray"`); equal to `evaluate_policy` on the whole log with the
-    linear direct model (module docstring)."""
+    linear direct model (module docstring). With `stochastic`, a policy that draws its weights from a
+    distribution on the simplex, and a log that logged every action's density, also IPS, SNIPS and NCIS with
+    the exact density ratios (equal to `evaluate_policy` of the stochastic target)."""
     if engine not in ENGINES:
         raise LogError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if stochastic and not (policy.stochastic and policy.form == "sum" and not policy.per_item):
+        raise LogError(f"{label}: importance ratios need a policy that draws its fusion weights from a density "
+                       "on the simplex (a stochastic, per-request, sum-fusion policy)")
     start = time.perf_counter()
     say = progress or (lambda f, msg: None)
     say(0.0, "pass 1: the whole log's statistics")
     stats = log_statistics(lake)
+    if stochastic and not stats.densities_logged:
+        raise LogError(f"{lake}: streamed importance weighting needs the logging density of every request "
+                       "(logging_logp); this log lacks some (evaluate it in memory, where they can be estimated)")
     resolved = stats.resolve(spec)
     k = k or stats.n_top
     n_users, n_seg = len(stats.users), len(stats.segments)
@@ -329,7 +354,9 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     shards = lake_shards(lake)
 
     def work(shard: str) -> ShardTerms:
-        return shard_terms(lake, shard, policy, label, stats, resolved, k)
+        return shard_terms(lake, shard, policy, label, stats, resolved, k, stochastic)
+
+    weighted: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = []
 
     parts = _ray_terms(shards, work, address, say) if engine == "ray" else _local_terms(shards, work, say)
     for part in parts:
@@ -339,14 +366,18 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
             figures = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in part.figures]
         for (_, num, den), (_, num_s, den_s) in zip(figures, part.figures):
             num[at], den[at] = num_s, den_s
+        if part.weighted and not weighted:
+            weighted = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in part.weighted]
+        for (_, num, den), (_, num_s, den_s) in zip(weighted, part.weighted):
+            num[at], den[at] = num_s, den_s
     with one_thread():  # the bootstrap's sums split the same way whichever engine ran and whatever came before
         metrics = metric_rows(figures, stats.user_segment, stats.segments, n_boot, seed)
         model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)
         low, high = intervals_from_units(fit, model, stats.users, stats.user_segment, evaluated, n_seg, ["dm"],
                                          n_boot, seed + 1)["dm"]
+        ope = metric_rows(weighted, stats.user_segment, stats.segments, n_boot, seed + 1) if weighted else []
     numerator = model.intercept[stats.user_segment] * evaluated[:, 0] + model.slope[stats.user_segment] * \
         evaluated[:, 1] - evaluated[:, 2]
-    ope = []
     for j, (s, name) in enumerate([(None, None), *enumerate(stats.segments)]):
         keep = np.ones(n_users, dtype=bool) if s is None else stats.user_segment == s
         n = evaluated[keep, 0].sum()
@@ -355,8 +386,10 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                     "ci_low": finite_or_none(low[j]) if value is not None else None,
                     "ci_high": finite_or_none(high[j]) if value is not None else None})
     say(1.0, "done")
-    notes = ["streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
-             "importance-weighted estimates need the whole log in memory (`evaluate` without --stream)"]
+    notes = ["streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action"
+             + ("; IPS, SNIPS and NCIS with the policy's exact density ratios" if stochastic else
+                "; importance-weighted estimates: --stochastic for a policy that draws its weights, else in memory")
+             + "; no DR (its direct-model term averages the target's random draws, which shards cannot reproduce)"]
     return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
                               time.perf_counter() - start, notes, engine)
 

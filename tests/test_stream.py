@@ -105,3 +105,24 @@ def test_ray_workers_give_the_local_numbers_exactly(tiny_log, tiny_lake):
 
     assert not ray.is_initialized()  # the cluster it started is shut down
 
+
+
+def test_importance_weighted_estimates_of_a_stochastic_policy_stream_exactly(tiny_log, tiny_lake):
+    spec = RewardSpec.default(tiny_log.task_names)
+    grade = train(TrainConfig("grade", 1, {"steps": 4, "warm_start_steps": 2, "batch_size": 64}), tiny_log, spec)
+    in_memory = evaluate_policy(prepare(tiny_log, spec, outcome_model="linear"),
+                                target_actions(grade.policy, tiny_log, "p", stochastic=True), n_boot=100)
+    streamed = streamed_evaluation(tiny_lake, grade.policy, "p", spec, n_boot=100, stochastic=True)
+    for name in ("ips", "snips", "ncis"):
+        a = [r for r in in_memory.ope if r["estimator"] == name]
+        b = [r for r in streamed.ope if r["estimator"] == name]
+        assert len(a) == len(b) == 1 + len(tiny_log.segments)
+        for x, y in zip(a, b):
+            assert x["segment"] == y["segment"]
+            for key in ("value", "ci_low", "ci_high"):
+                # To float32 precision: the policy's network computes a request's density in float32, and its
+                # last bit depends on the batch it was computed in (a shard's, or the whole log's chunk).
+                assert y[key] == pytest.approx(x[key], rel=1e-6), (name, key, x, y)
+    static = parse_static("click=1,like=0,finish=0,share=0,watch_time=0", tiny_log.task_names, tiny_log.segments)
+    with pytest.raises(LogError, match="draws its fusion weights from a density"):
+        streamed_evaluation(tiny_lake, static, "p", spec, stochastic=True)
