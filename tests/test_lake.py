@@ -104,3 +104,21 @@ def test_training_on_a_user_sample_records_it_with_the_run(lake, tmp_path):
     assert done.returncode == 0, done.stderr
     run = json.loads(done.stdout)
     assert run["config"]["user_sample"] == 0.5 and run["notes"][0].startswith("trained on a 50% sample")
+
+
+def test_the_app_reads_a_lake_by_its_folder(lake, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MTF_RUNS_DIR", str(tmp_path / "runs"))
+    data = AppTest.from_file(str(ROOT / "pages" / "data.py"), default_timeout=240)
+    data.run()
+    data.radio[0].set_value("DuckDB file on this machine").run()
+    data.text_input[0].set_value(str(lake))
+    data.button[0].click().run()
+    assert not data.exception and not data.error
+    assert any("Valid log" in s.value for s in data.success) and data.session_state["mtf_log_path"] == str(lake)
+    compare = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=240)
+    compare.session_state["mtf_log_path"] = str(lake)
+    compare.run()
+    compare.button[0].click().run()
+    assert not compare.exception and not compare.error and len(compare.get("plotly_chart")) >= 2
