@@ -48,35 +48,39 @@ from mtf_core.simulate import SimConfig, position_curve
 from mtf_core.store import LogData, load_from
 from mtf_core.threads import one_thread
 
-__all__ = ["LogStatistics", "StreamedEvaluation", "ShardTerms", "ENGINES", "iter_shards", "log_statistics",
+__all__ = ["LogStatistics", "StreamedEvaluation", "ShardTerms", "ENGINES", "load_shard", "log_statistics",
            "shard_terms", "streamed_evaluation", "policy_view"]
+
+
+def _require_lake(lake: str | os.PathLike[str]) -> None:
+    if not is_lake(lake):
+        raise LogError(f"{lake}: streamed evaluation reads a Parquet lake (python -m mtf_core export-parquet LOG "
+                       "--out DIR writes one)")
+
+
+def load_shard(lake: str | os.PathLike[str], shard: str) -> LogData:
+    """One shard of a lake (a name from `lake_shards`) as a log of its own."""
+    con = open_lake(lake, shard)
+    try:
+        return load_from(con, f"{lake} ({shard})")
+    finally:
+        con.close()
 
 
 def policy_view(lake: str | os.PathLike[str]) -> LogData:
     """The first shard of the lake with the whole lake's segment names: what resolving a policy reference
     needs (its tasks and segments), without reading the whole log."""
-    for _, log in iter_shards(lake):
-        con = open_lake(lake)
-        try:
-            names = [str(r[0]) for r in con.execute("SELECT DISTINCT segment FROM users WHERE segment IS NOT NULL "
-                                                    "ORDER BY 1").fetchall()]
-        finally:
-            con.close()
-        return dataclasses.replace(log, segments=tuple(names))
-    raise LogError(f"{lake}: the lake has no shards with requests")
-
-
-def iter_shards(lake: str | os.PathLike[str]) -> Iterator[tuple[str, LogData]]:
-    """(shard name, the shard as a log) for every shard of a lake, one at a time."""
-    if not is_lake(lake):
-        raise LogError(f"{lake}: streamed evaluation reads a Parquet lake (python -m mtf_core export-parquet LOG "
-                       "--out DIR writes one)")
-    for shard in lake_shards(lake):
-        con = open_lake(lake, shard)
-        try:
-            yield shard, load_from(con, f"{lake} ({shard})")
-        finally:
-            con.close()
+    _require_lake(lake)
+    shards = lake_shards(lake)
+    if not shards:
+        raise LogError(f"{lake}: the lake has no shards with requests")
+    con = open_lake(lake)
+    try:
+        names = [str(r[0]) for r in con.execute("SELECT DISTINCT segment FROM users WHERE segment IS NOT NULL "
+                                                "ORDER BY 1").fetchall()]
+    finally:
+        con.close()
+    return dataclasses.replace(load_shard(lake, shards[0]), segments=tuple(names))
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,7 @@ def _thresholds(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...]) -> np.n
 
 def log_statistics(lake: str | os.PathLike[str]) -> LogStatistics:
     """Pass 1 (module docstring), as DuckDB aggregates over the whole lake: one parallel scan, nothing held."""
-    if not is_lake(lake):
-        raise LogError(f"{lake}: streamed evaluation reads a Parquet lake (python -m mtf_core export-parquet LOG "
-                       "--out DIR writes one)")
+    _require_lake(lake)
     con = open_lake(lake)
     try:
         # One thread: a parallel sum adds in whatever order its threads finish, and the last bits of the
@@ -215,8 +217,8 @@ class StreamedEvaluation:
         return dataclasses.asdict(self)
 
 
-def _shard_context(log: LogData, stats: LogStatistics, resolved: ResolvedReward) -> tuple[EvalContext, np.ndarray]:
-    """The shard as an evaluation context on the whole log's reward, and its users' global unit indices."""
+def _shard_context(log: LogData, stats: LogStatistics, resolved: ResolvedReward) -> EvalContext:
+    """The shard as an evaluation context on the whole log's reward and segment numbering."""
     code = np.searchsorted(stats.segments, np.asarray(log.segments, dtype=object).astype(str))
     log = dataclasses.replace(log, segment=code[log.segment], segments=stats.segments)
     expected = expected_signals(log.scores, log.positions, resolved.position_curve)
@@ -227,9 +229,8 @@ def _shard_context(log: LogData, stats: LogStatistics, resolved: ResolvedReward)
     unit_segment[unit] = log.segment
     placeholder = DirectModel(np.zeros(len(stats.segments)), np.zeros(len(stats.segments)))
     empty_fit = DirectFitData(users, unit_segment, np.zeros((len(users), 5)))
-    ctx = EvalContext(log, resolved, logged, expected, placeholder, empty_fit, unit, unit_segment, stats.sim_config,
-                      stats.n_top, profile_log(log), "linear")
-    return ctx, np.searchsorted(stats.users, users)
+    return EvalContext(log, resolved, logged, expected, placeholder, empty_fit, unit, unit_segment, stats.sim_config,
+                       stats.n_top, profile_log(log), "linear")
 
 
 @dataclass(frozen=True)
@@ -256,12 +257,8 @@ def shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, 
 
 def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, label: str,
                  stats: LogStatistics, resolved: ResolvedReward, k: int, weighted: bool) -> ShardTerms:
-    con = open_lake(lake, shard)
-    try:
-        log = load_from(con, f"{lake} ({shard})")
-    finally:
-        con.close()
-    ctx, _ = _shard_context(log, stats, resolved)
+    log = load_shard(lake, shard)
+    ctx = _shard_context(log, stats, resolved)
     users = np.unique(log.user_id)
     n = len(users)
     x = weighted_sum(ctx.logged_expected, resolved.coefficients)
