@@ -735,6 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-users", type=float, default=1.0, metavar="SHARE",
                    help="train on a reproducible share of the users (by a hash of user_id and --seed): a log larger "
                         "than memory, or a quick run; recorded with the run")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="ray: GRADE's updates data-parallel on Ray Train workers (torch DDP; needs "
+                        "requirements-ray.txt), each reading the log from its path")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (with --engine ray)")
+    p.add_argument("--address", default=None,
+                   help="a running Ray cluster (with --engine ray; default: a local one of --workers CPUs)")
     p.add_argument("--runs", default="runs", help="run store folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -793,10 +799,13 @@ def _train_params(args: argparse.Namespace) -> dict[str, object]:
     return params
 
 
-def _train_into_store(store, config, log, spec, name: str | None):  # type: ignore[no-untyped-def]
-    """Train into the run store with a progress bar."""
+def _train_into_store(store, config, log, spec, name: str | None, **engine):  # type: ignore[no-untyped-def]
+    """Train into the run store with a progress bar (`engine`: train_run's engine, workers and address)."""
     from mtf_core.policies.train import train_run
 
+    if engine.get("engine") == "ray":
+        print(f"training {config.algo} on {engine['workers']} Ray Train workers", file=sys.stderr)
+        return train_run(store, config, log, spec, name=name, **engine)
     update, close = _progress_bar(f"train {config.algo}")
     try:
         return train_run(store, config, log, spec, lambda info: update((info.step + 1) / info.n_steps), name)
@@ -805,16 +814,21 @@ def _train_into_store(store, config, log, spec, name: str | None):  # type: igno
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mtf_core.policies.train import TrainConfig, run_summary
+    from mtf_core.policies.train import DATA_PARALLEL, TrainConfig, run_summary
     from mtf_core.reward import load_reward_spec
     from mtf_core.runs import RunStore
     from mtf_core.store import load_log
 
     config = TrainConfig(args.algo, args.seed, _train_params(args), validation_share=args.validation_share,
                          patience=args.patience, user_sample=args.sample_users)
+    if args.engine == "ray" and args.algo not in DATA_PARALLEL:
+        raise LogError(f"--engine ray trains {', '.join(DATA_PARALLEL)} data-parallel; {args.algo} trains locally")
+    if args.workers < 1:
+        raise LogError(f"--workers {args.workers}: at least one worker")
     log = load_log(args.log, user_sample=config.user_sample, sample_seed=config.seed)
     spec = load_reward_spec(args.reward, log.task_names)
-    run_id, result = _train_into_store(RunStore(args.runs), config, log, spec, args.name)
+    engine = {"engine": "ray", "workers": args.workers, "address": args.address} if args.engine == "ray" else {}
+    run_id, result = _train_into_store(RunStore(args.runs), config, log, spec, args.name, **engine)
     summary = run_summary(result)
     if args.json:
         _emit({"run_id": run_id, "algo": args.algo, "status": result.status, "seconds": result.seconds,

@@ -43,7 +43,7 @@ from mtf_core.policies.base import FusionPolicy
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData, pid_alive
 
-__all__ = ["RunStore", "RunRecord", "policy_classes", "policy_from_files"]
+__all__ = ["RunStore", "RunRecord", "policy_classes", "policy_from_files", "write_policy_files"]
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS runs (
@@ -237,13 +237,7 @@ class RunStore:
                    status: str, seconds: float, summary: dict[str, Any] | None = None) -> None:
         """Write the policy files atomically, then record history and status in one transaction."""
         folder = self.root / run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        spec = {"class": type(policy).__name__, "args": policy.spec()}
-        tmp_pt, tmp_json = folder / ".policy.pt.tmp", folder / ".policy.json.tmp"
-        torch.save(policy.state_dict(), tmp_pt)
-        tmp_json.write_text(json.dumps(spec))
-        os.replace(tmp_pt, folder / "policy.pt")
-        os.replace(tmp_json, folder / "policy.json")
+        write_policy_files(folder, policy)
         digest = _policy_digest(folder)
         rows = [(run_id, step, name, float(value)) for step, metrics in history for name, value in metrics.items()]
         frame = pd.DataFrame(rows, columns=["run_id", "step", "name", "value"])
@@ -370,6 +364,18 @@ def _check_policy_args(args: dict[str, Any]) -> None:
             raise ValueError(f"{name}={value} is not a finite number below 1e6")
         if isinstance(value, (tuple, str)) and len(value) > 10_000:
             raise ValueError(f"{name} is too long ({len(value)} entries)")
+
+
+def write_policy_files(folder: Path, policy: FusionPolicy) -> None:
+    """policy.pt (the state dict) and policy.json (the class and its arguments) in `folder`, each written under
+    a temporary name and renamed into place; `policy_from_files` reads them back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {"class": type(policy).__name__, "args": policy.spec()}
+    tmp_pt, tmp_json = folder / ".policy.pt.tmp", folder / ".policy.json.tmp"
+    torch.save(policy.state_dict(), tmp_pt)
+    tmp_json.write_text(json.dumps(spec))
+    os.replace(tmp_pt, folder / "policy.pt")
+    os.replace(tmp_json, folder / "policy.json")
 
 
 def policy_from_files(folder: Path, expected_sha256: str | None = None) -> FusionPolicy:

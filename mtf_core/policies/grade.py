@@ -28,7 +28,6 @@ The lab's choices where the paper is silent:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,7 @@ from torch import nn
 
 from mtf_core.policies.base import FusionPolicy, StateBatch
 from mtf_core.policies.objective import FeatureEncoder, RuleTerms, TrainingData, composite_reward, mean_logged_weights
+from mtf_core.policies.parallel import LOCAL, DataParallel, plain_copy
 
 __all__ = ["GradeConfig", "DirichletPolicy", "GradeTrainer", "group_advantage", "lambda_rank_loss"]
 
@@ -163,11 +163,7 @@ class DirichletPolicy(FusionPolicy):
 
     def act(self, state: StateBatch, deterministic: bool = True) -> torch.Tensor:
         dist = self.distribution(state)
-        if not deterministic:
-            return dist.sample()
-        if isinstance(dist, torch.distributions.Dirichlet):
-            return dist.mean
-        return torch.distributions.transforms.StickBreakingTransform()(dist.base_dist.mean)
+        return _mean_weights(dist) if deterministic else dist.sample()
 
     def concentration(self, state: StateBatch) -> torch.Tensor:
         """Total concentration per state `[R]` (the exploration level; Dirichlet only)."""
@@ -177,6 +173,14 @@ class DirichletPolicy(FusionPolicy):
         return 1.0 / dist.base_dist.stddev.pow(2).mean(-1)
 
 
+def _mean_weights(dist: torch.distributions.Distribution) -> torch.Tensor:
+    """The deterministic action of a policy's distribution: the Dirichlet's mean, the logistic-normal's image
+    of its Normal's mean."""
+    if isinstance(dist, torch.distributions.Dirichlet):
+        return dist.mean
+    return torch.distributions.transforms.StickBreakingTransform()(dist.base_dist.mean)
+
+
 def group_advantage(rewards: torch.Tensor) -> torch.Tensor:
     """GRPO advantages `[B,G]`: (r - mean over the group) / (std over the group + 1e-6)."""
     mean = rewards.mean(1, keepdim=True)
@@ -184,9 +188,11 @@ def group_advantage(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards - mean) / (std + 1e-6)
 
 
-def lambda_rank_loss(fused: torch.Tensor, gains: torch.Tensor, shown: torch.Tensor, sigma: float = 10.0
-                     ) -> torch.Tensor:
-    """LambdaRank loss over shown items: sum over pairs g_i > g_j of |dNDCG_ij| * log(1 + exp(-sigma (f_i - f_j)))."""
+def lambda_rank_loss(fused: torch.Tensor, gains: torch.Tensor, shown: torch.Tensor, sigma: float = 10.0,
+                     parallel: DataParallel = LOCAL) -> torch.Tensor:
+    """LambdaRank loss over shown items: sum over pairs g_i > g_j of |dNDCG_ij| * log(1 + exp(-sigma (f_i - f_j))),
+    per pair of the whole batch (on every worker of `parallel`, scaled so that DDP's mean of the workers'
+    gradients is the whole batch's)."""
     f = fused.masked_fill(~shown, -1e4)
     ranks = torch.argsort(torch.argsort(f.detach(), dim=1, descending=True), dim=1).float()
     discount = 1.0 / torch.log2(ranks + 2.0)
@@ -196,14 +202,19 @@ def lambda_rank_loss(fused: torch.Tensor, gains: torch.Tensor, shown: torch.Tens
     delta = (torch.abs(gain_diff * (discount[:, :, None] - discount[:, None, :])) / ideal[:, :, None]).detach()
     pair = (gain_diff > 0) & shown[:, :, None] & shown[:, None, :]
     logistic = nn.functional.softplus(-sigma * (f[:, :, None] - f[:, None, :]))
-    return (delta * logistic * pair).sum() / pair.sum().clamp(min=1)
+    n_pairs = parallel.all_sum(pair.sum().double().reshape(1))
+    return (delta * logistic * pair).sum() * parallel.world_size / n_pairs.clamp(min=1).float()[0]
 
 
 class GradeTrainer:
-    """Stage 1 (warm start) for `warm_start_steps`, then GRPO; one call of `step` is one update."""
+    """Stage 1 (warm start) for `warm_start_steps`, then GRPO; one call of `step` is one update.
 
-    def __init__(self, config: GradeConfig, data: TrainingData, seed: int) -> None:
-        self.config, self.data = config, data
+    Data-parallel with `parallel` (`policies.parallel`): each worker computes the rewards and gradients of
+    its slice of every batch, DDP averages the gradients, and the exploration controller reads the reward
+    spread summed over all workers' slices."""
+
+    def __init__(self, config: GradeConfig, data: TrainingData, seed: int, parallel: DataParallel = LOCAL) -> None:
+        self.config, self.data, self.parallel = config, data, parallel
         self.gen = torch.Generator().manual_seed(seed)
         log = data.log
         self.policy = DirichletPolicy(log.task_names, log.segments, log.user_features.shape[1],
@@ -219,6 +230,7 @@ class GradeTrainer:
         self.initial_concentration = max(self.logging_concentration, config.min_initial_concentration)
         self.policy.init_from(start, self.initial_concentration)
         self.optimizer = torch.optim.Adam(self.policy.net.parameters(), lr=config.lr)
+        self.policy.net = parallel.wrap(self.policy.net)
         self.reference: DirichletPolicy | None = None
         self.spread_target = torch.zeros(len(log.segments))
         self.steps_at_bound = np.zeros(len(log.segments), dtype=np.int64)
@@ -228,25 +240,26 @@ class GradeTrainer:
         self.n_steps = config.warm_start_steps + config.steps
         self.validate_from = config.warm_start_steps if config.steps else 0
 
-    def _rows(self, n: int) -> torch.Tensor:
+    def _batch(self, n: int) -> torch.Tensor:
+        """A batch of `n` rows (the same on every worker: one generator, seeded alike)."""
         return torch.randint(0, self.data.n_requests, (min(n, self.data.n_requests),), generator=self.gen)
 
     def step(self, step: int) -> dict[str, float]:
         if step < self.config.warm_start_steps:
             return self._warm_start_step()
         if self.reference is None:
-            self.reference = copy.deepcopy(self.policy).eval()
+            self.reference = plain_copy(self.policy).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         return self._grpo_step()
 
     def _warm_start_step(self) -> dict[str, float]:
-        rows = self._rows(self.config.batch_size)
+        rows = self.parallel.slice(self._batch(self.config.batch_size))
         state = self.data.state.index(rows)
         dist = self.policy.distribution(state)
-        mean = self.policy.act(state, deterministic=True)
-        fused = (self.data.scores[rows] * mean[:, None, :]).sum(-1)
-        loss = lambda_rank_loss(fused, self.data.item_reward[rows].clamp(min=0), self.data.shown[rows])
+        fused = (self.data.scores[rows] * _mean_weights(dist)[:, None, :]).sum(-1)
+        loss = lambda_rank_loss(fused, self.data.item_reward[rows].clamp(min=0), self.data.shown[rows],
+                                parallel=self.parallel)
         if isinstance(dist, torch.distributions.Dirichlet) and not self.policy.controlled:
             total = dist.concentration.sum(-1)
             loss = loss + 0.1 * (torch.log(total) - float(np.log(self.initial_concentration))).pow(2).mean()
@@ -261,13 +274,18 @@ class GradeTrainer:
 
     def _grpo_step(self) -> dict[str, float]:
         cfg = self.config
-        rows = self._rows(cfg.batch_size)
-        state = self.data.state.index(rows)
+        batch = self._batch(cfg.batch_size)
         with torch.no_grad():
-            old = self.policy.distribution(state)
-            actions = old.sample((cfg.group_size,)).transpose(0, 1).clamp(min=1e-6)  # (B, G, K)
-            actions = actions / actions.sum(-1, keepdim=True)
-            old_logp = old.log_prob(actions.transpose(0, 1)).transpose(0, 1)  # (B, G)
+            # The whole batch's groups are drawn on every worker (a network's forward pass and B*G*K draws)
+            # and each keeps its slice: the draws are then the local run's, whatever the number of workers,
+            # and the slices' rewards, the costly part, are computed once each.
+            old = self.policy.distribution(self.data.state.index(batch))
+            drawn = old.sample((cfg.group_size,)).clamp(min=1e-6)  # (G, B, K)
+            drawn = drawn / drawn.sum(-1, keepdim=True)
+            old_logp = old.log_prob(drawn).T  # (B, G)
+            mine = self.parallel.slice(torch.arange(len(batch)))
+            rows, actions, old_logp = batch[mine], drawn.transpose(0, 1)[mine], old_logp[mine]
+            state = self.data.state.index(rows)
             rewards = composite_reward(self.data, rows, actions, cfg.prior_reward, cfg.posterior_reward,
                                        cfg.rule_reward, extra_rules=self.rules)
             adv = group_advantage(rewards)
@@ -319,14 +337,18 @@ class GradeTrainer:
 
     def _adapt(self, state: StateBatch, rewards: torch.Tensor) -> None:
         """Per segment: widen when the group reward spread falls below its target (`target_spread` times its
-        level at the start of GRPO), narrow when it rises above it; count the steps spent at a bound."""
-        spread = rewards.std(1)
+        level at the start of GRPO), narrow when it rises above it; count the steps spent at a bound. The
+        spread is the mean over every worker's states of the segment."""
+        n_segments = len(self.policy.segments)
+        sums = torch.zeros(2, n_segments, dtype=torch.float64)
+        sums[0].index_add_(0, state.segment, rewards.std(1).double())
+        sums[1].index_add_(0, state.segment, torch.ones(len(state.segment), dtype=torch.float64))
+        spread_sum, count = self.parallel.all_sum(sums)
         with torch.no_grad():
-            for s in range(len(self.policy.segments)):
-                m = state.segment == s
-                if not m.any():
+            for s in range(n_segments):
+                if count[s] == 0:
                     continue
-                value = float(spread[m].mean())
+                value = float(spread_sum[s] / count[s])
                 target = float(self.spread_target[s])
                 if target == 0.0:
                     self.spread_target[s] = value

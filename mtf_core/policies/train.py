@@ -25,6 +25,7 @@ from mtf_core.policies.enhanced import EnhancedConfig, EnhancedTrainer
 from mtf_core.policies.grade import GradeConfig, GradeTrainer
 from mtf_core.policies.integrated import IntegratedConfig, IntegratedTrainer
 from mtf_core.policies.objective import TrainingData, build_training_data
+from mtf_core.policies.parallel import LOCAL, DataParallel, unwrap
 from mtf_core.policies.static import StaticConfig, StaticTrainer
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
@@ -34,7 +35,7 @@ from mtf_core.threads import uses_cores
 if TYPE_CHECKING:
     from mtf_core.runs import RunStore
 
-__all__ = ["TrainConfig", "TrainResult", "StepInfo", "Trainer", "ALGORITHMS", "NEEDS_LOGGED_WEIGHTS",
+__all__ = ["TrainConfig", "TrainResult", "StepInfo", "Trainer", "ALGORITHMS", "DATA_PARALLEL", "NEEDS_LOGGED_WEIGHTS",
            "check_trainable", "scaled_budget", "train", "train_run", "run_summary",
            "algorithm_config", "config_fields"]
 
@@ -246,7 +247,7 @@ class TrainResult:
     status: str  # finished | cancelled
     seconds: float
     config: TrainConfig
-    data: TrainingData
+    data: TrainingData | None  # None for a run trained elsewhere (on Ray workers)
     best_step: int | None = None
     best_value: float | None = None
     stopped_early: bool = False
@@ -285,9 +286,13 @@ class _Validator:
         return value
 
 
+DATA_PARALLEL = ("grade",)
+"""Algorithms whose updates run data-parallel (`train(..., parallel=...)`, `train_on_ray`)."""
+
+
 @uses_cores
 def train(config: TrainConfig, log: LogData, reward: RewardSpec,
-          on_step: Callable[[StepInfo], bool | None] | None = None) -> TrainResult:
+          on_step: Callable[[StepInfo], bool | None] | None = None, parallel: DataParallel = LOCAL) -> TrainResult:
     """Train `config.algo` on `log` against `reward`; the same config and log give the same policy.
 
     With `validation_share > 0`, the latest sessions are held out; the validation estimate of the policy's
@@ -296,9 +301,15 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     stops after `patience` estimates without improvement, and the best checkpoint is restored. A trainer with
     a warm-up (`validate_from`, e.g. GRADE's stage 1) is validated only after it: the method's policy is what
     its main stage makes of the warm start, not the warm start itself.
+
+    `parallel` makes this one worker of a data-parallel run (DATA_PARALLEL algorithms; `train_on_ray`): every
+    worker runs this function on the same log and validates the same (identical) network.
     """
     check_trainable(config.algo, log)
-    torch.manual_seed(config.seed)
+    if parallel.world_size > 1 and config.algo not in DATA_PARALLEL:
+        raise LogError(f"{config.algo} trains in one process; data-parallel training is for "
+                       f"{', '.join(DATA_PARALLEL)}")
+    torch.manual_seed(config.seed)  # alike on every worker: each draws the whole batch's noise (GradeTrainer)
     np.random.seed(config.seed % (2**32))
     start = time.perf_counter()
     train_rows, val_rows = time_split(log, config.validation_share)
@@ -306,7 +317,8 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     data = build_training_data(train_log, reward)
     config_cls, trainer_cls = ALGORITHMS[config.algo]
     params, budget_note = scaled_budget(config.algo, config.params, train_log.n_requests)
-    trainer = trainer_cls(algorithm_config(config.algo, params), data, config.seed)
+    extra = {"parallel": parallel} if config.algo in DATA_PARALLEL else {}
+    trainer = trainer_cls(algorithm_config(config.algo, params), data, config.seed, **extra)
     validator = _Validator(log.subset(val_rows) if len(val_rows) else None, reward, trainer.n_steps,
                            config.n_evaluations, data.ctx)
     history: list[tuple[int, dict[str, float]]] = []
@@ -325,12 +337,12 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
                                                     time.perf_counter() - start)) is False:
             status = "cancelled"
             break
-        if config.patience and validator.bad >= config.patience:
+        if parallel.any(bool(config.patience) and validator.bad >= config.patience):
             stopped_early = True
             break
     if validator.best_state is not None:
         trainer.policy.load_state_dict(validator.best_state)
-    trainer.policy.eval()
+    unwrap(trainer.policy).eval()
     best = validator.best_value if validator.best_step is not None else None
     notes = ([budget_note] if budget_note else []) + (trainer.notes() if hasattr(trainer, "notes") else [])
     if "user_sample" in log.meta:
@@ -350,18 +362,28 @@ def run_summary(result: TrainResult) -> dict[str, Any]:
 
 def train_run(store: "RunStore", config: TrainConfig, log: LogData, reward: RewardSpec,
               on_step: Callable[[StepInfo], bool | None] | None = None, name: str | None = None,
-              on_created: Callable[[str], None] | None = None) -> tuple[str, TrainResult]:
-    """Create a run in `store`, train it and record the result (the CLI's and the app's one path).
+              on_created: Callable[[str], None] | None = None, engine: str = "local", workers: int = 2,
+              address: str | None = None) -> tuple[str, TrainResult]:
+    """Create a run in `store`, train it and record the result (the CLI's and the app's one path); with
+    `engine="ray"`, on `workers` Ray Train workers (`train_on_ray`; no per-step progress).
 
     While it trains, the run is registered as live in this process; a failure or an interruption (a
     KeyboardInterrupt, a Streamlit rerun ending the script) records it as `failed` or `cancelled`, never
     leaving it `running`."""
+    if engine not in ("local", "ray"):
+        raise LogError(f"engine {engine!r}: expected local or ray")
     run_id = store.create_run(config.algo, config.to_dict(), reward, log, name)
     if on_created is not None:
         on_created(run_id)
     with store.training(run_id):
         try:
-            result = train(config, log, reward, on_step)
+            if engine == "ray":
+                from mtf_core.policies.ray_train import train_on_ray
+
+                # Ray Train's checkpoint goes beside the run: on a cluster the run store is on shared storage.
+                result = train_on_ray(config, log.path, reward, workers, address, store.root / ".ray-train")
+            else:
+                result = train(config, log, reward, on_step)
         except Exception:
             store.mark_if_running(run_id, "failed")
             raise
