@@ -135,6 +135,10 @@ class LogData:
     def last(self) -> np.ndarray:
         return ~self.continued
 
+    def label_totals(self) -> np.ndarray:
+        """Each task's labels summed over each request's shown items `[R,K]` (a missing label counts 0)."""
+        return torch.from_numpy(self.labels).nansum(1).numpy()  # numpy's nansum, or nan_to_num and sum: 3-10x slower
+
     @property
     def n_shown(self) -> int:
         return int(self.positions.max()) + 1 if self.positions.size else 0
@@ -443,7 +447,7 @@ def _assemble(path: str, tasks: tuple[Task, ...], uf: list[str], itf: list[str],
     nxt, done = session_links(session_id, step)
     # Context: the previous request's mean feedback over its shown items (0 at a session's first request).
     n_shown = np.maximum((positions >= 0).sum(1), 1)[:, None]
-    mean_feedback = torch.from_numpy(labels).nansum(1).numpy() / n_shown  # numpy's nansum is 10x slower
+    mean_feedback = torch.from_numpy(labels).nansum(1).numpy() / n_shown  # as LogData.label_totals
     prev = np.zeros((r, k), dtype=np.float32)
     has_next = ~done
     prev[nxt[has_next]] = mean_feedback[has_next]

@@ -4,11 +4,11 @@ Every figure of an evaluation is a ratio of sums over users (the bootstrap resam
 shard holds whole users (`lake`), so a shard's per-user sums are final: two passes over the shards give
 the same figures as the in-memory evaluation of the whole log.
 
-1. Statistics of the whole log that the reward and the models rest on, as DuckDB aggregates over the lake
-   (one scan, on one thread so that its sums come out the same on every run; nothing held): the label
-   moments (the reward's normalisation), per-position sums of labels and scores (the position curve and
-   the logging policy's reward shares), the users and their segments, and the thresholds of continuous
-   tasks (an exact median).
+1. Statistics of the whole log that the reward and the models rest on, as DuckDB aggregates per shard,
+   added up in shard order (so that the sums come out the same whatever ran them; nothing held but the
+   users): the label moments (the reward's normalisation), per-position sums of labels and scores (the
+   position curve and the logging policy's reward shares), the users and their segments, and the
+   thresholds of continuous tasks (an exact median, over the whole lake).
 2. Per shard: the target policy acts, and its re-ranking metrics, the direct model's statistics (n, x, y,
    x^2, xy per user) and the target's direct-method terms are summed per user.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -46,6 +47,7 @@ from mtf_core.reward import ResolvedReward, RewardSpec, expected_signals, penalt
 from mtf_core.schema import Task, quote_ident, read_tasks
 from mtf_core.simulate import SimConfig, position_curve
 from mtf_core.store import LogData, load_from
+from mtf_core import threads
 from mtf_core.threads import one_thread
 
 __all__ = ["LogStatistics", "StreamedEvaluation", "ShardTerms", "ENGINES", "load_shard", "log_statistics",
@@ -150,22 +152,27 @@ def _thresholds(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...]) -> np.n
     return thresholds
 
 
-def log_statistics(lake: str | os.PathLike[str]) -> LogStatistics:
-    """Pass 1 (module docstring), as DuckDB aggregates over the whole lake: one parallel scan, nothing held."""
-    _require_lake(lake)
-    con = open_lake(lake)
+@dataclass(frozen=True)
+class _ShardStatistics:
+    """One shard's part of pass 1 (module docstring); `combine` adds the shards up in shard order."""
+
+    count: np.ndarray  # (K,) shown items with a finite label
+    mean: np.ndarray  # (K,)
+    m2: np.ndarray  # (K,) sum of squared deviations from the shard's mean
+    by_position: dict[int, np.ndarray]  # position -> (2K,) sums of labels, then of scores
+    users: list[tuple[int, str, int]]  # (user_id, segment, requests)
+    missing_density: int
+
+
+def _shard_statistics(lake: str | os.PathLike[str], shard: str, tasks: tuple[Task, ...]) -> _ShardStatistics:
+    con = open_lake(lake, shard)
     try:
-        # One thread: a parallel sum adds in whatever order its threads finish, and the last bits of the
-        # reward's normalisation would then differ from run to run (and a Ray run from a local one).
-        con.execute("SET threads = 1")
-        tasks = tuple(read_tasks(con))
-        if not tasks:
-            raise LogError(f"{lake}: the lake declares no tasks")
+        con.execute("SET threads = 1")  # shards run side by side (`_local_terms`), one DuckDB thread each
         label = [f"{quote_ident('y_' + t.name)}::FLOAT::DOUBLE" for t in tasks]
         score = [f"CASE WHEN isfinite({quote_ident('s_' + t.name)}::DOUBLE) THEN "
                  f"{quote_ident('s_' + t.name)}::FLOAT::DOUBLE ELSE 0 END" for t in tasks]
         finite = [f"CASE WHEN isfinite({y}) THEN {y} END" for y in label]
-        moments = con.execute("SELECT " + ", ".join(f"avg({v}), stddev_pop({v})" for v in finite)
+        moments = con.execute("SELECT " + ", ".join(f"count({v}), avg({v}), var_pop({v})" for v in finite)
                               + " FROM impressions WHERE position IS NOT NULL").fetchone()
         by_position = con.execute(
             "SELECT position, " + ", ".join(f"sum(coalesce({v}, 0))" for v in finite) + ", "
@@ -173,28 +180,85 @@ def log_statistics(lake: str | os.PathLike[str]) -> LogStatistics:
             "AND request_id IN (SELECT request_id FROM requests) GROUP BY position ORDER BY position").fetchall()
         users = con.execute("SELECT r.user_id, any_value(coalesce(u.segment, '(missing)')), count(*) FROM requests r "
                             "JOIN users u ON u.user_id = r.user_id GROUP BY r.user_id ORDER BY r.user_id").fetchall()
+        missing = con.execute("SELECT count(*) FROM requests WHERE logging_logp IS NULL OR "
+                              "NOT isfinite(logging_logp)").fetchone()[0]  # type: ignore[index]
+    except duckdb.Error as exc:
+        raise LogError(f"{lake} ({shard}): cannot be summarised ({str(exc).splitlines()[0]})") from exc
+    finally:
+        con.close()
+    assert moments is not None
+    count = np.array(moments[0::3], dtype=np.float64)
+    mean = np.array([0.0 if v is None else v for v in moments[1::3]], dtype=np.float64)
+    m2 = np.array([0.0 if v is None else v for v in moments[2::3]], dtype=np.float64) * count
+    return _ShardStatistics(count, mean, m2, {int(r[0]): np.array([v or 0.0 for v in r[1:]]) for r in by_position},
+                            [(int(u[0]), str(u[1]), int(u[2])) for u in users], int(missing))
+
+
+def _combine(parts: list[_ShardStatistics], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, int]:
+    """The shards' statistics added up in shard order (Chan et al.'s pairwise update for the moments):
+    (mean, population std, per-position sums `[P, 2K]`, users, requests without a density)."""
+    count, mean, m2 = np.zeros(k), np.zeros(k), np.zeros(k)
+    for part in parts:
+        total = count + part.count
+        delta = part.mean - mean
+        share = np.divide(part.count, total, out=np.zeros(k), where=total > 0)
+        mean = mean + delta * share
+        m2 = m2 + part.m2 + delta**2 * count * share
+        count = total
+    n_pos = max((max(p.by_position, default=-1) for p in parts), default=-1) + 1
+    sums = np.zeros((max(n_pos, 1), 2 * k))
+    for part in parts:
+        for position, values in part.by_position.items():
+            sums[position] += values
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.where(count > 0, np.sqrt(m2 / count), np.nan)
+    mean = np.where(count > 0, mean, np.nan)
+    users = [u for part in parts for u in part.users]
+    return mean, std, sums, users, sum(p.missing_density for p in parts)
+
+
+def log_statistics(lake: str | os.PathLike[str], workers: int = 1) -> LogStatistics:
+    """Pass 1 (module docstring): each shard's aggregates in DuckDB (on `workers` threads, one DuckDB thread
+    each), added up in shard order, so the figures are the same whoever computed them; nothing held but
+    per-user counts."""
+    _require_lake(lake)
+    shards = lake_shards(lake)
+    if not shards:
+        raise LogError(f"{lake}: the lake has no shards with requests (requests/shard=K/ folders; "
+                       "python -m mtf_core export-parquet writes them)")
+    con = open_lake(lake)
+    try:
+        tasks = tuple(read_tasks(con))
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
-        missing_density = con.execute("SELECT count(*) FROM requests WHERE logging_logp IS NULL OR "
-                                      "NOT isfinite(logging_logp)").fetchone()[0]  # type: ignore[index]
+    except duckdb.Error as exc:
+        raise LogError(f"{lake}: cannot be summarised ({str(exc).splitlines()[0]})") from exc
+    finally:
+        con.close()
+    if not tasks:
+        raise LogError(f"{lake}: the lake declares no tasks")
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(shards))), thread_name_prefix="mtf-stats") as pool:
+        parts = list(pool.map(lambda shard: _shard_statistics(lake, shard, tasks), shards))
+    mean, std, sums, users, missing_density = _combine(parts, len(tasks))
+    if not users:
+        raise LogError(f"{lake}: the lake has no requests")
+    con = open_lake(lake)
+    try:
         thresholds = _thresholds(con, tasks)
     except duckdb.Error as exc:
         raise LogError(f"{lake}: cannot be summarised ({str(exc).splitlines()[0]})") from exc
     finally:
         con.close()
-    if not users or moments is None:
-        raise LogError(f"{lake}: the lake has no requests")
-    k = len(tasks)
-    n_pos = int(by_position[-1][0]) + 1 if by_position else 1
-    sums = np.zeros((n_pos, 2 * k))
-    for row in by_position:
-        sums[int(row[0])] = [v or 0.0 for v in row[1:]]
+    users.sort()
     ids = np.array([u[0] for u in users], dtype=np.int64)
-    names = np.array([str(u[1]) for u in users], dtype=object)
+    if len(ids) > 1 and (ids[1:] == ids[:-1]).any():
+        twice = int(ids[1:][ids[1:] == ids[:-1]][0])
+        raise LogError(f"{lake}: user {twice} has requests in more than one shard; a lake's shard holds whole "
+                       "users (export-parquet shards by user_id)")
+    names = np.array([u[1] for u in users], dtype=object)
     segments = tuple(sorted(set(names.tolist())))
-    mean = np.array([np.nan if v is None else v for v in moments[0::2]], dtype=np.float64)
-    std = np.array([np.nan if v is None else v for v in moments[1::2]], dtype=np.float64)
+    k = len(tasks)
     return LogStatistics(str(lake), tasks, segments, ids, np.searchsorted(segments, names).astype(np.int64),
-                         int(sum(u[2] for u in users)), n_pos, mean, std, sums[:, :k], sums[:, k:], thresholds,
+                         int(sum(u[2] for u in users)), len(sums), mean, std, sums[:, :k], sums[:, k:], thresholds,
                          {str(a): str(b) for a, b in meta.items()}, missing_density == 0)
 
 
@@ -222,7 +286,7 @@ def _shard_context(log: LogData, stats: LogStatistics, resolved: ResolvedReward)
     code = np.searchsorted(stats.segments, np.asarray(log.segments, dtype=object).astype(str))
     log = dataclasses.replace(log, segment=code[log.segment], segments=stats.segments)
     expected = expected_signals(log.scores, log.positions, resolved.position_curve)
-    feedback = np.nan_to_num(log.labels).sum(1)
+    feedback = log.label_totals()
     logged = request_reward(resolved, feedback, log.continued, log.returned, log.weights, expected)
     users, unit = np.unique(log.user_id, return_inverse=True)
     unit_segment = np.zeros(len(users), dtype=np.int64)
@@ -287,11 +351,18 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
 ENGINES = ("local", "ray")
 
 
-def _local_terms(shards: list[str], work: Callable[[str], ShardTerms], say: Callable[[float, str], None]
-                 ) -> Iterator[ShardTerms]:
-    for i, shard in enumerate(shards):
-        yield work(shard)
-        say(0.1 + 0.8 * (i + 1) / max(len(shards), 1), f"shard {i + 1} of {len(shards)}")
+def _local_terms(shards: list[str], work: Callable[[str], ShardTerms], say: Callable[[float, str], None],
+                 workers: int) -> Iterator[ShardTerms]:
+    """The shards on `workers` threads of this process. A shard's work is numpy, torch and DuckDB calls that
+    let go of the GIL, on one thread each (`shard_terms`), so threads divide the time (1.8x with 2 on 2
+    cores) and each shard's sums are what one thread makes of it."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mtf-shard")
+    try:
+        for i, terms in enumerate(pool.map(work, shards)):
+            yield terms
+            say(0.1 + 0.8 * (i + 1) / max(len(shards), 1), f"shard {i + 1} of {len(shards)}")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ray_terms(shards: list[str], work: Callable[[str], ShardTerms], address: str | None,
@@ -324,12 +395,14 @@ def _ray_terms(shards: list[str], work: Callable[[str], ShardTerms], address: st
 def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, label: str, spec: RewardSpec,
                         k: int | None = None, n_boot: int = N_BOOT, seed: int = 0,
                         progress: Callable[[float, str], None] | None = None, engine: str = "local",
-                        address: str | None = None, stochastic: bool = False) -> StreamedEvaluation:
+                        address: str | None = None, stochastic: bool = False, workers: int | None = None
+                        ) -> StreamedEvaluation:
     """Re-ranking metrics and DM of `policy` (at its deterministic action) on a lake, shard by shard (in this
     process, or on Ray workers with `engine="ray"`); equal to `evaluate_policy` on the whole log with the
     linear direct model (module docstring). With `stochastic`, a policy that draws its weights from a
     distribution on the simplex, and a log that logged every action's density, also IPS, SNIPS and NCIS with
-    the exact density ratios (equal to `evaluate_policy` of the stochastic target)."""
+    the exact density ratios (equal to `evaluate_policy` of the stochastic target). The local engine runs
+    `workers` shards at a time (default: the idle cores); the figures do not depend on it."""
     if engine not in ENGINES:
         raise LogError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if stochastic and not (policy.stochastic and policy.form == "sum" and not policy.per_item):
@@ -338,7 +411,8 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     start = time.perf_counter()
     say = progress or (lambda f, msg: None)
     say(0.0, "pass 1: the whole log's statistics")
-    stats = log_statistics(lake)
+    workers = min(len(lake_shards(lake)), workers or threads.thread_budget()) if engine == "local" else 1
+    stats = log_statistics(lake, max(workers, 1))
     if stochastic and not stats.densities_logged:
         raise LogError(f"{lake}: streamed importance weighting needs the logging density of every request "
                        "(logging_logp); this log lacks some (evaluate it in memory, where they can be estimated)")
@@ -355,7 +429,10 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
 
     weighted: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = []
 
-    parts = _ray_terms(shards, work, address, say) if engine == "ray" else _local_terms(shards, work, say)
+    if engine == "ray":
+        parts = _ray_terms(shards, work, address, say)
+    else:
+        parts = _local_terms(shards, work, say, workers)
     for part in parts:
         at = np.searchsorted(stats.users, part.users)
         fit_stats[at], evaluated[at] = part.fit_stats, part.evaluated

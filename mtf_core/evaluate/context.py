@@ -148,7 +148,7 @@ def prepare(log: LogData, spec: RewardSpec, fitted_on: EvalContext | None = None
     expected = expected_signals(log.scores, log.positions, curve)
     resolved = (fitted_on.resolved if fitted_on is not None
                 else resolve_reward(spec, log.task_names, log.labels, shown, expected, curve))
-    feedback = np.nan_to_num(log.labels).sum(1)
+    feedback = log.label_totals()
     logged = request_reward(resolved, feedback, log.continued, log.returned, log.weights, expected)
     if fitted_on is not None:
         direct, direct_fit = fitted_on.direct, fitted_on.direct_fit
@@ -222,7 +222,7 @@ def reward_preview(ctx: EvalContext) -> tuple[pd.DataFrame, pd.DataFrame]:
     names = np.asarray(log.segments)[log.segment]
     per_request = pd.DataFrame({"segment": names, "reward": ctx.logged.total, "immediate": ctx.logged.immediate,
                                 "session": ctx.logged.session, "penalty": ctx.logged.penalty})
-    contrib = np.nan_to_num(log.labels).sum(1) * ctx.resolved.coefficients  # (R, K)
+    contrib = log.label_totals() * ctx.resolved.coefficients  # (R, K)
     rows = []
     for s, name in enumerate(log.segments):
         totals = contrib[log.segment == s].sum(0)

@@ -14,7 +14,7 @@ from mtf_core.evaluate.context import EvalContext
 from mtf_core.evaluate.direct import DirectView, ModelTerms, direct_value, model_based_intervals
 from mtf_core.evaluate.estimators import DR, NCIS, SNIPS, IPS, OPEInputs
 from mtf_core.evaluate.ratios import ImportanceRatios, importance_ratio
-from mtf_core.evaluate.rerank import expected_under, gauc, learned_under, positive_labels, rerank_metrics
+from mtf_core.evaluate.rerank import expected_under, label_thresholds, learned_under, rerank_metrics, unit_aucs
 from mtf_core.evaluate.truth import truth_with_unit_terms
 from mtf_core.diagnostics import estimator_verdicts, overlap_diagnostics
 from mtf_core.reward import penalty, weighted_sum
@@ -187,16 +187,17 @@ def ranking_metric_terms(ctx: EvalContext, actions: TargetActions, k: int, thres
     terms.append(({"name": f"ndcg@{k}", "task": None}, *_per_unit(ctx, ndcg_reward)))
     shown = log.shown
     unit_flat = np.broadcast_to(ctx.unit[:, None], shown.shape)[shown]
-    positive = positive_labels(log, thresholds)[shown]
-    score = fused[shown]
-    order = np.lexsort((score, unit_flat))  # one sort serves every task's GAUC and MTF-GAUC
+    thresholds = label_thresholds(log) if thresholds is None else thresholds
+    with np.errstate(invalid="ignore"):
+        positive = log.labels[shown] > thresholds  # (shown items, K); a missing label is no positive
+    # One sort and one set of ranks serve every task's GAUC and MTF-GAUC (whether anything was consumed).
+    auc, valid, n_all = unit_aucs(unit_flat, fused[shown], np.c_[positive, positive.any(-1)], n_units)
     for j, task in enumerate(log.task_names):
-        terms.append(({"name": "gauc", "task": task},
-                      *gauc(unit_flat, score, positive[:, j], n_units, order=order)))
-    consumed = positive.any(-1)
+        den = np.where(valid[:, j], n_all, 0.0)
+        terms.append(({"name": "gauc", "task": task}, auc[:, j] * den, den))
     reward_weight = np.maximum(np.bincount(ctx.unit, weights=ctx.logged.total, minlength=n_units), 0.0)
-    terms.append(({"name": "mtf_gauc", "task": None},
-                  *gauc(unit_flat, score, consumed, n_units, reward_weight, order=order)))
+    den = np.where(valid[:, -1], reward_weight, 0.0)
+    terms.append(({"name": "mtf_gauc", "task": None}, auc[:, -1] * den, den))
     dm_top = weighted_sum(expected, ctx.resolved.coefficients)
     terms.append(({"name": f"dm_reward@{ctx.n_top}", "task": None}, *_per_unit(ctx, dm_top)))
     return terms, expected

@@ -18,7 +18,7 @@ from mtf_core.fusion import fuse
 from mtf_core.store import LogData, iter_chunks
 
 __all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "expected_under", "learned_under",
-           "rerank_metrics", "label_thresholds", "positive_labels", "gauc", "streamed_rerank"]
+           "rerank_metrics", "label_thresholds", "positive_labels", "unit_score_order", "unit_aucs", "gauc", "streamed_rerank"]
 
 
 def ndcg_at_k(fused: torch.Tensor, gains: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -184,41 +184,70 @@ def label_thresholds(log: LogData) -> np.ndarray:
 
 
 def positive_labels(log: LogData, thresholds: np.ndarray | None = None) -> np.ndarray:
-    """`[R,N,K]` whether each label is above its task's threshold (`label_thresholds`, unless given)."""
+    """`[R,N,K]` whether each label is above its task's threshold (`label_thresholds`, unless given); a missing
+    label (NaN) is not a positive."""
     thresholds = label_thresholds(log) if thresholds is None else thresholds
     with np.errstate(invalid="ignore"):
-        return np.nan_to_num(log.labels, nan=-np.inf) > thresholds
+        return log.labels > thresholds
+
+
+def unit_score_order(unit: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """An order of the items by unit, then by score within a unit (equal scores in any order).
+
+    For float32 scores, one sort of an int64 key: the unit in the high 32 bits, the score's bits made
+    monotone (IEEE floats of one sign order as their bit patterns; negative ones in reverse) in the low 32.
+    That is 5x faster than `np.lexsort((score, unit))`, which float64 scores still take."""
+    if score.dtype != np.float32 or len(unit) and (unit.min() < 0 or unit.max() >= 2**31):
+        return np.lexsort((score, unit))
+    bits = score.view(np.int32).astype(np.int64)
+    monotone = np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF)) + (1 << 31)
+    return np.argsort((unit.astype(np.int64) << 32) | monotone)
+
+
+def unit_aucs(unit: np.ndarray, score: np.ndarray, labels: np.ndarray, n_units: int,
+              order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-unit AUC of `score` against each column of binary `labels` `[n,C]` (flat arrays over shown
+    candidates): (AUC `[U,C]`, whether the unit has both classes `[U,C]`, candidates per unit `[U]`).
+
+    AUC by the Mann-Whitney rank sum with tied scores given their average rank. The ranks depend on the
+    scores alone, so one sort serves every column; `order` is `unit_score_order(unit, score)` where the
+    caller has it."""
+    order = unit_score_order(unit, score) if order is None else order
+    n_columns = labels.shape[1]
+    auc, valid = np.zeros((n_units, n_columns)), np.zeros((n_units, n_columns), dtype=bool)
+    n_all = np.zeros(n_units)
+    n = len(order)
+    if n == 0:
+        return auc, valid, n_all
+    u, s = unit[order], score[order]
+    y = labels[order].astype(np.float64)
+    new_unit = np.r_[True, u[1:] != u[:-1]]
+    starts = np.flatnonzero(new_unit)
+    rank = np.arange(1, n + 1, dtype=np.float64) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    run = np.cumsum(np.r_[True, new_unit[1:] | (s[1:] != s[:-1])]) - 1
+    avg_rank = (np.bincount(run, weights=rank) / np.bincount(run))[run]
+    present = u[starts]
+    n_all[present] = np.diff(np.r_[starts, n])
+    # Sums of 0/1 labels and of (half-)integer ranks: exact in float64 whatever the order of addition.
+    n_pos = np.add.reduceat(y, starts, axis=0)
+    rank_pos = np.add.reduceat(avg_rank[:, None] * y, starts, axis=0)
+    n_neg = n_all[present][:, None] - n_pos
+    ok = (n_pos > 0) & (n_neg > 0)
+    valid[present] = ok
+    auc[present] = np.where(ok, (rank_pos - n_pos * (n_pos + 1) / 2) / np.where(ok, n_pos * n_neg, 1.0), 0.0)
+    return auc, valid, n_all
 
 
 def gauc(unit: np.ndarray, score: np.ndarray, label: np.ndarray, n_units: int,
          unit_weight: np.ndarray | None = None, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-unit AUC of `score` against binary `label` (flat arrays over shown candidates).
+    """Per-unit AUC terms of `score` against binary `label` (`unit_aucs` of one column).
 
     Returns (numerator, denominator) per unit so that GAUC = sum(num) / sum(den): num = weight * AUC_u,
-    den = weight for units with both classes (weight = the unit's candidate count unless given), else 0.
-    AUC by the Mann-Whitney rank sum with tied scores given their average rank. `order` is
-    `np.lexsort((score, unit))` where the caller has it (the sort is the cost, and it is the same for every
-    label of one ranking).
-    """
-    order = np.lexsort((score, unit)) if order is None else order
-    u, s, y = unit[order], score[order], label[order].astype(np.float64)
-    n = len(u)
-    if n == 0:
-        return np.zeros(n_units), np.zeros(n_units)
-    new_unit = np.r_[True, u[1:] != u[:-1]]
-    unit_start = np.maximum.accumulate(np.where(new_unit, np.arange(n), 0))
-    rank = np.arange(n) - unit_start + 1.0
-    run = np.cumsum(np.r_[True, (u[1:] != u[:-1]) | (s[1:] != s[:-1])]) - 1
-    avg_rank = (np.bincount(run, weights=rank) / np.bincount(run))[run]
-    n_all = np.bincount(u, minlength=n_units).astype(np.float64)
-    n_pos = np.bincount(u, weights=y, minlength=n_units)
-    rank_pos = np.bincount(u, weights=avg_rank * y, minlength=n_units)
-    n_neg = n_all - n_pos
-    valid = (n_pos > 0) & (n_neg > 0)
-    auc = np.where(valid, (rank_pos - n_pos * (n_pos + 1) / 2) / np.where(valid, n_pos * n_neg, 1.0), 0.0)
+    den = weight for units with both classes (weight = the unit's candidate count unless given), else 0."""
+    auc, valid, n_all = unit_aucs(unit, score, np.asarray(label).reshape(-1, 1), n_units, order)
     weight = n_all if unit_weight is None else unit_weight
-    den = np.where(valid, weight, 0.0)
-    return auc * den, den
+    den = np.where(valid[:, 0], weight, 0.0)
+    return auc[:, 0] * den, den
 
 
 def streamed_rerank(path: str, weights: np.ndarray, k: int, curve: np.ndarray, coefficients: np.ndarray,

@@ -272,7 +272,7 @@ class IntegratedTrainer:
             new_log = load_log(path)
         new_data = build_training_data(new_log, self.data.ctx.resolved.spec)
         # Score the round with the source log's resolved reward, so every round shares one reward scale.
-        reward = request_reward(self.data.ctx.resolved, np.nan_to_num(new_log.labels).sum(1), new_log.continued,
+        reward = request_reward(self.data.ctx.resolved, new_log.label_totals(), new_log.continued,
                                 new_log.returned, new_log.weights, new_data.ctx.logged_expected).total
         new_t = build_transitions(new_data, self.policy.encoder)
         t = self.transitions
