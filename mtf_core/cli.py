@@ -323,6 +323,7 @@ def _ci(row: dict[str, object]) -> str:
 def _evaluate_streamed(args: argparse.Namespace) -> int:
     from mtf_core.policies.resolve import resolve_policy
     from mtf_core.reward import load_reward_spec
+    from mtf_core.diagnostics import overlap_summary
     from mtf_core.stream import policy_view, streamed_evaluation
 
     if args.policy.strip() == "logging":
@@ -345,10 +346,12 @@ def _evaluate_streamed(args: argparse.Namespace) -> int:
           f"streamed over {result.n_shards} shards ({result.engine}) in {result.seconds:.1f}s")
     for row in result.ope:
         if row["segment"] is None:
-            print(f"  {row['estimator']:<20} {_ci(row)}")
+            print(f"  {row['estimator']:<20} {_ci(row):<34} {row.get('verdict') or ''}")
     for row in result.metrics:
         if row["segment"] is None:
             print(f"  {row['name'] + ' ' + (row['task'] or 'reward'):<20} {_ci(row)}")
+    if result.diagnostics:
+        print(f"  overlap: {overlap_summary(result.diagnostics)}")
     for note in result.notes:
         print(f"  note: {note}")
     return EXIT_OK

@@ -33,8 +33,9 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["TRUSTWORTHY", "CARE", "NOT_SUPPORTED", "THRESHOLDS", "overlap_diagnostics", "estimator_verdicts",
-           "draw_ratio_limit", "overlap_summary", "thresholds_text"]
+__all__ = ["TRUSTWORTHY", "CARE", "NOT_SUPPORTED", "THRESHOLDS", "RATIO_SUMS", "overlap_diagnostics",
+           "ratio_sums", "add_ratio_sums", "diagnostics_from_sums", "estimator_verdicts", "draw_ratio_limit",
+           "overlap_summary", "thresholds_text"]
 
 TRUSTWORTHY, CARE, NOT_SUPPORTED = "trustworthy", "use with care", "not supported by this log"
 THRESHOLDS = {
@@ -50,32 +51,60 @@ def draw_ratio_limit(n: int) -> float:
     return max(THRESHOLDS["coverage_ratio_share_of_n"] * n, 1.0)  # type: ignore[operator]
 
 
+RATIO_SUMS = ("n", "sum", "sum_sq", "sum_capped", "max")
+"""The columns of `ratio_sums`: what the diagnostics rest on, added up (the max taken) over parts of a log."""
+
+
+def ratio_sums(ratio: np.ndarray, cap: float) -> np.ndarray:
+    """`[5]` (RATIO_SUMS) of ratios `[R]` (unclipped): a shard's part of the diagnostics."""
+    if not len(ratio):
+        return np.zeros(len(RATIO_SUMS))
+    return np.array([len(ratio), ratio.sum(), (ratio**2).sum(), np.minimum(ratio, cap).sum(), ratio.max()],
+                    dtype=np.float64)
+
+
+def add_ratio_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two parts' `ratio_sums` as one (sums added, the max of the maxima)."""
+    return np.r_[a[:4] + b[:4], max(a[4], b[4])]
+
+
+def diagnostics_from_sums(sums: np.ndarray, p99_ratio: float | None = None,
+                          support_coverage: float | None = None) -> dict[str, object]:
+    """The diagnostics of the module docstring from `ratio_sums`; the quantile and the coverage need the
+    ratios themselves (or draws from the target) and come from the caller where it has them."""
+    n, total, total_sq, capped, largest = (float(v) for v in sums)
+    if n == 0:
+        return {"n": 0, "ess": 0.0, "ess_share": 0.0, "mean_ratio": None, "max_ratio": None, "p99_ratio": None,
+                "clipped_mass_share": None, "support_coverage": None}
+    ess = total**2 / max(total_sq, 1e-300)
+    clipped = (total - capped) / total if total > 0 else 1.0
+    return {"n": int(n), "ess": ess, "ess_share": ess / n, "mean_ratio": total / n, "max_ratio": largest,
+            "p99_ratio": p99_ratio, "clipped_mass_share": clipped, "support_coverage": support_coverage}
+
+
 def overlap_diagnostics(ratio: np.ndarray, cap: float, draw_ratio: np.ndarray | None) -> dict[str, object]:
     """Diagnostics of ratios `[R]` (unclipped); draw_ratio `[G,R]`: target/logging density ratios of draws
     from the target (None when unknown)."""
     n = len(ratio)
     if n == 0:
-        return {"n": 0, "ess": 0.0, "ess_share": 0.0, "mean_ratio": None, "max_ratio": None, "p99_ratio": None,
-                "clipped_mass_share": None, "support_coverage": None}
-    total = float(ratio.sum())
-    ess = total**2 / max(float((ratio**2).sum()), 1e-300)
-    clipped = (total - float(np.minimum(ratio, cap).sum())) / total if total > 0 else 1.0
+        return diagnostics_from_sums(ratio_sums(ratio, cap))
     coverage = None if draw_ratio is None else float((draw_ratio <= draw_ratio_limit(n)).mean())
-    return {"n": n, "ess": ess, "ess_share": ess / n, "mean_ratio": total / n, "max_ratio": float(ratio.max()),
-            "p99_ratio": float(np.quantile(ratio, 0.99)), "clipped_mass_share": clipped,
-            "support_coverage": coverage}
+    return diagnostics_from_sums(ratio_sums(ratio, cap), float(np.quantile(ratio, 0.99)), coverage)
 
 
 def estimator_verdicts(diag: Mapping[str, object], smoothing_bias_to_se: float | None,
-                       dm_inside_dr: bool | None) -> dict[str, str]:
-    """A verdict per estimator from one scope's diagnostics (see the module docstring)."""
+                       dm_inside_dr: bool | None, coverage_required: bool = False) -> dict[str, str]:
+    """A verdict per estimator from one scope's diagnostics (see the module docstring). With
+    `coverage_required`, no estimate is trustworthy without a measured support coverage (a streamed
+    evaluation, which has the ratios' sums but no draws from the target to measure it with)."""
     t, low = THRESHOLDS["trustworthy"], THRESHOLDS["not_supported"]
     ess, ess_share = float(diag["ess"]), float(diag["ess_share"])  # type: ignore[arg-type]
     coverage = diag.get("support_coverage")
     if (ess < low["ess_below"] or ess_share < low["ess_share_below"]
             or (coverage is not None and coverage < low["support_coverage_below"])):  # type: ignore[operator]
         return dict.fromkeys(("ips", "snips", "dr", "ncis", "dm"), NOT_SUPPORTED)
-    overlap_ok = (ess >= t["ess_min"] and (coverage is None or coverage >= t["support_coverage_min"])
+    coverage_ok = coverage >= t["support_coverage_min"] if coverage is not None else not coverage_required  # type: ignore[operator]
+    overlap_ok = (ess >= t["ess_min"] and coverage_ok
                   and (smoothing_bias_to_se is None or smoothing_bias_to_se <= t["smoothing_bias_to_se_max"]))
     mean_ratio = diag.get("mean_ratio")
     balanced = mean_ratio is not None and abs(float(mean_ratio) - 1.0) <= t["mean_ratio_tolerance"]  # type: ignore[arg-type]

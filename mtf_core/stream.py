@@ -16,9 +16,11 @@ The direct model's calibration is then fitted from the per-user statistics, and 
 per-user arrays exactly as in memory. What is streamed: the re-ranking metrics (NDCG, GAUC, MTF-GAUC, the
 DM reward of the top L) and DM with the linear direct model, for any policy at its deterministic action;
 and, for a policy that draws its weights from a density (GRADE's Dirichlet) on a log that logged every
-action's density, IPS, SNIPS and NCIS with the exact ratios. Not streamed: the kernel-smoothed ratios of a
-deterministic target and DR (their Monte-Carlo parts, kernel draws and the target's own draws, follow one
-random stream in request order, which shards cannot reproduce to the digit).
+action's density, IPS, SNIPS and NCIS with the exact ratios, with their overlap diagnostics (ESS, mean and
+largest ratio and the NCIS cap's share from per-segment sums; the support coverage from each shard's own
+draws from the target) and verdicts. Not streamed: the kernel-smoothed ratios of a deterministic target and
+DR (their Monte-Carlo parts, kernel draws and the target's own draws, follow one random stream in request
+order, which shards cannot reproduce to the digit, and DR's interval would have to rest on them).
 """
 
 from __future__ import annotations
@@ -26,15 +28,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import duckdb
 import numpy as np
+import torch
 
+from mtf_core.diagnostics import (RATIO_SUMS, add_ratio_sums, diagnostics_from_sums, draw_ratio_limit,
+                                  estimator_verdicts, ratio_sums)
 from mtf_core.errors import LogError
-from mtf_core.evaluate.actions import target_actions
+from mtf_core.evaluate import context
+from mtf_core.evaluate.actions import N_DM_SAMPLES, interior_weights, target_actions
 from mtf_core.evaluate.bootstrap import N_BOOT, finite_or_none
 from mtf_core.evaluate.context import EvalContext
 from mtf_core.evaluate.direct import DirectFitData, DirectModel, fit_from_user_stats, intervals_from_units
@@ -45,8 +52,9 @@ from mtf_core.policies.base import FusionPolicy
 from mtf_core.profile import profile_log
 from mtf_core.reward import ResolvedReward, RewardSpec, expected_signals, penalty, request_reward, weighted_sum
 from mtf_core.schema import Task, quote_ident, read_tasks
-from mtf_core.simulate import SimConfig, position_curve
-from mtf_core.store import LogData, load_from
+from mtf_core.simulate import SimConfig, logging_alpha, position_curve
+from mtf_core.policies.static import LoggingPolicy, dirichlet_from_moments
+from mtf_core.store import LogData, iter_chunks, load_from
 from mtf_core import threads
 from mtf_core.threads import one_thread
 
@@ -103,6 +111,24 @@ class LogStatistics:
     thresholds: np.ndarray  # (K,)
     meta: dict[str, str] = field(default_factory=dict)
     densities_logged: bool = False  # every request has a finite logging_logp
+    segment_requests: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (S,) requests per segment
+    weight_moments: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))
+    """(S, 1 + 2K) per segment: requests with logged weights, the weights' sums, their squares' sums."""
+
+    def logging_model(self) -> LoggingPolicy:
+        """`propensity.logging_policy` from the whole log's statistics: the simulator's Dirichlet per segment,
+        else one per segment matched to the logged weights' moments."""
+        names = tuple(t.name for t in self.tasks)
+        sim = self.sim_config
+        if sim is not None:
+            return LoggingPolicy(names, self.segments, logging_alpha(sim)[np.argsort(sim.segment_names)])
+        k = len(self.tasks)
+        alpha = np.ones((len(self.segments), k))
+        for s, row in enumerate(self.weight_moments):
+            if row[0] > 0:
+                mean = row[1:1 + k] / row[0]
+                alpha[s] = dirichlet_from_moments(mean, np.maximum(row[1 + k:] / row[0] - mean**2, 0.0))
+        return LoggingPolicy(names, self.segments, alpha)
 
     @property
     def sim_config(self) -> SimConfig | None:
@@ -162,6 +188,7 @@ class _ShardStatistics:
     by_position: dict[int, np.ndarray]  # position -> (2K,) sums of labels, then of scores
     users: list[tuple[int, str, int]]  # (user_id, segment, requests)
     missing_density: int
+    weight_moments: dict[str, np.ndarray]  # segment -> (1 + 2K,) `LogStatistics.weight_moments`' row
 
 
 def _shard_statistics(lake: str | os.PathLike[str], shard: str, tasks: tuple[Task, ...]) -> _ShardStatistics:
@@ -182,6 +209,11 @@ def _shard_statistics(lake: str | os.PathLike[str], shard: str, tasks: tuple[Tas
                             "JOIN users u ON u.user_id = r.user_id GROUP BY r.user_id ORDER BY r.user_id").fetchall()
         missing = con.execute("SELECT count(*) FROM requests WHERE logging_logp IS NULL OR "
                               "NOT isfinite(logging_logp)").fetchone()[0]  # type: ignore[index]
+        weights = [f"r.{quote_ident('w_' + t.name)}::DOUBLE" for t in tasks]
+        moments_by_segment = con.execute(
+            "SELECT coalesce(u.segment, '(missing)'), count(*), " + ", ".join(f"sum({w})" for w in weights) + ", "
+            + ", ".join(f"sum({w} * {w})" for w in weights) + " FROM requests r JOIN users u ON u.user_id = r.user_id "
+            f"WHERE {' AND '.join(f'{w} IS NOT NULL' for w in weights)} GROUP BY 1").fetchall()
     except duckdb.Error as exc:
         raise LogError(f"{lake} ({shard}): cannot be summarised ({str(exc).splitlines()[0]})") from exc
     finally:
@@ -191,7 +223,9 @@ def _shard_statistics(lake: str | os.PathLike[str], shard: str, tasks: tuple[Tas
     mean = np.array([0.0 if v is None else v for v in moments[1::3]], dtype=np.float64)
     m2 = np.array([0.0 if v is None else v for v in moments[2::3]], dtype=np.float64) * count
     return _ShardStatistics(count, mean, m2, {int(r[0]): np.array([v or 0.0 for v in r[1:]]) for r in by_position},
-                            [(int(u[0]), str(u[1]), int(u[2])) for u in users], int(missing))
+                            [(int(u[0]), str(u[1]), int(u[2])) for u in users], int(missing),
+                            {str(r[0]): np.array([v or 0.0 for v in r[1:]], dtype=np.float64)
+                             for r in moments_by_segment})
 
 
 def _combine(parts: list[_ShardStatistics], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, int]:
@@ -257,9 +291,16 @@ def log_statistics(lake: str | os.PathLike[str], workers: int = 1) -> LogStatist
     names = np.array([u[1] for u in users], dtype=object)
     segments = tuple(sorted(set(names.tolist())))
     k = len(tasks)
-    return LogStatistics(str(lake), tasks, segments, ids, np.searchsorted(segments, names).astype(np.int64),
-                         int(sum(u[2] for u in users)), len(sums), mean, std, sums[:, :k], sums[:, k:], thresholds,
-                         {str(a): str(b) for a, b in meta.items()}, missing_density == 0)
+    user_segment = np.searchsorted(segments, names).astype(np.int64)
+    requests = np.bincount(user_segment, weights=[u[2] for u in users], minlength=len(segments))
+    weight_moments = np.zeros((len(segments), 1 + 2 * k))
+    for part in parts:  # in shard order
+        for name, row in part.weight_moments.items():
+            if name in segments:
+                weight_moments[segments.index(name)] += row
+    return LogStatistics(str(lake), tasks, segments, ids, user_segment, int(sum(u[2] for u in users)), len(sums),
+                         mean, std, sums[:, :k], sums[:, k:], thresholds, {str(a): str(b) for a, b in meta.items()},
+                         missing_density == 0, requests, weight_moments)
 
 
 @dataclass
@@ -276,6 +317,8 @@ class StreamedEvaluation:
     seconds: float
     notes: list[str] = field(default_factory=list)
     engine: str = "local"
+    diagnostics: dict[str, object] | None = None  # overlap diagnostics of the importance ratios (--stochastic)
+    diagnostics_by_segment: list[dict[str, object]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -307,20 +350,56 @@ class ShardTerms:
     figures: list[tuple[dict[str, object], np.ndarray, np.ndarray]]  # (figure, numerator, denominator) per user
     weighted: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = field(default_factory=list)
     """IPS, SNIPS and NCIS per user, where the target's density ratios to the logged weights exist."""
+    ratio_sums: np.ndarray | None = None
+    """`diagnostics.ratio_sums` of those ratios per segment `[S, 5]` (the whole log's segment numbering), and
+    where the target is a Dirichlet `_coverage_counts` beside them `[S, 8]`."""
+    shard: str = ""
 
 
 def shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, label: str,
-                stats: LogStatistics, resolved: ResolvedReward, k: int, weighted: bool = False) -> ShardTerms:
+                stats: LogStatistics, resolved: ResolvedReward, k: int, weighted: bool = False, seed: int = 0
+                ) -> ShardTerms:
     """Pass 2 on one shard: the policy acts on it and its per-user sums are made (the function every engine
     maps over the shards). With one torch thread wherever it runs: the last bits of a float sum depend on
     how it was split, so one thread makes a worker's sums the local ones exactly (and on 2 cores, next to
     DuckDB's reader, it was also 13% faster)."""
     with one_thread():
-        return _shard_terms(lake, shard, policy, label, stats, resolved, k, weighted)
+        return _shard_terms(lake, shard, policy, label, stats, resolved, k, weighted, seed)
+
+
+def _coverage_counts(policy: FusionPolicy, log: LogData, stats: LogStatistics, rng: np.random.Generator
+                     ) -> np.ndarray | None:
+    """Per segment `[S, 3]`: of N_DM_SAMPLES draws from the target per request, how many have a ratio of
+    target to logging density within `draw_ratio_limit` of the whole log's requests, how many within that of
+    the segment's, and how many there are: the support coverage's parts (`diagnostics`). The draws come from
+    this shard's own generator (numpy's, not torch's global one, which the shards' threads share), so they
+    are a Monte-Carlo estimate of the in-memory coverage rather than its digits. None for a target that is
+    not a Dirichlet."""
+    logging = stats.logging_model()
+    n_segments = len(stats.segments)
+    overall = draw_ratio_limit(stats.n_requests)
+    by_segment = np.array([draw_ratio_limit(int(n)) for n in stats.segment_requests])
+    counts = np.zeros((n_segments, 3))
+    with torch.no_grad():
+        for rows in iter_chunks(log.n_requests, context.CHUNK):
+            state = log.state(rows)
+            dist = policy.distribution(state)
+            if not isinstance(dist, torch.distributions.Dirichlet):
+                return None
+            alpha = dist.concentration.double().numpy()
+            draws = interior_weights(torch.from_numpy(rng.gamma(alpha, size=(N_DM_SAMPLES, *alpha.shape))))
+            target = dist.log_prob(draws.to(dist.concentration.dtype)).double().numpy()
+            logged = logging.distribution(state).log_prob(draws).double().numpy()
+            ratio = np.exp(np.clip(target - logged, -700, 700))  # (G, r)
+            segment = log.segment[rows]
+            counts[:, 0] += np.bincount(segment, weights=(ratio <= overall).sum(0), minlength=n_segments)
+            counts[:, 1] += np.bincount(segment, weights=(ratio <= by_segment[segment]).sum(0), minlength=n_segments)
+            counts[:, 2] += N_DM_SAMPLES * np.bincount(segment, minlength=n_segments)
+    return counts
 
 
 def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, label: str,
-                 stats: LogStatistics, resolved: ResolvedReward, k: int, weighted: bool) -> ShardTerms:
+                 stats: LogStatistics, resolved: ResolvedReward, k: int, weighted: bool, seed: int) -> ShardTerms:
     log = load_shard(lake, shard)
     ctx = _shard_context(log, stats, resolved)
     users = np.unique(log.user_id)
@@ -330,9 +409,9 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     fit = np.stack([np.bincount(ctx.unit, weights=v, minlength=n) for v in (np.ones_like(x), x, y, x * x, x * y)], 1)
     actions = target_actions(policy, ctx.log, label, stochastic=False)
     terms, expected = ranking_metric_terms(ctx, actions, k, stats.thresholds)
-    ratio_terms = []
-    if weighted:  # the target's own density of each logged action over the logged one: no draws needed
-        logp = target_actions(policy, ctx.log, label, stochastic=True).logp_logged
+    ratio_terms, sums = [], None
+    if weighted:  # the target's own density of each logged action over the logged one
+        logp = target_actions(policy, ctx.log, label, stochastic=True, n_draws=0).logp_logged
         assert logp is not None
         ratios = np.exp(np.clip(logp - ctx.log.logging_logp, -700, 700))
         x_ope = OPEInputs(ctx.logged.total, ratios, np.zeros(ctx.log.n_requests), np.zeros(ctx.log.n_requests))
@@ -340,12 +419,16 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
             part = est.terms(x_ope)
             ratio_terms.append(({"estimator": est.name}, np.bincount(ctx.unit, weights=part.num, minlength=n),
                                 np.bincount(ctx.unit, weights=part.den, minlength=n)))
+        cap = NCIS().clip
+        sums = np.stack([ratio_sums(ratios[ctx.log.segment == s], cap) for s in range(len(stats.segments))])
+        covered = _coverage_counts(policy, ctx.log, stats, np.random.default_rng([seed, zlib.crc32(shard.encode())]))
+        sums = np.c_[sums, covered] if covered is not None else sums
     x_target = weighted_sum(expected, resolved.coefficients)
     pen_target = penalty(resolved, actions.weights, expected)
     one = np.ones_like(x_target)
     evaluated = np.stack([np.bincount(ctx.unit, weights=v, minlength=n)
                           for v in (one, x_target, pen_target, one, x_target, -pen_target)], 1)
-    return ShardTerms(users, fit, evaluated, terms, ratio_terms)
+    return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard)
 
 
 ENGINES = ("local", "ray")
@@ -425,10 +508,10 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     shards = lake_shards(lake)
 
     def work(shard: str) -> ShardTerms:
-        return shard_terms(lake, shard, policy, label, stats, resolved, k, stochastic)
+        return shard_terms(lake, shard, policy, label, stats, resolved, k, stochastic, seed)
 
     weighted: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = []
-
+    ratio_parts: dict[str, np.ndarray] = {}
     if engine == "ray":
         parts = _ray_terms(shards, work, address, say)
     else:
@@ -444,6 +527,8 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
             weighted = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in part.weighted]
         for (_, num, den), (_, num_s, den_s) in zip(weighted, part.weighted):
             num[at], den[at] = num_s, den_s
+        if part.ratio_sums is not None:
+            ratio_parts[part.shard] = part.ratio_sums
     with one_thread():  # the bootstrap's sums split the same way whichever engine ran and whatever came before
         metrics = metric_rows(figures, stats.user_segment, stats.segments, n_boot, seed)
         model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)
@@ -459,11 +544,51 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
         ope.append({"estimator": "dm", "segment": name, "value": value,
                     "ci_low": finite_or_none(low[j]) if value is not None else None,
                     "ci_high": finite_or_none(high[j]) if value is not None else None})
+    diagnostics, by_segment = _streamed_diagnostics([ratio_parts[s] for s in shards if s in ratio_parts],
+                                                    stats.segments, ope)
     say(1.0, "done")
     notes = ["streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action"
-             + ("; IPS, SNIPS and NCIS with the policy's exact density ratios" if stochastic else
+             + ("; IPS, SNIPS and NCIS with the policy's exact density ratios, their overlap diagnostics and "
+                "verdicts (the support coverage from each shard's own draws from the target: a Monte-Carlo "
+                "estimate of the in-memory one, not its digits; no p99 ratio)"
+                if stochastic else
                 "; importance-weighted estimates: --stochastic for a policy that draws its weights, else in memory")
              + "; no DR (its direct-model term averages the target's random draws, which shards cannot reproduce)"]
     return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
-                              time.perf_counter() - start, notes, engine)
+                              time.perf_counter() - start, notes, engine, diagnostics, by_segment)
+
+
+def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], ope: list[dict[str, object]]
+                          ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
+    """Overlap diagnostics overall and per segment from the shards' ratio sums and coverage counts (added in
+    shard order, so that every engine gives the same figures), and each estimate's verdict written into its
+    row (`_diagnostics` of the in-memory evaluation, less the p99 ratio; no estimate is trustworthy without
+    a measured coverage). Without ratios, the DM rows are model-based."""
+    if not parts:
+        for row in ope:
+            row["verdict"] = "model-based"
+        return None, []
+    n_sums = len(RATIO_SUMS)
+    per_segment = parts[0][:, :n_sums]
+    for part in parts[1:]:
+        per_segment = np.stack([add_ratio_sums(a, b) for a, b in zip(per_segment, part[:, :n_sums])])
+    overall = per_segment[0]
+    for sums in per_segment[1:]:
+        overall = add_ratio_sums(overall, sums)
+    with_draws = all(part.shape[1] > n_sums for part in parts)
+    covered = sum(part[:, n_sums:] for part in parts) if with_draws else None
+    out = []
+    for s, (name, sums) in enumerate([(None, overall), *zip(segments, per_segment)]):
+        coverage = None
+        if covered is not None:
+            within, draws = (covered[:, 0].sum(), covered[:, 2].sum()) if name is None else covered[s - 1, 1:]
+            coverage = float(within / draws) if draws else None
+        diag = diagnostics_from_sums(sums, support_coverage=coverage)
+        verdicts = estimator_verdicts(diag, None, None, coverage_required=True)
+        for row in ope:
+            if row["segment"] == name:
+                row["verdict"], row["ess"] = verdicts.get(str(row["estimator"])), diag["ess"]
+        diag["verdicts"] = {k: v for k, v in verdicts.items() if k != "dr"}
+        out.append({"segment": name, **diag})
+    return out[0], out[1:]
 

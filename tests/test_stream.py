@@ -92,15 +92,20 @@ def test_evaluate_stream_from_the_command_line_and_its_refusals(tiny_log_path, t
         streamed_evaluation(tiny_log_path, None, "p", RewardSpec.default(("click",)))  # type: ignore[arg-type]
 
 
-def test_ray_workers_give_the_local_numbers_exactly(tiny_log, tiny_lake):
+def test_ray_workers_and_threads_give_the_local_numbers_exactly(tiny_log, tiny_lake):
     pytest.importorskip("ray")
     spec = RewardSpec.default(tiny_log.task_names)
-    static = parse_static("click=0.3,like=0.2,finish=0.2,share=0.1,watch_time=0.2", tiny_log.task_names,
-                          tiny_log.segments)
-    local = streamed_evaluation(tiny_lake, static, "p", spec, n_boot=100)
-    on_ray = streamed_evaluation(tiny_lake, static, "p", spec, n_boot=100, engine="ray")  # 2 local workers
+    grade = train(TrainConfig("grade", 2, {"steps": 4, "warm_start_steps": 2, "batch_size": 64}), tiny_log, spec)
+    # A stochastic policy: re-ranking metrics, DM, the importance-weighted estimates and their diagnostics.
+    local = streamed_evaluation(tiny_lake, grade.policy, "p", spec, n_boot=100, stochastic=True, workers=1)
+    on_ray = streamed_evaluation(tiny_lake, grade.policy, "p", spec, n_boot=100, engine="ray",  # 2 local workers
+                                 stochastic=True)
     assert on_ray.engine == "ray" and on_ray.n_shards == local.n_shards == 3
     assert on_ray.metrics == local.metrics and on_ray.ope == local.ope  # exactly, not approximately
+    assert on_ray.diagnostics == local.diagnostics and on_ray.diagnostics_by_segment == local.diagnostics_by_segment
+    assert {r["estimator"] for r in local.ope} == {"ips", "snips", "ncis", "dm"}
+    threads = streamed_evaluation(tiny_lake, grade.policy, "p", spec, n_boot=100, stochastic=True, workers=3)
+    assert threads.metrics == local.metrics and threads.ope == local.ope and threads.diagnostics == local.diagnostics
     import ray
 
     assert not ray.is_initialized()  # the cluster it started is shut down
@@ -123,6 +128,19 @@ def test_importance_weighted_estimates_of_a_stochastic_policy_stream_exactly(tin
                 # To float32 precision: the policy's network computes a request's density in float32, and its
                 # last bit depends on the batch it was computed in (a shard's, or the whole log's chunk).
                 assert y[key] == pytest.approx(x[key], rel=1e-6), (name, key, x, y)
+    # The overlap diagnostics from the shards' ratio sums are the in-memory ones; the support coverage, from
+    # each shard's own draws from the target, is the in-memory one to Monte-Carlo error; so are the verdicts.
+    scopes = [(in_memory.diagnostics, streamed.diagnostics),
+              *zip(in_memory.diagnostics_by_segment, streamed.diagnostics_by_segment)]
+    assert len(scopes) == 1 + len(tiny_log.segments)
+    for x, y in scopes:
+        assert x["segment"] == y["segment"] and x["n"] == y["n"]
+        for key in ("ess", "ess_share", "mean_ratio", "max_ratio", "clipped_mass_share"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-12), (key, x, y)
+        assert y["p99_ratio"] is None
+        assert y["support_coverage"] == pytest.approx(x["support_coverage"], abs=0.05), (x, y)
+        assert y["verdicts"] == {k: v for k, v in x["verdicts"].items() if k != "dr"}, (x, y)
+    assert all(r["verdict"] for r in streamed.ope)
     static = parse_static("click=1,like=0,finish=0,share=0,watch_time=0", tiny_log.task_names, tiny_log.segments)
     with pytest.raises(LogError, match="draws its fusion weights from a density"):
         streamed_evaluation(tiny_lake, static, "p", spec, stochastic=True)

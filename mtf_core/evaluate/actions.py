@@ -11,7 +11,7 @@ from mtf_core.evaluate import context
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.store import LogData, iter_chunks
 
-__all__ = ["TargetActions", "target_actions", "logged_order", "N_DM_SAMPLES"]
+__all__ = ["TargetActions", "target_actions", "logged_order", "interior_weights", "N_DM_SAMPLES"]
 
 N_DM_SAMPLES = 4
 
@@ -35,8 +35,9 @@ class TargetActions:
 
 
 def target_actions(policy: FusionPolicy | None, log: LogData, label: str, stochastic: bool | None = None,
-                   seed: int = 0) -> TargetActions:
-    """Act on every request of `log` in chunks. `policy=None` means the logged actions themselves."""
+                   seed: int = 0, n_draws: int = N_DM_SAMPLES) -> TargetActions:
+    """Act on every request of `log` in chunks. `policy=None` means the logged actions themselves. A
+    stochastic target also gets `n_draws` draws per request (for the direct method)."""
     if policy is None:
         order = None if log.weights_known else logged_order(log.positions)
         return TargetActions(label, log.weights, "sum", None, log.logging_logp.copy(), None, None, True, True,
@@ -54,10 +55,10 @@ def target_actions(policy: FusionPolicy | None, log: LogData, label: str, stocha
                 dist = policy.distribution(state)
                 # The policy's own dtype (a logistic-normal has no closed-form mean to read it from).
                 w = torch.from_numpy(log.weights[rows]).to(served.dtype)
-                logps.append(dist.log_prob(_interior(w)).double().numpy())
-                draws = dist.sample((N_DM_SAMPLES,))
+                logps.append(dist.log_prob(interior_weights(w)).double().numpy())
+                draws = dist.sample((n_draws,))
                 samples.append(draws.double().numpy())
-                sample_logps.append(dist.log_prob(_interior(draws)).double().numpy())
+                sample_logps.append(dist.log_prob(interior_weights(draws)).double().numpy())
     bias = getattr(policy, "fusion_bias", None)
     note = ""
     if not in_weight_space:
@@ -80,7 +81,7 @@ def logged_order(positions: np.ndarray) -> np.ndarray:
     return -np.where(positions >= 0, positions.astype(np.float32), unshown)
 
 
-def _interior(w: torch.Tensor) -> torch.Tensor:
+def interior_weights(w: torch.Tensor) -> torch.Tensor:
     """Keep logged weights strictly inside the simplex so Dirichlet densities stay finite."""
     w = torch.clamp(w, min=1e-12)
     return w / w.sum(-1, keepdim=True)

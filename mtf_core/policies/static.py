@@ -21,13 +21,18 @@ from mtf_core.policies.base import FusionPolicy, StateBatch, simplex_normalise
 if TYPE_CHECKING:
     from mtf_core.policies.objective import TrainingData
 
-__all__ = ["LoggingPolicy", "StaticPolicy", "parse_static", "fit_dirichlet_moments", "StaticConfig", "StaticTrainer"]
+__all__ = ["LoggingPolicy", "StaticPolicy", "parse_static", "fit_dirichlet_moments", "dirichlet_from_moments",
+           "StaticConfig", "StaticTrainer"]
 
 
 def fit_dirichlet_moments(weights: np.ndarray) -> np.ndarray:
     """Dirichlet concentrations `[K]` matching the mean and mean variance of weights `[R,K]`."""
-    mean = weights.mean(0)
-    var = weights.var(0)
+    return dirichlet_from_moments(weights.mean(0), weights.var(0))
+
+
+def dirichlet_from_moments(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """Dirichlet concentrations `[K]` from the weights' mean `[K]` and population variance `[K]` (the median
+    over the tasks of the concentration each task's variance implies)."""
     ratio = mean * (1 - mean) / np.maximum(var, 1e-9) - 1.0
     total = float(np.clip(np.median(ratio[mean > 0.01]) if np.any(mean > 0.01) else 1.0, 0.5, 1e5))
     return np.maximum(mean * total, 1e-3)
