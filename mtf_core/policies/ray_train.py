@@ -4,11 +4,13 @@ log and computing its slice of every batch (`policies.parallel`).
 Every worker reads the log itself from its path (shared storage on a cluster, as for a streamed
 evaluation) and runs `train` with its rank; rank 0 writes the policy and the run's record into a Ray Train
 checkpoint, which the driver reads back. Every worker draws the whole batch's rows and exploration noise and
-keeps its slice, so with one worker the run is the local one to the last bit, and with more each update
-averages the workers' gradients of their slices of the local run's batch: the local run up to the order of
-float additions (tests check both: 0 and under 1e-5 in the parameters). That holds for GRADE's Dirichlet
-exploration; the logistic-normal ablation also draws a Monte-Carlo sample for its KL term, per slice, so its
-workers' random streams part from the local run's after the first update (still a valid run, not the same).
+keeps its slice, so with one worker the run is the local one to the last bit (at the same torch thread
+count: each worker runs one), and with more each update averages the workers' gradients of their slices of
+the local run's batch: the local run up to the order of float additions (tests check both over 15 updates:
+0 and under 1e-5 in the parameters). Over hundreds of updates a last-bit difference can tip a gamma draw's
+rejection step, after which the runs are alike in distribution, not in digits. That holds for GRADE's
+Dirichlet exploration; the logistic-normal ablation also draws a Monte-Carlo sample for its KL term, per
+slice, so its workers' random streams part from the local run's after the first update.
 """
 
 from __future__ import annotations
