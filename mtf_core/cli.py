@@ -321,9 +321,9 @@ def _ci(row: dict[str, object]) -> str:
 
 
 def _evaluate_streamed(args: argparse.Namespace) -> int:
+    from mtf_core.diagnostics import overlap_summary
     from mtf_core.policies.resolve import resolve_policy
     from mtf_core.reward import load_reward_spec
-    from mtf_core.diagnostics import overlap_summary
     from mtf_core.stream import policy_view, streamed_evaluation
 
     if args.policy.strip() == "logging":

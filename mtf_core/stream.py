@@ -49,14 +49,13 @@ from mtf_core.evaluate.estimators import IPS, NCIS, SNIPS, OPEInputs
 from mtf_core.evaluate.policy_value import metric_rows, ranking_metric_terms
 from mtf_core.lake import is_lake, lake_shards, open_lake
 from mtf_core.policies.base import FusionPolicy
+from mtf_core.policies.static import LoggingPolicy, dirichlet_from_moments
 from mtf_core.profile import profile_log
 from mtf_core.reward import ResolvedReward, RewardSpec, expected_signals, penalty, request_reward, weighted_sum
 from mtf_core.schema import Task, quote_ident, read_tasks
 from mtf_core.simulate import SimConfig, logging_alpha, position_curve
-from mtf_core.policies.static import LoggingPolicy, dirichlet_from_moments
 from mtf_core.store import LogData, iter_chunks, load_from
-from mtf_core import threads
-from mtf_core.threads import one_thread
+from mtf_core.threads import one_thread, thread_budget
 
 __all__ = ["LogStatistics", "StreamedEvaluation", "ShardTerms", "ENGINES", "load_shard", "log_statistics",
            "shard_terms", "streamed_evaluation", "policy_view"]
@@ -180,7 +179,7 @@ def _thresholds(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...]) -> np.n
 
 @dataclass(frozen=True)
 class _ShardStatistics:
-    """One shard's part of pass 1 (module docstring); `combine` adds the shards up in shard order."""
+    """One shard's part of pass 1 (module docstring); `_combine` adds the shards up in shard order."""
 
     count: np.ndarray  # (K,) shown items with a finite label
     mean: np.ndarray  # (K,)
@@ -494,7 +493,7 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     start = time.perf_counter()
     say = progress or (lambda f, msg: None)
     say(0.0, "pass 1: the whole log's statistics")
-    workers = min(len(lake_shards(lake)), workers or threads.thread_budget()) if engine == "local" else 1
+    workers = min(len(lake_shards(lake)), workers or thread_budget()) if engine == "local" else 1
     stats = log_statistics(lake, max(workers, 1))
     if stochastic and not stats.densities_logged:
         raise LogError(f"{lake}: streamed importance weighting needs the logging density of every request "
