@@ -16,11 +16,13 @@ The direct model's calibration is then fitted from the per-user statistics, and 
 per-user arrays exactly as in memory. What is streamed: the re-ranking metrics (NDCG, GAUC, MTF-GAUC, the
 DM reward of the top L) and DM with the linear direct model, for any policy at its deterministic action;
 and, for a policy that draws its weights from a density (GRADE's Dirichlet) on a log that logged every
-action's density, IPS, SNIPS and NCIS with the exact ratios, with their overlap diagnostics (ESS, mean and
-largest ratio and the NCIS cap's share from per-segment sums; the support coverage from each shard's own
-draws from the target) and verdicts. Not streamed: the kernel-smoothed ratios of a deterministic target and
-DR (their Monte-Carlo parts, kernel draws and the target's own draws, follow one random stream in request
-order, which shards cannot reproduce to the digit, and DR's interval would have to rest on them).
+action's density, IPS, SNIPS and NCIS with the exact ratios, DM and DR of the stochastic policy (its direct
+model's value averaged over its own draws), their overlap diagnostics (ESS, mean and largest ratio and the
+NCIS cap's share from per-segment sums; the support coverage from the same draws) and verdicts. The draws
+come from each shard's own generator, so the figures that rest on them (DM and DR of a stochastic target,
+the coverage) are the in-memory ones to Monte-Carlo error rather than to the digit. Not streamed: the
+kernel-smoothed ratios of a deterministic target (and so its IPS, SNIPS, NCIS and DR), whose concentration is
+chosen by a whole-log search over kernel draws.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ from mtf_core.evaluate import context
 from mtf_core.evaluate.actions import N_DM_SAMPLES, interior_weights, target_actions
 from mtf_core.evaluate.bootstrap import N_BOOT, finite_or_none
 from mtf_core.evaluate.context import EvalContext
-from mtf_core.evaluate.direct import DirectFitData, DirectModel, fit_from_user_stats, intervals_from_units
+from mtf_core.evaluate.direct import (DirectFitData, DirectModel, fit_from_user_stats, intervals_from_units,
+                                     model_numerators)
 from mtf_core.evaluate.estimators import IPS, NCIS, SNIPS, OPEInputs
 from mtf_core.evaluate.policy_value import metric_rows, ranking_metric_terms
+from mtf_core.evaluate.rerank import expected_under
 from mtf_core.lake import is_lake, lake_shards, open_lake
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.policies.static import LoggingPolicy, dirichlet_from_moments
@@ -353,6 +357,8 @@ class ShardTerms:
     """`diagnostics.ratio_sums` of those ratios per segment `[S, 5]` (the whole log's segment numbering), and
     where the target is a Dirichlet `_coverage_counts` beside them `[S, 8]`."""
     shard: str = ""
+    drawn: bool = False
+    """Whether the direct model's terms average the target's own draws (a Dirichlet target, `weighted`)."""
 
 
 def shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, label: str,
@@ -366,14 +372,28 @@ def shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, 
         return _shard_terms(lake, shard, policy, label, stats, resolved, k, weighted, seed)
 
 
-def _coverage_counts(policy: FusionPolicy, log: LogData, stats: LogStatistics, rng: np.random.Generator
-                     ) -> np.ndarray | None:
-    """Per segment `[S, 3]`: of N_DM_SAMPLES draws from the target per request, how many have a ratio of
-    target to logging density within `draw_ratio_limit` of the whole log's requests, how many within that of
-    the segment's, and how many there are: the support coverage's parts (`diagnostics`). The draws come from
-    this shard's own generator (numpy's, not torch's global one, which the shards' threads share), so they
-    are a Monte-Carlo estimate of the in-memory coverage rather than its digits. None for a target that is
-    not a Dirichlet."""
+def _target_draws(policy: FusionPolicy, log: LogData, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    """N_DM_SAMPLES draws per request from a Dirichlet target `[G,R,K]` and its log-density of them `[G,R]`,
+    from this shard's own generator (numpy's: torch's global one is shared by the shards' threads), so a
+    Monte-Carlo equivalent of the in-memory draws, not their digits. None for a target that is not a
+    Dirichlet."""
+    draws, logps = [], []
+    with torch.no_grad():
+        for rows in iter_chunks(log.n_requests, context.CHUNK):
+            dist = policy.distribution(log.state(rows))
+            if not isinstance(dist, torch.distributions.Dirichlet):
+                return None
+            alpha = dist.concentration.double().numpy()
+            drawn = interior_weights(torch.from_numpy(rng.gamma(alpha, size=(N_DM_SAMPLES, *alpha.shape))))
+            draws.append(drawn.numpy())
+            logps.append(dist.log_prob(drawn.to(dist.concentration.dtype)).double().numpy())
+    return np.concatenate(draws, 1), np.concatenate(logps, 1)
+
+
+def _coverage_counts(log: LogData, stats: LogStatistics, draws: np.ndarray, target_logp: np.ndarray) -> np.ndarray:
+    """Per segment `[S, 3]`: of the target's draws, how many have a ratio of target to logging density within
+    `draw_ratio_limit` of the whole log's requests, how many within that of the segment's, and how many
+    there are: the support coverage's parts (`diagnostics`)."""
     logging = stats.logging_model()
     n_segments = len(stats.segments)
     overall = draw_ratio_limit(stats.n_requests)
@@ -381,19 +401,12 @@ def _coverage_counts(policy: FusionPolicy, log: LogData, stats: LogStatistics, r
     counts = np.zeros((n_segments, 3))
     with torch.no_grad():
         for rows in iter_chunks(log.n_requests, context.CHUNK):
-            state = log.state(rows)
-            dist = policy.distribution(state)
-            if not isinstance(dist, torch.distributions.Dirichlet):
-                return None
-            alpha = dist.concentration.double().numpy()
-            draws = interior_weights(torch.from_numpy(rng.gamma(alpha, size=(N_DM_SAMPLES, *alpha.shape))))
-            target = dist.log_prob(draws.to(dist.concentration.dtype)).double().numpy()
-            logged = logging.distribution(state).log_prob(draws).double().numpy()
-            ratio = np.exp(np.clip(target - logged, -700, 700))  # (G, r)
+            logged = logging.distribution(log.state(rows)).log_prob(torch.from_numpy(draws[:, rows])).double().numpy()
+            ratio = np.exp(np.clip(target_logp[:, rows] - logged, -700, 700))  # (G, r)
             segment = log.segment[rows]
             counts[:, 0] += np.bincount(segment, weights=(ratio <= overall).sum(0), minlength=n_segments)
             counts[:, 1] += np.bincount(segment, weights=(ratio <= by_segment[segment]).sum(0), minlength=n_segments)
-            counts[:, 2] += N_DM_SAMPLES * np.bincount(segment, minlength=n_segments)
+    counts[:, 2] = draws.shape[0] * np.bincount(log.segment, minlength=n_segments)
     return counts
 
 
@@ -408,26 +421,36 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     fit = np.stack([np.bincount(ctx.unit, weights=v, minlength=n) for v in (np.ones_like(x), x, y, x * x, x * y)], 1)
     actions = target_actions(policy, ctx.log, label, stochastic=False)
     terms, expected = ranking_metric_terms(ctx, actions, k, stats.thresholds)
-    ratio_terms, sums = [], None
+    # The direct model's view of the target: its deterministic action, or the mean over its draws.
+    x_target = weighted_sum(expected, resolved.coefficients)
+    pen_target = penalty(resolved, actions.weights, expected)
+    rho = np.zeros(ctx.log.n_requests)  # no importance-weighted part: DR's columns reduce to DM's
+    ratio_terms, sums, drawn = [], None, None
     if weighted:  # the target's own density of each logged action over the logged one
         logp = target_actions(policy, ctx.log, label, stochastic=True, n_draws=0).logp_logged
         assert logp is not None
-        ratios = np.exp(np.clip(logp - ctx.log.logging_logp, -700, 700))
-        x_ope = OPEInputs(ctx.logged.total, ratios, np.zeros(ctx.log.n_requests), np.zeros(ctx.log.n_requests))
+        rho = np.exp(np.clip(logp - ctx.log.logging_logp, -700, 700))
+        x_ope = OPEInputs(ctx.logged.total, rho, np.zeros(ctx.log.n_requests), np.zeros(ctx.log.n_requests))
         for est in (IPS(), SNIPS(), NCIS()):
             part = est.terms(x_ope)
             ratio_terms.append(({"estimator": est.name}, np.bincount(ctx.unit, weights=part.num, minlength=n),
                                 np.bincount(ctx.unit, weights=part.den, minlength=n)))
         cap = NCIS().clip
-        sums = np.stack([ratio_sums(ratios[ctx.log.segment == s], cap) for s in range(len(stats.segments))])
-        covered = _coverage_counts(policy, ctx.log, stats, np.random.default_rng([seed, zlib.crc32(shard.encode())]))
-        sums = np.c_[sums, covered] if covered is not None else sums
-    x_target = weighted_sum(expected, resolved.coefficients)
-    pen_target = penalty(resolved, actions.weights, expected)
-    one = np.ones_like(x_target)
+        sums = np.stack([ratio_sums(rho[ctx.log.segment == s], cap) for s in range(len(stats.segments))])
+        drawn = _target_draws(policy, ctx.log, np.random.default_rng([seed, zlib.crc32(shard.encode())]))
+        if drawn is not None:
+            draws, target_logp = drawn
+            sums = np.c_[sums, _coverage_counts(ctx.log, stats, draws, target_logp)]
+            signals = [expected_under(ctx, d) for d in draws]
+            x_target = np.mean([weighted_sum(e, resolved.coefficients) for e in signals], axis=0)
+            pen_target = np.mean([penalty(resolved, d, e) for d, e in zip(draws, signals)], axis=0)
+    # `direct.intervals_from_units`' layout: (n, x_target, penalty_target, 1 - rho, x_target - rho x_logged,
+    # rho (r + penalty_logged) - penalty_target).
+    reward, pen_logged = ctx.logged.total, ctx.logged.penalty
     evaluated = np.stack([np.bincount(ctx.unit, weights=v, minlength=n)
-                          for v in (one, x_target, pen_target, one, x_target, -pen_target)], 1)
-    return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard)
+                          for v in (np.ones_like(x_target), x_target, pen_target, 1.0 - rho, x_target - rho * x,
+                                    rho * (reward + pen_logged) - pen_target)], 1)
+    return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard, drawn is not None)
 
 
 ENGINES = ("local", "ray")
@@ -483,8 +506,9 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     process, or on Ray workers with `engine="ray"`); equal to `evaluate_policy` on the whole log with the
     linear direct model (module docstring). With `stochastic`, a policy that draws its weights from a
     distribution on the simplex, and a log that logged every action's density, also IPS, SNIPS and NCIS with
-    the exact density ratios (equal to `evaluate_policy` of the stochastic target). The local engine runs
-    `workers` shards at a time (default: the idle cores); the figures do not depend on it."""
+    the exact density ratios (equal to `evaluate_policy` of the stochastic target), and for a Dirichlet
+    policy DM and DR over its draws, with diagnostics and verdicts. The local engine runs `workers` shards at
+    a time (default: the idle cores); the figures do not depend on it."""
     if engine not in ENGINES:
         raise LogError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if stochastic and not (policy.stochastic and policy.form == "sum" and not policy.per_item):
@@ -511,6 +535,7 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
 
     weighted: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = []
     ratio_parts: dict[str, np.ndarray] = {}
+    drawn: set[str] = set()  # shards where the target's draws were taken (a Dirichlet target)
     if engine == "ray":
         parts = _ray_terms(shards, work, address, say)
     else:
@@ -528,31 +553,43 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
             num[at], den[at] = num_s, den_s
         if part.ratio_sums is not None:
             ratio_parts[part.shard] = part.ratio_sums
+        if part.drawn:
+            drawn.add(part.shard)
+    # DR where the target's ratios and its own draws (the direct model's value of a stochastic target) exist.
+    model_based = ["dm", "dr"] if ratio_parts and len(drawn) == len(shards) else ["dm"]
     with one_thread():  # the bootstrap's sums split the same way whichever engine ran and whatever came before
         metrics = metric_rows(figures, stats.user_segment, stats.segments, n_boot, seed)
         model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)
-        low, high = intervals_from_units(fit, model, stats.users, stats.user_segment, evaluated, n_seg, ["dm"],
-                                         n_boot, seed + 1)["dm"]
+        intervals = intervals_from_units(fit, model, stats.users, stats.user_segment, evaluated, n_seg, model_based,
+                                         n_boot, seed + 1)
         ope = metric_rows(weighted, stats.user_segment, stats.segments, n_boot, seed + 1) if weighted else []
-    numerator = model.intercept[stats.user_segment] * evaluated[:, 0] + model.slope[stats.user_segment] * \
-        evaluated[:, 1] - evaluated[:, 2]
-    for j, (s, name) in enumerate([(None, None), *enumerate(stats.segments)]):
-        keep = np.ones(n_users, dtype=bool) if s is None else stats.user_segment == s
-        n = evaluated[keep, 0].sum()
-        value = float(numerator[keep].sum() / n) if n > 0 else None
-        ope.append({"estimator": "dm", "segment": name, "value": value,
-                    "ci_low": finite_or_none(low[j]) if value is not None else None,
-                    "ci_high": finite_or_none(high[j]) if value is not None else None})
+    numerators = model_numerators(model.intercept[stats.user_segment], model.slope[stats.user_segment], evaluated)
+    for estimator in model_based:
+        low, high = intervals[estimator]
+        for j, (s, name) in enumerate([(None, None), *enumerate(stats.segments)]):
+            keep = np.ones(n_users, dtype=bool) if s is None else stats.user_segment == s
+            n = evaluated[keep, 0].sum()
+            value = float(numerators[estimator][keep].sum() / n) if n > 0 else None
+            ope.append({"estimator": estimator, "segment": name, "value": value,
+                        "ci_low": finite_or_none(low[j]) if value is not None else None,
+                        "ci_high": finite_or_none(high[j]) if value is not None else None})
     diagnostics, by_segment = _streamed_diagnostics([ratio_parts[s] for s in shards if s in ratio_parts],
                                                     stats.segments, ope)
     say(1.0, "done")
-    notes = ["streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action"
-             + ("; IPS, SNIPS and NCIS with the policy's exact density ratios, their overlap diagnostics and "
-                "verdicts (the support coverage from each shard's own draws from the target: a Monte-Carlo "
-                "estimate of the in-memory one, not its digits; no p99 ratio)"
-                if stochastic else
-                "; importance-weighted estimates: --stochastic for a policy that draws its weights, else in memory")
-             + "; no DR (its direct-model term averages the target's random draws, which shards cannot reproduce)"]
+    if "dr" in model_based:
+        note = ("streamed: re-ranking metrics at the policy's deterministic action; IPS, SNIPS and NCIS with its "
+                "exact density ratios; DM and DR (linear direct model) averaged over its own draws; overlap "
+                "diagnostics and verdicts (no p99 ratio). The draws are each shard's own, so DM, DR and the "
+                "support coverage are the in-memory figures to Monte-Carlo error, not to the digit")
+    elif stochastic:
+        note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
+                "IPS, SNIPS and NCIS with its exact density ratios; no DR and no support coverage (the policy "
+                "is not a Dirichlet, whose draws they would average), so no estimate is called trustworthy")
+    else:
+        note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
+                "importance-weighted estimates and DR: --stochastic for a policy that draws its weights, else in "
+                "memory (a fixed weight vector's kernel-smoothed ratios are not streamed)")
+    notes = [note]
     return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
                               time.perf_counter() - start, notes, engine, diagnostics, by_segment)
 
@@ -562,7 +599,8 @@ def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], op
     """Overlap diagnostics overall and per segment from the shards' ratio sums and coverage counts (added in
     shard order, so that every engine gives the same figures), and each estimate's verdict written into its
     row (`_diagnostics` of the in-memory evaluation, less the p99 ratio; no estimate is trustworthy without
-    a measured coverage). Without ratios, the DM rows are model-based."""
+    a measured coverage, and DM only where DR is and agrees with it). Without ratios, the DM rows are
+    model-based."""
     if not parts:
         for row in ope:
             row["verdict"] = "model-based"
@@ -583,11 +621,14 @@ def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], op
             within, draws = (covered[:, 0].sum(), covered[:, 2].sum()) if name is None else covered[s - 1, 1:]
             coverage = float(within / draws) if draws else None
         diag = diagnostics_from_sums(sums, support_coverage=coverage)
-        verdicts = estimator_verdicts(diag, None, None, coverage_required=True)
-        for row in ope:
-            if row["segment"] == name:
-                row["verdict"], row["ess"] = verdicts.get(str(row["estimator"])), diag["ess"]
-        diag["verdicts"] = {k: v for k, v in verdicts.items() if k != "dr"}
+        rows = {str(o["estimator"]): o for o in ope if o["segment"] == name}
+        dm, dr = rows.get("dm"), rows.get("dr")
+        inside = (dm is not None and dr is not None and None not in (dm["value"], dr["ci_low"], dr["ci_high"])
+                  and dr["ci_low"] <= dm["value"] <= dr["ci_high"])  # type: ignore[operator]
+        verdicts = estimator_verdicts(diag, None, inside, coverage_required=True)
+        for estimator, row in rows.items():
+            row["verdict"], row["ess"] = verdicts.get(estimator), diag["ess"]
+        diag["verdicts"] = {k: v for k, v in verdicts.items() if k in rows}
         out.append({"segment": name, **diag})
     return out[0], out[1:]
 

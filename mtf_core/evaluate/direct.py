@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from mtf_core.evaluate.context import EvalContext
 
 __all__ = ["DirectModel", "DirectFitData", "DirectView", "LINEAR_LABEL", "LEARNED_LABEL", "fit_direct",
-           "fit_from_user_stats", "direct_value", "model_based_intervals", "intervals_from_units", "ModelTerms"]
+           "fit_from_user_stats", "direct_value", "model_based_intervals", "intervals_from_units", "model_numerators",
+           "ModelTerms"]
 
 LINEAR_LABEL = "linear direct model (per segment, on the MTL-score expected reward)"
 LEARNED_LABEL = "learned outcome model (cross-fitted network, recalibrated per segment)"
@@ -230,9 +231,10 @@ def _values_from_sums(sums: np.ndarray, names: list[str]) -> np.ndarray:
     """DM and DR `[b, len(names) * (1+S)]` (overall, then per segment) from per-segment sums `[b,S,11]`:
     the fit's (n, x, y, x^2, xy), then the evaluated requests' (n, x_target, penalty_target, 1 - rho,
     x_target - rho x_logged, rho (r + penalty_logged) - penalty_target)."""
-    n_fit, sx, sy, sxx, sxy, n, s_xt, s_pt, s_one_minus_rho, s_xt_rho_xl, s_rest = np.moveaxis(sums, -1, 0)
+    n_fit, sx, sy, sxx, sxy = np.moveaxis(sums[..., :5], -1, 0)
     a, b = _coefficients(n_fit, sx, sy, sxx, sxy)
-    numerators = {"dm": a * n + b * s_xt - s_pt, "dr": a * s_one_minus_rho + b * s_xt_rho_xl + s_rest}
+    numerators = model_numerators(a, b, sums[..., 5:])
+    n = sums[..., 5]
     out = []
     with np.errstate(invalid="ignore", divide="ignore"):
         for name in names:
@@ -242,13 +244,20 @@ def _values_from_sums(sums: np.ndarray, names: list[str]) -> np.ndarray:
     return np.concatenate(out, 1)
 
 
+def model_numerators(intercept: np.ndarray, slope: np.ndarray, evaluated: np.ndarray) -> dict[str, np.ndarray]:
+    """DM's and DR's numerators (their values times the requests) from the evaluated requests' six sums
+    `[..., 6]` (layout of `_values_from_sums`) and the calibration's coefficients (broadcast against them)."""
+    n, s_xt, s_pt, s_one_minus_rho, s_xt_rho_xl, s_rest = np.moveaxis(evaluated, -1, 0)
+    return {"dm": intercept * n + slope * s_xt - s_pt,
+            "dr": intercept * s_one_minus_rho + slope * s_xt_rho_xl + s_rest}
+
+
 def _fixed_model_intervals(unit_segment: np.ndarray, n_seg: int, model: DirectModel, evaluated: np.ndarray,
                            names: list[str], n_boot: int, seed: int, level: float
                            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Intervals with the model held at its fit: evaluated `[U,6]` per evaluated user (layout as above)."""
-    a, b = model.intercept[unit_segment], model.slope[unit_segment]
-    n, s_xt, s_pt, s_one_minus_rho, s_xt_rho_xl, s_rest = evaluated.T
-    numerators = {"dm": a * n + b * s_xt - s_pt, "dr": a * s_one_minus_rho + b * s_xt_rho_xl + s_rest}
+    numerators = model_numerators(model.intercept[unit_segment], model.slope[unit_segment], evaluated)
+    n = evaluated[:, 0]
     out = {}
     for name in names:
         cols_num = [numerators[name]] + [np.where(unit_segment == s, numerators[name], 0.0) for s in range(n_seg)]
