@@ -18,7 +18,7 @@ from mtf_core.fusion import fuse
 from mtf_core.store import LogData, iter_chunks
 
 __all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "expected_under", "learned_under",
-           "rerank_metrics", "label_thresholds", "positive_labels", "unit_score_order", "unit_aucs", "gauc", "streamed_rerank"]
+           "rerank_metrics", "label_thresholds", "unit_score_order", "unit_aucs", "gauc", "streamed_rerank"]
 
 
 def ndcg_at_k(fused: torch.Tensor, gains: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -181,14 +181,6 @@ def label_thresholds(log: LogData) -> np.ndarray:
             thresholds[j] = task.threshold if task.threshold is not None else (
                 float(np.median(observed)) if len(observed) else 0.0)
     return thresholds
-
-
-def positive_labels(log: LogData, thresholds: np.ndarray | None = None) -> np.ndarray:
-    """`[R,N,K]` whether each label is above its task's threshold (`label_thresholds`, unless given); a missing
-    label (NaN) is not a positive."""
-    thresholds = label_thresholds(log) if thresholds is None else thresholds
-    with np.errstate(invalid="ignore"):
-        return log.labels > thresholds
 
 
 def unit_score_order(unit: np.ndarray, score: np.ndarray) -> np.ndarray:
