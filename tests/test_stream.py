@@ -152,3 +152,35 @@ def test_importance_weighted_estimates_of_a_stochastic_policy_stream_exactly(tin
     static = parse_static("click=1,like=0,finish=0,share=0,watch_time=0", tiny_log.task_names, tiny_log.segments)
     with pytest.raises(LogError, match="draws its fusion weights from a density"):
         streamed_evaluation(tiny_lake, static, "p", spec, stochastic=True)
+
+
+def test_a_lake_that_splits_a_user_or_has_no_shards_is_refused(tiny_log, tiny_lake, tmp_path):
+    """A shard must hold whole users (each shard's per-user sums are final); a user in two shards would have
+    had one shard's sums overwrite the other's, silently. A lake without shard folders is named too."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spec = RewardSpec.default(tiny_log.task_names)
+    static = parse_static("click=0.5,like=0.1,finish=0.1,share=0.1,watch_time=0.2", tiny_log.task_names,
+                          tiny_log.segments)
+    split = tmp_path / "split"
+    shutil.copytree(tiny_lake, split)
+    # One request of a shard-1 user, with its candidates, user and session rows, filed under shard 0 as well:
+    # each shard is a valid log of its own, and only the whole lake shows the user twice.
+    moved = pq.read_table(split / "requests" / "shard=1").slice(0, 1)
+    user, session, request = (moved.column(c)[0].as_py() for c in ("user_id", "session_id", "request_id"))
+    for table, key, value in (("requests", "request_id", request), ("impressions", "request_id", request),
+                              ("users", "user_id", user), ("sessions", "session_id", session)):
+        rows = pq.read_table(split / table / "shard=1").to_pandas()
+        pq.write_table(pa.Table.from_pandas(rows[rows[key] == value], preserve_index=False),
+                       split / table / "shard=0" / "moved.parquet")
+    with pytest.raises(LogError, match=f"user {user} has requests in more than one shard"):
+        streamed_evaluation(split, static, "p", spec, n_boot=20)
+    flat = tmp_path / "flat"
+    shutil.copytree(tiny_lake, flat)
+    for table in ("users", "sessions", "requests", "impressions"):
+        shutil.rmtree(flat / table)
+    with pytest.raises(LogError, match="no shards with requests"):
+        streamed_evaluation(flat, static, "p", spec, n_boot=20)
