@@ -357,8 +357,6 @@ class ShardTerms:
     """`diagnostics.ratio_sums` of those ratios per segment `[S, 5]` (the whole log's segment numbering), and
     where the target is a Dirichlet `_coverage_counts` beside them `[S, 8]`."""
     shard: str = ""
-    drawn: bool = False
-    """Whether the direct model's terms average the target's own draws (a Dirichlet target, `weighted`)."""
 
 
 def shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, label: str,
@@ -425,7 +423,7 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     x_target = weighted_sum(expected, resolved.coefficients)
     pen_target = penalty(resolved, actions.weights, expected)
     rho = np.zeros(ctx.log.n_requests)  # no importance-weighted part: DR's columns reduce to DM's
-    ratio_terms, sums, drawn = [], None, None
+    ratio_terms, sums = [], None
     if weighted:  # the target's own density of each logged action over the logged one
         logp = target_actions(policy, ctx.log, label, stochastic=True, n_draws=0).logp_logged
         assert logp is not None
@@ -450,7 +448,7 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     evaluated = np.stack([np.bincount(ctx.unit, weights=v, minlength=n)
                           for v in (np.ones_like(x_target), x_target, pen_target, 1.0 - rho, x_target - rho * x,
                                     rho * (reward + pen_logged) - pen_target)], 1)
-    return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard, drawn is not None)
+    return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard)
 
 
 ENGINES = ("local", "ray")
@@ -517,7 +515,8 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     start = time.perf_counter()
     say = progress or (lambda f, msg: None)
     say(0.0, "pass 1: the whole log's statistics")
-    workers = min(len(lake_shards(lake)), workers or thread_budget()) if engine == "local" else 1
+    shards = lake_shards(lake)
+    workers = min(len(shards), workers or thread_budget()) if engine == "local" else 1
     stats = log_statistics(lake, max(workers, 1))
     if stochastic and not stats.densities_logged:
         raise LogError(f"{lake}: streamed importance weighting needs the logging density of every request "
@@ -528,14 +527,12 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     fit_stats = np.zeros((n_users, 5))
     evaluated = np.zeros((n_users, 6))
     figures: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = []
-    shards = lake_shards(lake)
 
     def work(shard: str) -> ShardTerms:
         return shard_terms(lake, shard, policy, label, stats, resolved, k, stochastic, seed)
 
     weighted: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = []
     ratio_parts: dict[str, np.ndarray] = {}
-    drawn: set[str] = set()  # shards where the target's draws were taken (a Dirichlet target)
     if engine == "ray":
         parts = _ray_terms(shards, work, address, say)
     else:
@@ -553,10 +550,10 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
             num[at], den[at] = num_s, den_s
         if part.ratio_sums is not None:
             ratio_parts[part.shard] = part.ratio_sums
-        if part.drawn:
-            drawn.add(part.shard)
-    # DR where the target's ratios and its own draws (the direct model's value of a stochastic target) exist.
-    model_based = ["dm", "dr"] if ratio_parts and len(drawn) == len(shards) else ["dm"]
+    # DR where the target's ratios and its own draws (the direct model's value of a stochastic target) exist:
+    # the shards' coverage counts beside their ratio sums say the draws were taken.
+    drawn = bool(ratio_parts) and all(_with_draws(part) for part in ratio_parts.values())
+    model_based = ["dm", "dr"] if drawn else ["dm"]
     with one_thread():  # the bootstrap's sums split the same way whichever engine ran and whatever came before
         metrics = metric_rows(figures, stats.user_segment, stats.segments, n_boot, seed)
         model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)
@@ -594,6 +591,11 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                               time.perf_counter() - start, notes, engine, diagnostics, by_segment)
 
 
+def _with_draws(ratio_part: np.ndarray) -> bool:
+    """Whether a shard's `ShardTerms.ratio_sums` carry coverage counts (the target's draws were taken)."""
+    return ratio_part.shape[1] > len(RATIO_SUMS)
+
+
 def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], ope: list[dict[str, object]]
                           ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
     """Overlap diagnostics overall and per segment from the shards' ratio sums and coverage counts (added in
@@ -612,8 +614,7 @@ def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], op
     overall = per_segment[0]
     for sums in per_segment[1:]:
         overall = add_ratio_sums(overall, sums)
-    with_draws = all(part.shape[1] > n_sums for part in parts)
-    covered = sum(part[:, n_sums:] for part in parts) if with_draws else None
+    covered = sum(part[:, n_sums:] for part in parts) if all(_with_draws(part) for part in parts) else None
     out = []
     for s, (name, sums) in enumerate([(None, overall), *zip(segments, per_segment)]):
         coverage = None
