@@ -77,9 +77,10 @@ def run_study(seeds: range | list[int], n_users: int = 400, n_boot: int = 200, f
               streamed: bool = False) -> pd.DataFrame:
     """One row per (seed, target, estimator): the estimate, its interval, verdict, diagnostics and truth.
     `targets`: a subset of the target names (default: all); `outcome_model`: DM's and DR's model. With
-    `streamed`, the stochastic targets are also evaluated streamed on the log as a 4-shard lake
-    (`evaluate --stream --stochastic`: IPS, SNIPS, NCIS and the linear DM, with the streamed verdicts),
-    as targets named "... (streamed)", against the same truth."""
+    `streamed`, every target is also evaluated streamed on the log as a 4-shard lake (`evaluate --stream`,
+    with `--stochastic` for the stochastic ones: IPS, SNIPS, NCIS, and DM and DR on the linear model, with
+    the streamed verdicts; the fixed targets with their kernel chosen over the whole lake), as targets
+    named "... (streamed)", against the same truth."""
     chosen = None if targets is None else set(targets)
     folder = Path(folder or tempfile.mkdtemp(prefix="mtf-calibration-"))
     rows = []
@@ -108,8 +109,9 @@ def run_study(seeds: range | list[int], n_users: int = 400, n_boot: int = 200, f
                                  "concentration": info.get("concentration"),
                                  "smoothing_bias": info.get("smoothing_bias"),
                                  "standard_error": info.get("standard_error")})
-            if streamed and stochastic:
-                rows += _streamed_rows(log, folder / f"lake_seed{seed}", policy, name, n_boot, seed, truth, logging)
+            if streamed:
+                rows += _streamed_rows(log, folder / f"lake_seed{seed}", policy, name, n_boot, seed, truth, logging,
+                                       stochastic)
     frame = pd.DataFrame(rows)
     frame["error"] = frame["value"] - frame["truth"]
     frame["covered"] = (frame["ci_low"] <= frame["truth"]) & (frame["truth"] <= frame["ci_high"])
@@ -117,20 +119,22 @@ def run_study(seeds: range | list[int], n_users: int = 400, n_boot: int = 200, f
 
 
 def _streamed_rows(log: LogData, lake: Path, policy: object, name: str, n_boot: int, seed: int, truth: float,
-                   logging: str) -> list[dict[str, object]]:
-    """The study's rows of a stochastic target evaluated streamed on the log exported as a lake."""
+                   logging: str, stochastic: bool) -> list[dict[str, object]]:
+    """The study's rows of a target evaluated streamed on the log exported as a lake."""
     from mtf_core.lake import export_lake
     from mtf_core.stream import streamed_evaluation
 
     if not lake.exists():
         export_lake(log.path, lake, shards=4)
     result = streamed_evaluation(lake, policy, name, RewardSpec.default(log.task_names), n_boot=n_boot,  # type: ignore[arg-type]
-                                 seed=seed, stochastic=True)
-    d = result.diagnostics or {}
+                                 seed=seed, stochastic=stochastic)
+    d, info = result.diagnostics or {}, result.ratios or {}
     return [{"seed": seed, "logging": logging, "model": "linear", "target": f"{name} (streamed)",
              "estimator": row["estimator"], "value": row["value"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
              "verdict": row.get("verdict"), "truth": truth, "ess": d.get("ess"), "ess_share": d.get("ess_share"),
-             "mean_ratio": d.get("mean_ratio"), "support_coverage": d.get("support_coverage")}
+             "mean_ratio": d.get("mean_ratio"), "support_coverage": d.get("support_coverage"),
+             "concentration": info.get("concentration"), "smoothing_bias": info.get("smoothing_bias"),
+             "standard_error": info.get("standard_error")}
             for row in result.ope if row["segment"] is None]
 
 
@@ -181,7 +185,7 @@ def main() -> None:
                         help="logs with every density, an exploration share, or no density (estimated)")
     parser.add_argument("--outcome-model", choices=OUTCOME_MODELS, default="auto", help="DM's and DR's model")
     parser.add_argument("--streamed", action="store_true",
-                        help="also evaluate the stochastic targets streamed, on each log as a Parquet lake")
+                        help="also evaluate every target streamed, on each log as a Parquet lake")
     args = parser.parse_args()
     frame = run_study(range(args.seeds), args.users, args.n_boot, logging=args.logging,
                       outcome_model=args.outcome_model, streamed=args.streamed)

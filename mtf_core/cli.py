@@ -684,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--policy", required=True, help="logging | static:TASK=W,... | run:RUN_ID")
             p.add_argument("--stream", action="store_true",
                            help="a Parquet lake (export-parquet) read shard by shard, memory following a shard: "
-                                "re-ranking metrics and DM, equal to the in-memory figures")
+                                "re-ranking metrics, DM, and where the lake logged every density IPS, SNIPS, "
+                                "NCIS and DR with verdicts, as the in-memory evaluation gives them")
             p.add_argument("--engine", choices=["local", "ray"], default="local",
                            help="with --stream: shards in this process, or mapped over Ray workers (Ray Data)")
             p.add_argument("--address", help="with --engine ray: a running Ray cluster (default: start a local one "

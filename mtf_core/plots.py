@@ -62,9 +62,16 @@ def _segments(df: pd.DataFrame, segments: Sequence[str] | None = None) -> dict[s
             "color_discrete_map": {s: segment_colour(s, order) for s in order}}
 
 
+_AXIS_TITLE_PX = 55  # tick labels and the x axis's title, below the plot area
+
+
 def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
-    fig.update_layout(title=title, template=_TEMPLATE, height=height, margin=dict(l=40, r=20, t=60, b=70),
-                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
+    # The legend goes below the x axis's title; plotly places it in fractions of the plot area, so the offset
+    # is converted from pixels (a fixed fraction put it over the axis title on short figures).
+    top, bottom = 60, 100
+    below_axis = -_AXIS_TITLE_PX / max(height - top - bottom, 1)
+    fig.update_layout(title=title, template=_TEMPLATE, height=height, margin=dict(l=40, r=20, t=top, b=bottom),
+                      legend=dict(orientation="h", yanchor="top", y=below_axis, x=0))
     return fig
 
 

@@ -71,7 +71,7 @@ class Task:
     """One feedback signal: `binary` scores and labels lie in [0, 1], `continuous` ones in [0, inf).
 
     `threshold` (continuous tasks only): a label above it counts as a positive where a binary view is needed
-    (GAUC); None means the median over shown items."""
+    (GAUC); None means the median of its positive values over shown items (`rerank.label_thresholds`)."""
 
     name: str
     kind: str
@@ -91,7 +91,7 @@ class Problem:
 
     def __str__(self) -> str:
         where = self.table if self.column is None else f"{self.table}.{self.column}"
-        tail = f" (e.g. {', '.join(self.examples)})" if self.examples else ""
+        tail = f" (e.g. {'; '.join(self.examples)})" if self.examples else ""
         return f"[{self.kind}] {where}: {self.message}{tail}"
 
 
@@ -169,8 +169,12 @@ def _type_ok(expected: str, actual: str) -> bool:
 
 
 def _examples(con: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> tuple[str, ...]:
-    rows = con.execute(sql + f" LIMIT {N_EXAMPLES}", params or []).fetchall()
-    return tuple(", ".join(str(v) for v in row) if len(row) > 1 else str(row[0]) for row in rows)
+    """A few offending rows, each as `column=value` pairs (`request_id=7 item_id=109`), so that a user can find
+    them and tell which number is which."""
+    cursor = con.execute(sql + f" LIMIT {N_EXAMPLES}", params or [])
+    names = [d[0] for d in cursor.description or []]
+    return tuple(" ".join(f"{name}={'NULL' if value is None else value}" for name, value in zip(names, row))
+                 for row in cursor.fetchall())
 
 
 def _expected_columns(table: str, tasks: list[Task]) -> dict[str, str]:
@@ -235,7 +239,7 @@ def _check_keys(con: duckdb.DuckDBPyConnection, columns: dict[str, dict[str, str
         n_null = con.execute(f"SELECT count(*) FROM {t} WHERE {k} IS NULL").fetchone()[0]  # type: ignore[index]
         if n_null:
             problems.append(Problem(table, key, "null_key", f"{n_null} rows have a NULL key"))
-        dup_sql = f"SELECT {k}, count(*) FROM {t} WHERE {k} IS NOT NULL GROUP BY {k} HAVING count(*) > 1"
+        dup_sql = f"SELECT {k}, count(*) AS n_rows FROM {t} WHERE {k} IS NOT NULL GROUP BY {k} HAVING count(*) > 1"
         n_dup = con.execute(f"SELECT count(*) FROM ({dup_sql})").fetchone()[0]  # type: ignore[index]
         if n_dup:
             problems.append(
@@ -278,7 +282,8 @@ def _check_values(
     for t in tasks:
         w = f"w_{t.name}"
         if w in req and _type_ok("DOUBLE", req[w]):
-            sql = (f"SELECT request_id FROM requests WHERE {quote_ident(w)} < 0 OR isnan({quote_ident(w)}::DOUBLE) "
+            sql = (f"SELECT request_id, {quote_ident(w)} FROM requests WHERE {quote_ident(w)} < 0 "
+                   f"OR isnan({quote_ident(w)}::DOUBLE) "
                    f"OR isinf({quote_ident(w)}::DOUBLE) OR ({quote_ident(w)} IS NULL AND ({any_known}))")
             n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
             if n:
@@ -287,7 +292,7 @@ def _check_values(
                                         "weights or none)", _examples(con, sql)))
         iw = f"iw_{t.name}"
         if iw in imp and _type_ok("DOUBLE", imp[iw]):
-            sql = (f"SELECT request_id, item_id FROM impressions WHERE {quote_ident(iw)} < 0 "
+            sql = (f"SELECT request_id, item_id, {quote_ident(iw)} FROM impressions WHERE {quote_ident(iw)} < 0 "
                    f"OR isnan({quote_ident(iw)}::DOUBLE) OR isinf({quote_ident(iw)}::DOUBLE)")
             n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
             if n:
@@ -300,7 +305,7 @@ def _check_values(
                 continue
             qc = quote_ident(c)
             sql = (
-                f"SELECT request_id, item_id FROM impressions WHERE {qc} IS NOT NULL AND "
+                f"SELECT request_id, item_id, {qc} FROM impressions WHERE {qc} IS NOT NULL AND "
                 f"(isnan({qc}::DOUBLE) OR {qc} < 0 OR {qc} > {upper} OR isinf({qc}::DOUBLE))"
             )
             n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
@@ -320,7 +325,7 @@ def _check_values(
         n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
         if n:
             problems.append(Problem("impressions", "position", "duplicate_position", f"{n} positions are shown twice within a request", _examples(con, sql)))
-        sql = "SELECT request_id, position FROM impressions WHERE position < 0"
+        sql = "SELECT request_id, item_id, position FROM impressions WHERE position < 0"
         n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
         if n:
             problems.append(Problem("impressions", "position", "out_of_range", f"{n} negative positions", _examples(con, sql)))
@@ -338,7 +343,7 @@ def _check_values(
         if n:
             problems.append(Problem("impressions", "position", "position_gap",
                                     f"{n} requests do not show their items at positions 0, 1, ..., m-1 (positions "
-                                    "are 0-based ranks without gaps; columns: request_id, first, last, shown)",
+                                    "are 0-based ranks without gaps)",
                                     _examples(con, sql)))
     if complete:
         # The logged weights are a point of the simplex: importance ratios are densities on it, so weights
@@ -351,7 +356,7 @@ def _check_values(
                                     f"{n} requests have weights that do not sum to 1 (within 1e-6); logged "
                                     "fusion weights must lie on the simplex", _examples(con, sql)))
     if "logging_logp" in req:
-        sql = "SELECT request_id FROM requests WHERE isnan(logging_logp) OR isinf(logging_logp)"
+        sql = "SELECT request_id, logging_logp FROM requests WHERE isnan(logging_logp) OR isinf(logging_logp)"
         n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
         if n:
             problems.append(Problem("requests", "logging_logp", "out_of_range", f"{n} log-densities are NaN or infinite", _examples(con, sql)))

@@ -846,8 +846,11 @@ def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mappi
               "requests": [f"w_{t.name}" for t in tasks]}
     for table, cols in needed.items():
         missing = [c for c in cols if c not in targets[table]]
-        if missing:
-            raise LogError(f"{sources[table]}: missing columns {missing} for the declared tasks")
+        # A feed whose fusion weights were not logged has no w_ column at all: its requests log no weights
+        # (NULL), as the schema allows. Some of them missing is a broken file.
+        if missing and not (table == "requests" and len(missing) == len(cols)):
+            raise LogError(f"{sources[table]}: missing columns {missing} for the declared tasks"
+                           + (" (a request logs all its fusion weights or none)" if table == "requests" else ""))
     uf = [c[3:] for c in targets["users"] if c.startswith("uf_")]
     itf = [c[3:] for c in targets.get("items", {}) if c.startswith("if_")]
     con.execute("BEGIN")

@@ -14,25 +14,32 @@ the same figures as the in-memory evaluation of the whole log.
 
 The direct model's calibration is then fitted from the per-user statistics, and the bootstrap runs on the
 per-user arrays exactly as in memory. What is streamed: the re-ranking metrics (NDCG, GAUC, MTF-GAUC, the
-DM reward of the top L) and DM with the linear direct model, for any policy at its deterministic action;
-and, for a policy that draws its weights from a density (GRADE's Dirichlet) on a log that logged every
-action's density, IPS, SNIPS and NCIS with the exact ratios, DM and DR of the stochastic policy (its direct
-model's value averaged over its own draws), their overlap diagnostics (ESS, mean and largest ratio and the
-NCIS cap's share from per-segment sums; the support coverage from the same draws) and verdicts. The draws
-come from each shard's own generator, so the figures that rest on them (DM and DR of a stochastic target,
-the coverage) are the in-memory ones to Monte-Carlo error rather than to the digit. Not streamed: the
-kernel-smoothed ratios of a deterministic target (and so its IPS, SNIPS, NCIS and DR), whose concentration is
-chosen by a whole-log search over kernel draws.
+DM reward of the top L) and DM with the linear direct model, for any policy at its deterministic action.
+On a log that logged every action's density, also the importance-weighted estimates (IPS, SNIPS, NCIS, DR)
+with their overlap diagnostics (ESS, mean and largest ratio and the NCIS cap's share from per-segment sums;
+the support coverage from draws from the target) and verdicts:
+- of a policy that draws its weights from a density (GRADE's Dirichlet, `stochastic`): the exact ratios, and
+  DM and DR of the stochastic policy (its direct model's value averaged over its own draws);
+- of a deterministic action (a fixed weight vector, a policy's mean weights): the ratios of a Dirichlet
+  kernel around it (`evaluate.ratios`), whose concentration the in-memory evaluation chooses by a search
+  that needs the whole log's standard error. Each shard computes its part at every concentration of the
+  grid (the standard error's sums, the kernel's smoothing bias from one draw per request, the per-user
+  sums), the per-user sums wait on disk, and the concentration is chosen once every shard is in.
+The draws come from each shard's own generator, so the figures that rest on them (DM and DR of a stochastic
+target, a kernel's smoothing bias, the coverage) are the in-memory ones to Monte-Carlo error rather than to
+the digit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import duckdb
@@ -42,7 +49,7 @@ import torch
 from mtf_core.diagnostics import (RATIO_SUMS, add_ratio_sums, diagnostics_from_sums, draw_ratio_limit,
                                   estimator_verdicts, ratio_sums)
 from mtf_core.errors import LogError
-from mtf_core.evaluate import context
+from mtf_core.evaluate import context, ratios
 from mtf_core.evaluate.actions import N_DM_SAMPLES, interior_weights, target_actions
 from mtf_core.evaluate.bootstrap import N_BOOT, finite_or_none
 from mtf_core.evaluate.context import EvalContext
@@ -50,7 +57,7 @@ from mtf_core.evaluate.direct import (DirectFitData, DirectModel, fit_from_user_
                                      model_numerators)
 from mtf_core.evaluate.estimators import IPS, NCIS, SNIPS, OPEInputs
 from mtf_core.evaluate.policy_value import metric_rows, ranking_metric_terms
-from mtf_core.evaluate.rerank import expected_under
+from mtf_core.evaluate.rerank import expected_under, expected_under_each
 from mtf_core.lake import is_lake, lake_shards, open_lake
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.policies.static import LoggingPolicy, dirichlet_from_moments
@@ -166,7 +173,7 @@ class LogStatistics:
 
 def _thresholds(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...]) -> np.ndarray:
     """`label_thresholds` over the whole lake: continuous tasks' declared thresholds, else the exact median of
-    their shown labels (as float32, as `load_log` reads them)."""
+    their positive shown labels (as float32, as `load_log` reads them)."""
     thresholds = np.zeros(len(tasks))
     for j, task in enumerate(tasks):
         if task.kind != "continuous":
@@ -176,7 +183,7 @@ def _thresholds(con: duckdb.DuckDBPyConnection, tasks: tuple[Task, ...]) -> np.n
             continue
         col = quote_ident("y_" + task.name)
         value = con.execute(f"SELECT median({col}::FLOAT::DOUBLE) FROM impressions WHERE position IS NOT NULL "
-                            f"AND isfinite({col}::FLOAT)").fetchone()[0]  # type: ignore[index]
+                            f"AND isfinite({col}::FLOAT) AND {col}::FLOAT > 0").fetchone()[0]  # type: ignore[index]
         thresholds[j] = float(value) if value is not None else 0.0
     return thresholds
 
@@ -322,6 +329,7 @@ class StreamedEvaluation:
     engine: str = "local"
     diagnostics: dict[str, object] | None = None  # overlap diagnostics of the importance ratios (--stochastic)
     diagnostics_by_segment: list[dict[str, object]] = field(default_factory=list)
+    ratios: dict[str, object] | None = None  # a deterministic target's kernel: its concentration, bias and SE
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -357,6 +365,25 @@ class ShardTerms:
     """`diagnostics.ratio_sums` of those ratios per segment `[S, 5]` (the whole log's segment numbering), and
     where the target is a Dirichlet `_coverage_counts` beside them `[S, 8]`."""
     shard: str = ""
+    kernel: KernelTerms | None = None
+    """A deterministic target's kernel-smoothed ratios at every concentration of the grid."""
+
+
+@dataclass(frozen=True)
+class KernelTerms:
+    """One shard's part of a deterministic target's Dirichlet-kernel ratios (`evaluate.ratios`), at every
+    concentration `c` of `ratios.concentration_grid` `[C]`: what choosing `c` needs (the parts of the
+    clustered standard error of IPS and of the direct model's value of the smoothed policy) and the per-user
+    sums of the estimates at each `c`, from which the chosen one's are kept."""
+
+    unit_terms: np.ndarray  # (C, u, 9): IPS, SNIPS, NCIS numerator and denominator; DR's three columns
+    se_sums: np.ndarray  # (C, 3): over users, sum of S, S^2 and S * n (S: a user's sum of ratio x reward)
+    n_squared: float  # over users, sum of n^2 (n: a user's requests)
+    smoothed: np.ndarray  # (C, S, 2): per segment, the sums of x and of the penalty under the kernel's draws
+    overlap: np.ndarray  # (C, S, 8): `diagnostics.ratio_sums` and `_coverage_counts` per segment
+
+
+_DR_COLUMNS = slice(3, 6)  # `ShardTerms.evaluated`'s columns that carry the ratios
 
 
 def shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy, label: str,
@@ -392,18 +419,18 @@ def _coverage_counts(log: LogData, stats: LogStatistics, draws: np.ndarray, targ
     """Per segment `[S, 3]`: of the target's draws, how many have a ratio of target to logging density within
     `draw_ratio_limit` of the whole log's requests, how many within that of the segment's, and how many
     there are: the support coverage's parts (`diagnostics`)."""
-    logging = stats.logging_model()
+    alpha = stats.logging_model().alpha  # (S, K): the logging Dirichlet of each segment
+    normaliser = ratios.dirichlet_log_normaliser(alpha)
     n_segments = len(stats.segments)
     overall = draw_ratio_limit(stats.n_requests)
     by_segment = np.array([draw_ratio_limit(int(n)) for n in stats.segment_requests])
     counts = np.zeros((n_segments, 3))
-    with torch.no_grad():
-        for rows in iter_chunks(log.n_requests, context.CHUNK):
-            logged = logging.distribution(log.state(rows)).log_prob(torch.from_numpy(draws[:, rows])).double().numpy()
-            ratio = np.exp(np.clip(target_logp[:, rows] - logged, -700, 700))  # (G, r)
-            segment = log.segment[rows]
-            counts[:, 0] += np.bincount(segment, weights=(ratio <= overall).sum(0), minlength=n_segments)
-            counts[:, 1] += np.bincount(segment, weights=(ratio <= by_segment[segment]).sum(0), minlength=n_segments)
+    for rows in iter_chunks(log.n_requests, context.CHUNK):
+        segment = log.segment[rows]
+        logged = ratios.dirichlet_logp(alpha[segment], torch.from_numpy(draws[:, rows]), normaliser[segment]).numpy()
+        ratio = np.exp(np.clip(target_logp[:, rows] - logged, -700, 700))  # (G, r)
+        counts[:, 0] += np.bincount(segment, weights=(ratio <= overall).sum(0), minlength=n_segments)
+        counts[:, 1] += np.bincount(segment, weights=(ratio <= by_segment[segment]).sum(0), minlength=n_segments)
     counts[:, 2] = draws.shape[0] * np.bincount(log.segment, minlength=n_segments)
     return counts
 
@@ -444,11 +471,71 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
             pen_target = np.mean([penalty(resolved, d, e) for d, e in zip(draws, signals)], axis=0)
     # `direct.intervals_from_units`' layout: (n, x_target, penalty_target, 1 - rho, x_target - rho x_logged,
     # rho (r + penalty_logged) - penalty_target).
+    evaluated = np.stack([np.bincount(ctx.unit, weights=v, minlength=n) for v in (np.ones_like(x_target), x_target,
+                                                                                  pen_target)], 1)
+    evaluated = np.c_[evaluated, _dr_columns(ctx, rho, x, x_target, pen_target, n)]
+    kernel = None
+    if not weighted and stats.densities_logged and not actions.ope_note and actions.weights.ndim == 2:
+        kernel = _kernel_terms(ctx, stats, actions.weights, x, x_target, pen_target,
+                               np.random.default_rng([seed, zlib.crc32(shard.encode()), 1]))
+    return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard, kernel)
+
+
+def _dr_columns(ctx: EvalContext, rho: np.ndarray, x: np.ndarray, x_target: np.ndarray, pen_target: np.ndarray,
+                n: int) -> np.ndarray:
+    """Per user `[u, 3]`: the sums of 1 - rho, x_target - rho x_logged and rho (r + penalty_logged) -
+    penalty_target, the columns of `ShardTerms.evaluated` that carry the importance ratios."""
     reward, pen_logged = ctx.logged.total, ctx.logged.penalty
-    evaluated = np.stack([np.bincount(ctx.unit, weights=v, minlength=n)
-                          for v in (np.ones_like(x_target), x_target, pen_target, 1.0 - rho, x_target - rho * x,
-                                    rho * (reward + pen_logged) - pen_target)], 1)
-    return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard)
+    return np.stack([np.bincount(ctx.unit, weights=v, minlength=n)
+                     for v in (1.0 - rho, x_target - rho * x, rho * (reward + pen_logged) - pen_target)], 1)
+
+
+def _kernel_terms(ctx: EvalContext, stats: LogStatistics, target: np.ndarray, x: np.ndarray, x_target: np.ndarray,
+                  pen_target: np.ndarray, rng: np.random.Generator) -> KernelTerms:
+    """`KernelTerms` of the deterministic action `target` `[R,K]` on one shard: `ratios._kernel_ratios` at
+    every concentration of the grid at once, with one draw from each kernel per request."""
+    log, resolved = ctx.log, ctx.resolved
+    reward = ctx.logged.total
+    n, n_segments = len(ctx.unit_segment), len(stats.segments)
+    count = np.bincount(ctx.unit, minlength=n).astype(np.float64)
+    grid = ratios.concentration_grid(target.shape[1])
+    unit_terms = np.zeros((len(grid), n, 9))
+    se_sums = np.zeros((len(grid), 3))
+    smoothed = np.zeros((len(grid), n_segments, 2))
+    overlap = np.zeros((len(grid), n_segments, len(RATIO_SUMS) + 3))
+    logged = torch.from_numpy(ratios.interior(log.weights))
+    cap = NCIS().clip
+    for group in np.array_split(np.arange(len(grid)), -(-len(grid) // _DRAWS_AT_ONCE)):
+        alphas = np.stack([ratios.kernel_alpha(target, c) for c in grid[group]])  # (c, R, K)
+        # float32 Gamma draws: half the time of float64 ones, and a draw's last bits matter to no figure
+        gammas = rng.standard_gamma(alphas.astype(np.float32), dtype=np.float32)
+        draws = interior_weights(torch.from_numpy(gammas)).double().numpy()
+        signals = expected_under_each(ctx, draws)  # one read of the scores for the group's kernels
+        for i, alpha_i, draw, expected in zip(group, alphas, draws, signals):
+            smoothed[i, :, 0] = np.bincount(log.segment, weights=weighted_sum(expected, resolved.coefficients),
+                                            minlength=n_segments)
+            smoothed[i, :, 1] = np.bincount(log.segment, weights=penalty(resolved, draw, expected),
+                                            minlength=n_segments)
+            alpha = torch.from_numpy(alpha_i)
+            normaliser = ratios.dirichlet_log_normaliser(alpha)  # one for the logged weights and the draw
+            rho = np.exp(np.clip(ratios.dirichlet_logp(alpha, logged, normaliser).numpy() - log.logging_logp,
+                                 -700, 700))
+            x_ope = OPEInputs(reward, rho, np.zeros(log.n_requests), np.zeros(log.n_requests))
+            for j, est in enumerate((IPS(), SNIPS(), NCIS())):
+                term = est.terms(x_ope)
+                unit_terms[i, :, 2 * j] = np.bincount(ctx.unit, weights=term.num, minlength=n)
+                unit_terms[i, :, 2 * j + 1] = np.bincount(ctx.unit, weights=term.den, minlength=n)
+            unit_terms[i, :, 6:] = _dr_columns(ctx, rho, x, x_target, pen_target, n)
+            per_user = unit_terms[i, :, 0]  # a user's sum of ratio x reward, S of `ratios._clustered_se`
+            se_sums[i] = per_user.sum(), (per_user**2).sum(), (per_user * count).sum()
+            overlap[i, :, :len(RATIO_SUMS)] = np.stack([ratio_sums(rho[log.segment == s], cap)
+                                                        for s in range(n_segments)])
+            draw_logp = ratios.dirichlet_logp(alpha, torch.from_numpy(draw), normaliser).numpy()
+            overlap[i, :, len(RATIO_SUMS):] = _coverage_counts(log, stats, draw[None], draw_logp[None])
+    return KernelTerms(unit_terms, se_sums, float((count**2).sum()), smoothed, overlap)
+
+
+_DRAWS_AT_ONCE = 4  # kernels drawn and re-ranked together: (4, R, K) blocks, 40 MB each at 250k requests
 
 
 ENGINES = ("local", "ray")
@@ -502,11 +589,11 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                         ) -> StreamedEvaluation:
     """Re-ranking metrics and DM of `policy` (at its deterministic action) on a lake, shard by shard (in this
     process, or on Ray workers with `engine="ray"`); equal to `evaluate_policy` on the whole log with the
-    linear direct model (module docstring). With `stochastic`, a policy that draws its weights from a
-    distribution on the simplex, and a log that logged every action's density, also IPS, SNIPS and NCIS with
-    the exact density ratios (equal to `evaluate_policy` of the stochastic target), and for a Dirichlet
-    policy DM and DR over its draws, with diagnostics and verdicts. The local engine runs `workers` shards at
-    a time (default: the idle cores); the figures do not depend on it."""
+    linear direct model (module docstring). On a log that logged every action's density, also IPS, SNIPS,
+    NCIS and DR with diagnostics and verdicts: by kernel-smoothed ratios of the deterministic action, or with
+    `stochastic`, for a policy that draws its weights from a distribution on the simplex, by its exact
+    density ratios (and for a Dirichlet policy DM and DR over its draws). The local engine runs `workers`
+    shards at a time (default: the idle cores); the figures do not depend on it."""
     if engine not in ENGINES:
         raise LogError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if stochastic and not (policy.stochastic and policy.form == "sum" and not policy.per_item):
@@ -533,30 +620,51 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
 
     weighted: list[tuple[dict[str, object], np.ndarray, np.ndarray]] = []
     ratio_parts: dict[str, np.ndarray] = {}
+    kernel_parts: dict[str, KernelTerms] = {}  # without their per-user arrays, which wait on disk
+    kernel_files: list[tuple[np.ndarray, Path]] = []
     if engine == "ray":
         parts = _ray_terms(shards, work, address, say)
     else:
         parts = _local_terms(shards, work, say, workers)
-    for part in parts:
-        at = np.searchsorted(stats.users, part.users)
-        fit_stats[at], evaluated[at] = part.fit_stats, part.evaluated
-        if not figures:
-            figures = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in part.figures]
-        for (_, num, den), (_, num_s, den_s) in zip(figures, part.figures):
-            num[at], den[at] = num_s, den_s
-        if part.weighted and not weighted:
-            weighted = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in part.weighted]
-        for (_, num, den), (_, num_s, den_s) in zip(weighted, part.weighted):
-            num[at], den[at] = num_s, den_s
-        if part.ratio_sums is not None:
-            ratio_parts[part.shard] = part.ratio_sums
-    # DR where the target's ratios and its own draws (the direct model's value of a stochastic target) exist:
-    # the shards' coverage counts beside their ratio sums say the draws were taken.
+    with tempfile.TemporaryDirectory(prefix="mtf-kernel-") as spool:
+        for part in parts:
+            at = np.searchsorted(stats.users, part.users)
+            fit_stats[at], evaluated[at] = part.fit_stats, part.evaluated
+            if not figures:
+                figures = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in part.figures]
+            for (_, num, den), (_, num_s, den_s) in zip(figures, part.figures):
+                num[at], den[at] = num_s, den_s
+            if part.weighted and not weighted:
+                weighted = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in part.weighted]
+            for (_, num, den), (_, num_s, den_s) in zip(weighted, part.weighted):
+                num[at], den[at] = num_s, den_s
+            if part.ratio_sums is not None:
+                ratio_parts[part.shard] = part.ratio_sums
+            if part.kernel is not None:
+                # Every concentration's per-user sums wait on disk (memory would grow with the grid x the users)
+                # until the whole log's figures have chosen one.
+                path = Path(spool) / f"{len(kernel_files)}.npy"
+                np.save(path, part.kernel.unit_terms)
+                kernel_files.append((at, path))
+                kernel_parts[part.shard] = dataclasses.replace(part.kernel, unit_terms=np.zeros((0, 0, 0)))
+        model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)
+        kernel = None
+        if kernel_files and len(kernel_parts) == len(shards):
+            kernel = _choose_concentration([kernel_parts[s] for s in shards], model, stats, evaluated)
+            weighted = [({"estimator": est.name}, np.zeros(n_users), np.zeros(n_users))
+                        for est in (IPS(), SNIPS(), NCIS())]
+            for at, path in kernel_files:
+                chosen = np.load(path, mmap_mode="r")[kernel.index]
+                for j, (_, num, den) in enumerate(weighted):
+                    num[at], den[at] = chosen[:, 2 * j], chosen[:, 2 * j + 1]
+                evaluated[at, _DR_COLUMNS] = chosen[:, 6:]
+            ratio_parts = {s: part.overlap[kernel.index] for s, part in kernel_parts.items()}
+    # DR where the target's ratios exist, and for a stochastic target its own draws (the direct model's value
+    # of it): the shards' coverage counts beside their ratio sums say the draws were taken.
     drawn = bool(ratio_parts) and all(_with_draws(part) for part in ratio_parts.values())
     model_based = ["dm", "dr"] if drawn else ["dm"]
     with one_thread():  # the bootstrap's sums split the same way whichever engine ran and whatever came before
         metrics = metric_rows(figures, stats.user_segment, stats.segments, n_boot, seed)
-        model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)
         intervals = intervals_from_units(fit, model, stats.users, stats.user_segment, evaluated, n_seg, model_based,
                                          n_boot, seed + 1)
         ope = metric_rows(weighted, stats.user_segment, stats.segments, n_boot, seed + 1) if weighted else []
@@ -571,9 +679,19 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                         "ci_low": finite_or_none(low[j]) if value is not None else None,
                         "ci_high": finite_or_none(high[j]) if value is not None else None})
     diagnostics, by_segment = _streamed_diagnostics([ratio_parts[s] for s in shards if s in ratio_parts],
-                                                    stats.segments, ope)
+                                                    stats.segments, ope, None if kernel is None else kernel.bias_to_se)
     say(1.0, "done")
-    if "dr" in model_based:
+    if kernel is not None:
+        note = ("streamed: re-ranking metrics, DM and DR (linear direct model) at the policy's deterministic "
+                f"action; IPS, SNIPS, NCIS and DR with importance ratios that smooth it with a Dirichlet kernel of "
+                f"concentration {kernel.concentration:g} (chosen so that the estimated smoothing bias, "
+                f"{kernel.bias:+.4f}, stays within a quarter of the standard error, {kernel.standard_error:.4f}, "
+                "where the grid allows); overlap diagnostics and verdicts (no p99 ratio). The smoothing bias and "
+                "the support coverage rest on one draw from the kernel per request and concentration (every "
+                "concentration is drawn for in one pass; in memory four, until the rule is met), each shard's "
+                "own: the in-memory figures to Monte-Carlo error, and so the chosen concentration where the "
+                "rule's margin is thin")
+    elif "dr" in model_based:
         note = ("streamed: re-ranking metrics at the policy's deterministic action; IPS, SNIPS and NCIS with its "
                 "exact density ratios; DM and DR (linear direct model) averaged over its own draws; overlap "
                 "diagnostics and verdicts (no p99 ratio). The draws are each shard's own, so DM, DR and the "
@@ -584,11 +702,55 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                 "is not a Dirichlet, whose draws they would average), so no estimate is called trustworthy")
     else:
         note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
-                "importance-weighted estimates and DR: --stochastic for a policy that draws its weights, else in "
-                "memory (a fixed weight vector's kernel-smoothed ratios are not streamed)")
+                "no importance-weighted estimate (the log does not record the logging density of every request, "
+                "or the policy's action is per item or not a sum fusion): evaluate in memory, where densities "
+                "can be estimated")
     notes = [note]
     return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
-                              time.perf_counter() - start, notes, engine, diagnostics, by_segment)
+                              time.perf_counter() - start, notes, engine, diagnostics, by_segment,
+                              None if kernel is None else kernel.describe())
+
+
+@dataclass(frozen=True)
+class _Concentration:
+    """The kernel's concentration chosen over the whole log (`ratios._kernel_ratios`' rule)."""
+
+    index: int  # into `ratios.concentration_grid`
+    concentration: float
+    bias: float  # DM(K_c) - DM(t), the smoothing bias IPS and SNIPS inherit
+    standard_error: float  # the clustered standard error of IPS at c
+
+    @property
+    def bias_to_se(self) -> float | None:
+        return abs(self.bias) / self.standard_error if self.standard_error else None
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "kernel", "concentration": self.concentration, "bandwidth": 1.0 / self.concentration,
+                "smoothing_bias": self.bias, "standard_error": self.standard_error}
+
+
+def _choose_concentration(parts: list[KernelTerms], model: DirectModel, stats: LogStatistics,
+                          evaluated: np.ndarray) -> _Concentration:
+    """The smallest concentration of the grid whose estimated smoothing bias is at most `BIAS_TO_SE` of IPS's
+    standard error (else the grid's last), from the shards' sums added in shard order. The standard error is
+    `ratios._clustered_se`: sqrt(sum over users of (S - n m)^2) / N with m = sum S / N, expanded into sums a
+    shard can make; the bias is the linear direct model's mean value of the kernel's draws less the target's."""
+    se_sums, n_squared, smoothed = parts[0].se_sums, parts[0].n_squared, parts[0].smoothed
+    for part in parts[1:]:
+        se_sums, n_squared, smoothed = se_sums + part.se_sums, n_squared + part.n_squared, smoothed + part.smoothed
+    total = stats.n_requests
+    mean = se_sums[:, 0] / total
+    spread = se_sums[:, 1] - 2.0 * mean * se_sums[:, 2] + mean**2 * n_squared
+    standard_error = np.sqrt(np.maximum(spread, 0.0)) / total
+    dm_smoothed = (model.intercept @ stats.segment_requests + smoothed[..., 0] @ model.slope
+                   - smoothed[..., 1].sum(1)) / total
+    dm_target = float(model_numerators(model.intercept[stats.user_segment], model.slope[stats.user_segment],
+                                       evaluated)["dm"].sum() / total)
+    bias = dm_smoothed - dm_target
+    within = np.flatnonzero(np.abs(bias) <= ratios.BIAS_TO_SE * standard_error)
+    index = int(within[0]) if len(within) else len(bias) - 1
+    grid = ratios.concentration_grid(len(stats.tasks))
+    return _Concentration(index, float(grid[index]), float(bias[index]), float(standard_error[index]))
 
 
 def _with_draws(ratio_part: np.ndarray) -> bool:
@@ -596,8 +758,8 @@ def _with_draws(ratio_part: np.ndarray) -> bool:
     return ratio_part.shape[1] > len(RATIO_SUMS)
 
 
-def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], ope: list[dict[str, object]]
-                          ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
+def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], ope: list[dict[str, object]],
+                          bias_to_se: float | None = None) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
     """Overlap diagnostics overall and per segment from the shards' ratio sums and coverage counts (added in
     shard order, so that every engine gives the same figures), and each estimate's verdict written into its
     row (`_diagnostics` of the in-memory evaluation, less the p99 ratio; no estimate is trustworthy without
@@ -626,7 +788,7 @@ def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], op
         dm, dr = rows.get("dm"), rows.get("dr")
         inside = (dm is not None and dr is not None and None not in (dm["value"], dr["ci_low"], dr["ci_high"])
                   and dr["ci_low"] <= dm["value"] <= dr["ci_high"])  # type: ignore[operator]
-        verdicts = estimator_verdicts(diag, None, inside, coverage_required=True)
+        verdicts = estimator_verdicts(diag, bias_to_se, inside, coverage_required=True)
         for estimator, row in rows.items():
             row["verdict"], row["ess"] = verdicts.get(estimator), diag["ess"]
         diag["verdicts"] = {k: v for k, v in verdicts.items() if k in rows}

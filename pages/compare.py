@@ -110,7 +110,8 @@ if any(r.policy == ORACLE_LABEL for r in results):
                "oracle (per-user or per-request weights can); below 0: it is worse than logging.")
 
 st.subheader("Can these estimates be trusted?")
-diag_rows = [{"policy": r.policy, **r.diagnostics} for r in results if r.diagnostics]
+diag_rows = [{"policy": r.policy, **r.diagnostics, "segment": r.diagnostics.get("segment") or "all users"}
+             for r in results if r.diagnostics]
 if diag_rows:
     show_table(pd.DataFrame(diag_rows), width="stretch", hide_index=True)
     st.caption(thresholds_text())
@@ -156,9 +157,13 @@ shown = shown.assign(metric=shown["metric"].map(ranking_metric_label))
 for kind, part in shown.groupby(shown["metric"].str.split(",").str[0], sort=False):
     st.plotly_chart(plots.forest_plot(part, "metric", f"Counterfactual ranking metric: {kind}"), width="stretch")
 
+shared_notes = [n for n in results[0].notes if all(n in r.notes for r in results)] if len(results) > 1 else []
+for note in shared_notes:
+    st.info(plain(note[:1].upper() + note[1:]))
 for r in results:
     for note in r.notes:
-        st.info(plain(f"{r.policy}: {note}"))
+        if note not in shared_notes:
+            st.info(plain(f"{r.policy}: {note}"))
 with st.expander("All figures as a table"):
     show_table(pd.concat([ope.assign(kind="value"), metrics.assign(kind="metric")], ignore_index=True),
                  width="stretch")

@@ -130,7 +130,7 @@ st.success(plain(f"Valid log: {info.get('meta', {}).get('source', 'unknown sourc
 log = current_log()
 profile = profile_log(log)
 st.subheader("How the weights were logged")
-st.info(plain(f"{profile.mode}. Supports: {', '.join(profile.supports)}."), icon="ℹ️")
+st.info(plain(f"Logging mode: {profile.mode}. What this log supports: {', '.join(profile.supports)}."), icon="ℹ️")
 st.caption(profile.explanation[:1].upper() + profile.explanation[1:] + ".")
 if profile.mode == "A/B buckets":
     arms = cached_ab_readout(path, mtime, current_reward(log).to_json())

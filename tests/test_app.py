@@ -162,7 +162,7 @@ def test_data_page_profiles_an_ab_log_and_reads_out_its_arms(tmp_path, monkeypat
     monkeypatch.setenv("MTF_DATA_DIRS", str(tmp_path))
     at = _choose_log(_run("pages/data.py"), path)
     assert not at.exception, [e.value for e in at.exception]
-    assert any(i.value.startswith("A/B buckets") for i in at.info)
+    assert any(i.value.startswith("Logging mode: A/B buckets") for i in at.info)
     arms = next(d.value for d in at.dataframe if "arm" in d.value.columns)
     assert len(arms) == 4 * 3 and arms["control"].sum() == 4
 

@@ -17,7 +17,9 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-PAGES = {"": "Data", "reward": "Reward", "train": "Train", "weights": "Weights by segment", "compare": "Compare",
+# A page other than the home page first: on a fresh server, Streamlit's older `pages/` mechanism ran a direct
+# link's page without app.py (file names as the menu) until app.py had run once.
+PAGES = {"weights": "Weights by segment", "": "Data", "reward": "Reward", "train": "Train", "compare": "Compare",
          "report": "Report"}
 WITH_CHARTS = {"", "reward", "weights"}
 
@@ -82,6 +84,9 @@ def test_every_page_renders_in_chromium(server):
             if path in WITH_CHARTS:
                 page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
             page.wait_for_timeout(800)
+            menu = page.locator('[data-testid="stSidebarNav"]')
+            assert menu.get_by_text("Weights by segment").count() == 1, f"/{path}: not run through app.py"
+            assert menu.get_by_text("app", exact=True).count() == 0, f"/{path}: Streamlit's file-name menu"
             name = path or "data"
             page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
             assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"

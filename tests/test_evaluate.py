@@ -21,6 +21,7 @@ from mtf_core.evaluate import (
     prepare,
     target_actions,
 )
+from mtf_core.evaluate.rerank import label_thresholds
 from mtf_core.policies.static import LoggingPolicy, parse_static
 from mtf_core.reward import RewardSpec
 from mtf_core.simulate import SimConfig, generate, logging_alpha
@@ -74,6 +75,24 @@ def test_gauc_matches_pairwise_counting_with_ties():
         else:
             assert den[u] == 0
     assert num.sum() / den.sum() == pytest.approx(total_num / total_den)
+
+
+def test_a_continuous_task_without_a_threshold_counts_above_its_positive_median(tiny_log):
+    """Watch time is 0 wherever nothing was clicked; the median of all values would be 0 on a log where most
+    shown items go unclicked, and 'watch time above it' would be the click itself."""
+    j = tiny_log.task_names.index("watch_time")
+    watch = tiny_log.labels[..., j][tiny_log.shown]
+    watch = watch[np.isfinite(watch)]
+    assert np.median(watch) == 0  # the case the rule is for
+    threshold = label_thresholds(tiny_log)[j]
+    assert threshold == pytest.approx(np.median(watch[watch > 0].astype(np.float64)))
+    positives = watch > threshold
+    clicks = tiny_log.labels[..., tiny_log.task_names.index("click")][tiny_log.shown]
+    assert 0 < positives.sum() < (clicks[np.isfinite(clicks)] > 0).sum()
+    declared = dataclasses.replace(tiny_log.tasks[j], threshold=0.5)
+    with_threshold = dataclasses.replace(tiny_log, tasks=tuple(declared if t.name == "watch_time" else t
+                                                               for t in tiny_log.tasks))
+    assert label_thresholds(with_threshold)[j] == 0.5
 
 
 def test_rerank_expected_signals_match_a_loop(tiny_log):

@@ -195,7 +195,7 @@ def test_a_request_logs_all_its_weights_or_none(kuairand_log, tmp_path):
         con.close()
     bad = [p for p in problems if p.kind == "bad_weight"]
     assert [p.column for p in bad] == ["w_long_view", "w_play_time"]  # NULL beside a known weight
-    assert "all its weights or none" in bad[0].message and "3" in bad[0].examples
+    assert "all its weights or none" in bad[0].message and "request_id=3 w_long_view=NULL" in bad[0].examples
 
 
 def test_every_page_of_the_app_opens_on_the_imported_sample(kuairand_log, tmp_path, monkeypatch):

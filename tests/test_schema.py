@@ -62,4 +62,4 @@ def test_validation_problem_is_reported(corrupt, kind, statements, table, column
 def test_problem_examples_name_offending_keys(corrupt):
     path = corrupt("UPDATE requests SET w_like = -0.5 WHERE request_id IN (2, 7)")
     (problem,) = [p for p in _problems(path) if p.kind == "bad_weight"]
-    assert set(problem.examples) == {"2", "7"}
+    assert set(problem.examples) == {"request_id=2 w_like=-0.5", "request_id=7 w_like=-0.5"}

@@ -183,6 +183,26 @@ def test_import_without_declared_tasks_infers_continuous_ones_and_validates(tiny
     assert kinds["watch_time"] == "continuous" and kinds["click"] == "binary"
 
 
+def test_import_of_a_feed_that_logged_no_weights_and_of_one_that_logged_some(tiny_log_path, tmp_path):
+    """No w_ column at all: a log whose requests record no fusion weights (NULL), which the schema allows.
+    Some of them missing: refused, naming the file and the columns."""
+    paths = _export(tiny_log_path, tmp_path, "csv", {})
+    con = duckdb.connect()
+    try:
+        for name, keep in (("none", "NOT LIKE 'w\\_%' ESCAPE '\\'"), ("some", "<> 'w_like'")):
+            cols = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_csv('{paths['requests']}')").fetchall()]
+            chosen = ", ".join(f'"{c}"' for c in cols if con.execute(f"SELECT '{c}' {keep}").fetchone()[0])
+            con.execute(f"COPY (SELECT {chosen} FROM read_csv('{paths['requests']}')) TO "
+                        f"'{tmp_path / (name + '.csv')}' (HEADER)")
+    finally:
+        con.close()
+    out = import_log({**paths, "requests": str(tmp_path / "none.csv")}, tmp_path / "none.duckdb")
+    log = load_log(out)
+    assert np.isnan(log.weights).all() and not log.weights_known
+    with pytest.raises(LogError, match=r"some\.csv: missing columns \['w_like'\].*all its fusion weights or none"):
+        import_log({**paths, "requests": str(tmp_path / "some.csv")}, tmp_path / "some.duckdb")
+
+
 def test_force_replaces_a_log_beside_a_stale_wal_and_cleans_dead_leftovers(tmp_path):
     """A crashed writer leaves `log.duckdb.wal`; --force must give a readable new log, not 'WAL does not match'."""
     import shutil

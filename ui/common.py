@@ -93,8 +93,22 @@ def current_log() -> LogData:
     return _cached_log(path, _mtime(path))
 
 
+def _through_app() -> None:
+    """Make a direct link to a page run through `app.py`. On a freshly started server Streamlit still reads a
+    `pages/` folder by its older automatic mechanism until the first run of `app.py` calls `st.navigation`:
+    the first visitor of `/compare` got the page without `app.py` (file names as the menu, no page
+    config). Switching that mechanism off and rerunning sends the run through `app.py`, which serves the
+    page asked for."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def page_setup() -> None:
     """Resolve the current log (the demo by default) and show it in the sidebar."""
+    _through_app()
     path = current_log_path()
     st.sidebar.caption(f"Log: `{Path(path).name}`")
 

@@ -334,7 +334,7 @@ def _notes(ctx: EvalContext, actions: TargetActions, ratios: ImportanceRatios | 
     notes.append(model)
     if ratios.kind != "kernel":
         return notes
-    return notes + [f"{actions.label} is deterministic: its importance ratios smooth it with a Dirichlet kernel of "
+    return notes + [f"the policy is deterministic: its importance ratios smooth it with a Dirichlet kernel of "
             f"concentration {ratios.concentration:g} centred on its weights (chosen so that the estimated "
             f"smoothing bias, {ratios.smoothing_bias:+.4f}, stays within a quarter of the standard error, "
             f"{ratios.standard_error:.4f}, where the grid allows); DR corrects the smoothing with the direct model"]

@@ -31,7 +31,8 @@ from mtf_core.evaluate.context import EvalContext
 from mtf_core.evaluate.direct import direct_value
 from mtf_core.evaluate.rerank import expected_under
 
-__all__ = ["ImportanceRatios", "importance_ratio", "dirichlet_kernel_logp", "concentration_grid",
+__all__ = ["ImportanceRatios", "importance_ratio", "dirichlet_kernel_logp", "dirichlet_logp", "kernel_alpha",
+           "dirichlet_log_normaliser", "concentration_grid",
            "N_KERNEL_DRAWS", "BIAS_TO_SE"]
 
 N_KERNEL_DRAWS = 4
@@ -66,10 +67,27 @@ def interior(w: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return w / w.sum(-1, keepdims=True)
 
 
+def dirichlet_log_normaliser(alpha: torch.Tensor) -> torch.Tensor:
+    """log Gamma(sum alpha) - sum log Gamma(alpha) `[...]` of concentrations `[..., K]`."""
+    return torch.lgamma(alpha.sum(-1)) - torch.lgamma(alpha).sum(-1)
+
+
+def dirichlet_logp(alpha: torch.Tensor, w: torch.Tensor, normaliser: torch.Tensor | None = None) -> torch.Tensor:
+    """log Dirichlet(w; alpha), the formula of `torch.distributions.Dirichlet.log_prob` without its argument
+    checks, and with the normaliser passed in where the caller scores several points under one alpha."""
+    normaliser = dirichlet_log_normaliser(alpha) if normaliser is None else normaliser
+    return torch.xlogy(alpha - 1.0, w).sum(-1) + normaliser
+
+
+def kernel_alpha(target: np.ndarray, concentration: float) -> np.ndarray:
+    """The kernel's Dirichlet concentrations 1 + c t `[..., K]`, whose mode is the target t."""
+    return 1.0 + concentration * np.maximum(target, 0.0)
+
+
 def dirichlet_kernel_logp(logged: np.ndarray, target: np.ndarray, concentration: float) -> np.ndarray:
     """log K_c(w; t) = log Dirichlet(w; 1 + c t) for logged weights `[R,K]` and targets `[R,K]`."""
-    alpha = torch.from_numpy(1.0 + concentration * np.maximum(target, 0.0))
-    return torch.distributions.Dirichlet(alpha).log_prob(torch.from_numpy(interior(logged))).numpy()
+    alpha = torch.from_numpy(kernel_alpha(target, concentration))
+    return dirichlet_logp(alpha, torch.from_numpy(interior(logged))).numpy()
 
 
 def concentration_grid(n_tasks: int) -> np.ndarray:
@@ -105,7 +123,7 @@ def _kernel_ratios(ctx: EvalContext, target: np.ndarray, seed: int, dm_target: f
     for c in concentration_grid(target.shape[1]):
         values = np.exp(np.clip(dirichlet_kernel_logp(log.weights, target, c) - ctx.propensities.logp, -700, 700))
         se = _clustered_se(values * reward, ctx.unit)
-        alpha = torch.from_numpy(1.0 + c * np.maximum(target, 0.0))
+        alpha = torch.from_numpy(kernel_alpha(target, c))
         kernel = torch.distributions.Dirichlet(alpha)
         draws = _sample(kernel, gen)
         dm_smoothed = float(np.mean([direct_value(ctx, expected_under(ctx, d), d).mean() for d in draws.numpy()]))

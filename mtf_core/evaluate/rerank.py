@@ -17,8 +17,9 @@ from mtf_core.evaluate.context import EvalContext
 from mtf_core.fusion import fuse
 from mtf_core.store import LogData, iter_chunks
 
-__all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "expected_under", "learned_under",
-           "rerank_metrics", "label_thresholds", "unit_score_order", "unit_aucs", "gauc", "streamed_rerank"]
+__all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "expected_under", "expected_under_each",
+           "learned_under", "rerank_metrics", "label_thresholds", "unit_score_order", "unit_aucs", "gauc",
+           "streamed_rerank"]
 
 
 def ndcg_at_k(fused: torch.Tensor, gains: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -140,6 +141,24 @@ def expected_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum",
     return _top_l_sums(ctx, weights, form, bias, lambda rows, scores: scores, order)
 
 
+def expected_under_each(ctx: EvalContext, weights: np.ndarray) -> np.ndarray:
+    """`expected_under` (sum fusion) of each of D sets of weights `[D,R,K]` at once, `[D,R,K]`: one read of
+    each chunk's scores and two batched products for all D, instead of D passes."""
+    log, curve = ctx.log, torch.from_numpy(ctx.resolved.position_curve)
+    out = np.empty(weights.shape, dtype=np.float64)
+    for rows in iter_chunks(log.n_requests, context.CHUNK):
+        scores, mask = torch.from_numpy(log.scores[rows]), torch.from_numpy(log.mask[rows])
+        w = torch.from_numpy(np.ascontiguousarray(np.moveaxis(weights[:, rows], 0, -1))).to(scores.dtype)
+        fused = torch.bmm(scores, w).transpose(1, 2)  # (r, D, N)
+        fused = torch.where(mask.unsqueeze(1), fused, float("-inf"))
+        n_top = min(curve.shape[0], fused.shape[2])
+        top = torch.topk(fused, n_top, dim=2).indices
+        exam = curve[:n_top].to(scores.dtype) * mask.unsqueeze(1).expand_as(fused).gather(2, top)
+        slot_exam = torch.zeros(fused.shape, dtype=scores.dtype).scatter_(2, top, exam)
+        out[:, rows] = torch.bmm(slot_exam, scores).double().numpy().transpose(1, 0, 2)
+    return out
+
+
 def learned_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum", bias: np.ndarray | None = None,
                   order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The learned outcome model's value of the ranking under weights `[R,K]`/`[R,N,K]` per request `[R]`
@@ -171,13 +190,15 @@ def rerank_metrics(ctx: EvalContext, actions: TargetActions, rows: slice, k: int
 
 def label_thresholds(log: LogData) -> np.ndarray:
     """`[K]` above which a label counts as a positive (binary views such as GAUC): 0 for binary tasks; for
-    continuous ones the task's declared threshold, else the median over shown items (play time is positive
-    on almost every impression, so `> 0` would make every item a positive)."""
+    continuous ones the task's declared threshold, else the median of its positive values over shown items.
+    Not `> 0`: play time is positive on almost every impression of some feeds, and every item would be a
+    positive. Not the median of all values: where fewer than half the items are consumed it is 0, and the
+    positives are the consumption itself (watch time > 0 is a click, and its GAUC the click's)."""
     thresholds = np.zeros(len(log.tasks))
     for j, task in enumerate(log.tasks):
         if task.kind == "continuous":
             observed = log.labels[..., j][log.shown]
-            observed = observed[np.isfinite(observed)].astype(np.float64)
+            observed = observed[np.isfinite(observed) & (observed > 0)].astype(np.float64)
             thresholds[j] = task.threshold if task.threshold is not None else (
                 float(np.median(observed)) if len(observed) else 0.0)
     return thresholds
