@@ -682,11 +682,12 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                                                     stats.segments, ope, None if kernel is None else kernel.bias_to_se)
     say(1.0, "done")
     if kernel is not None:
-        note = ("streamed: re-ranking metrics, DM and DR (linear direct model) at the policy's deterministic "
-                f"action; IPS, SNIPS, NCIS and DR with importance ratios that smooth it with a Dirichlet kernel of "
+        note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
+                "IPS, SNIPS, NCIS and DR with importance ratios that smooth it with a Dirichlet kernel of "
                 f"concentration {kernel.concentration:g} (chosen so that the estimated smoothing bias, "
                 f"{kernel.bias:+.4f}, stays within a quarter of the standard error, {kernel.standard_error:.4f}, "
-                "where the grid allows); overlap diagnostics and verdicts (no p99 ratio). The smoothing bias and "
+                "where the grid allows; DR corrects the smoothing with the direct model); overlap diagnostics and "
+                "verdicts (no p99 ratio). The smoothing bias and "
                 "the support coverage rest on one draw from the kernel per request and concentration (every "
                 "concentration is drawn for in one pass; in memory four, until the rule is met), each shard's "
                 "own: the in-memory figures to Monte-Carlo error, and so the chosen concentration where the "
