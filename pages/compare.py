@@ -73,8 +73,10 @@ st.info(plain(f"Evaluated on {results[0].sample}."))
 ope = ope_frame(results)
 metrics = metric_frame(results)
 overall = ope[ope["segment"].isna()]
+has_truth = bool((overall["estimator"] == "truth").any())
 st.plotly_chart(plots.forest_plot(overall.assign(label=overall["estimator"].map(estimator_label)), "label",
-                                  "Policy value: off-policy estimates and the simulator's truth"), width="stretch")
+                                  "Policy value: off-policy estimates" + (" and the simulator's truth" if has_truth
+                                                                          else "")), width="stretch")
 if "verdict" in overall and (overall["verdict"] == plots.UNSUPPORTED).any():
     st.caption("Hollow, faded points: estimates rated 'not supported by this log' (the log holds almost no "
                "requests with weights like the policy's); read them as extrapolations, not evidence.")
@@ -136,11 +138,14 @@ st.subheader("Which policy to ship")
 choices_rows = []
 for criterion in CRITERIA:
     choice = select(results, criterion)
-    choices_rows.append({"criterion": criterion, "chosen": choice["chosen"], "why": choice["reason"],
-                         "regret vs truth": regret(results, choice["chosen"])})
+    row = {"criterion": criterion, "chosen": choice["chosen"], "why": choice["reason"]}
+    if has_truth:
+        row["regret vs truth"] = regret(results, choice["chosen"])
+    choices_rows.append(row)
 show_table(pd.DataFrame(choices_rows), width="stretch", hide_index=True)
-st.caption("mean: highest DR estimate; lower_bound: highest lower 95% bound; cvar: best value over the worst 10% "
-           "of requests. Regret (simulator logs): truth of the best policy minus truth of the choice.")
+st.caption("mean: the highest estimate, and lower_bound: the highest lower 95% bound, of DR where every policy "
+           "has it, else DM; cvar: the best direct-model value over the worst 10% of requests."
+           + (" Regret: truth of the best policy minus truth of the choice." if has_truth else ""))
 
 estimator = st.selectbox("Per segment: estimator", sorted(ope["estimator"].unique(), key=lambda e: e != "truth"),
                          format_func=estimator_label)

@@ -14,9 +14,9 @@ from mtf_core.profile import profile_log
 from mtf_core.schema import IDENTIFIER, validate
 from mtf_core.store import import_uploads, log_info, open_log
 from ui.common import (KEY_LOG, ROOT, cached_ab_readout, current_log, current_log_path, current_reward, ensure_demo,
-                       load_log_checked, page_setup, plain, show_error, show_table)
+                       load_log_checked, name_log, page_setup, plain, show_error, show_table)
 
-page_setup()
+log_slot = page_setup()
 st.title("Data")
 st.caption("Choose a session log. The app only reads it; every page works on the log chosen here.")
 
@@ -27,10 +27,14 @@ def _import_uploads(files: dict, mapping_text: str, name: str) -> str:  # type: 
     """Import the uploaded tables into data/uploads/NAME.duckdb (messages name the uploaded files)."""
     if not IDENTIFIER.match(name):
         raise LogError(f"log name {name!r}: use lowercase letters, digits and underscores")
+    target = UPLOADS / f"{name}.duckdb"
+    if target.exists():  # the library's message points to the CLI's --force, which the app does not have
+        raise LogError(f"a log named {name!r} was imported before ({target}): choose another name, or open it "
+                       f"with '{SOURCES[1]}'")
     for upload in files.values():
         check_upload_size(upload.name, upload.size)
     uploads = {table: (upload.name, upload.getvalue()) for table, upload in files.items()}
-    return str(import_uploads(uploads, UPLOADS / f"{name}.duckdb", mapping_text))
+    return str(import_uploads(uploads, target, mapping_text))
 
 
 SOURCES = ["Demo (simulated)", "DuckDB file on this machine", "Upload CSV/Parquet files"]
@@ -84,6 +88,7 @@ elif source == SOURCES[2]:
                 st.stop()
 
 path = current_log_path()
+name_log(log_slot, path)  # the forms above may have just changed it
 
 
 @st.cache_data(show_spinner="Checking the log...")

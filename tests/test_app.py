@@ -34,6 +34,8 @@ def _choose_log(at: AppTest, path: Path) -> AppTest:
     at.text_input[0].set_value(str(path))
     at.button[0].click()
     at.run()
+    if not at.error:  # the sidebar names the log the page now shows, in the run that chose it
+        assert [c.value for c in at.sidebar.caption] == [f"Log: `{path.name}`"], at.sidebar.caption
     return at
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from mtf_core.errors import LogError
 from mtf_core.evaluate import EvalContext, EvaluationResult, EvaluationSample
@@ -106,11 +107,17 @@ def _through_app() -> None:
         st.rerun()
 
 
-def page_setup() -> None:
-    """Resolve the current log (the demo by default) and show it in the sidebar."""
+def page_setup() -> DeltaGenerator:
+    """Resolve the current log (the demo by default) and name it in the sidebar; returns that slot, which a
+    page that changes the log refills (`name_log`), so that the sidebar never names the one before."""
     _through_app()
-    path = current_log_path()
-    st.sidebar.caption(f"Log: `{Path(path).name}`")
+    slot = st.sidebar.empty()
+    name_log(slot, current_log_path())
+    return slot
+
+
+def name_log(slot: DeltaGenerator, path: str) -> None:
+    slot.caption(f"Log: `{Path(path).name}`")
 
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
