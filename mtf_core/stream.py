@@ -702,10 +702,16 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                 "IPS, SNIPS and NCIS with its exact density ratios; no DR and no support coverage (the policy "
                 "is not a Dirichlet, whose draws they would average), so no estimate is called trustworthy")
     else:
+        if not stats.weight_moments[:, 0].any():
+            why = ("the log records no fusion weights (NULL w_*), so there is no logged action to reweight, in "
+                   "memory either")
+        elif not stats.densities_logged:
+            why = ("the log does not record the logging density of every request: evaluate in memory, where "
+                   "the densities can be estimated")
+        else:
+            why = "the policy's action is per item or not a sum fusion, which has no density on the simplex"
         note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
-                "no importance-weighted estimate (the log does not record the logging density of every request, "
-                "or the policy's action is per item or not a sum fusion): evaluate in memory, where densities "
-                "can be estimated")
+                f"no importance-weighted estimate: {why}")
     notes = [note]
     return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
                               time.perf_counter() - start, notes, engine, diagnostics, by_segment,

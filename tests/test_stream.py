@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KUAIRAND = ROOT.parent / "shared" / "data" / "kuairand"
 
 
-def _assert_equal_figures(log: LogData, lake: Path, policy, spec: RewardSpec, n_boot: int = 100) -> None:  # type: ignore[no-untyped-def]
+def _assert_equal_figures(log: LogData, lake: Path, policy, spec: RewardSpec, n_boot: int = 100):  # type: ignore[no-untyped-def]
     """Every figure the streamed evaluation gives equals the in-memory one. A deterministic target's kernel
     estimates (IPS, SNIPS, NCIS, DR) are only compared where both chose the same concentration (the choice
     rests on each one's own draws; `test_a_deterministic_targets_kernel_estimates_stream` fixes it)."""
@@ -48,6 +48,7 @@ def _assert_equal_figures(log: LogData, lake: Path, policy, spec: RewardSpec, n_
             else:
                 assert b[key] == pytest.approx(a[key], **tolerance), (key, a, b)
     assert streamed.n_requests == log.n_requests
+    return streamed
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,10 @@ def test_streamed_figures_on_real_data_with_a_fitted_position_curve_and_median_t
     log = load_log(path)
     lake = export_lake(path, tmp_path / "lake", shards=4)
     policy = parse_static("click=0.2,long_view=0.3,play_time=0.5", log.task_names, log.segments)
-    _assert_equal_figures(log, lake, policy, RewardSpec.default(log.task_names))
+    streamed = _assert_equal_figures(log, lake, policy, RewardSpec.default(log.task_names))
+    # Random exposure logged no fusion weights: nothing to reweight, and the note says why, not "try in memory".
+    assert {row["estimator"] for row in streamed.ope} == {"dm"} and streamed.ratios is None
+    assert "records no fusion weights" in streamed.notes[0]
 
 
 def test_evaluate_stream_from_the_command_line_and_its_refusals(tiny_log_path, tiny_lake):
