@@ -644,7 +644,12 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                 # Every concentration's per-user sums wait on disk (memory would grow with the grid x the users)
                 # until the whole log's figures have chosen one.
                 path = Path(spool) / f"{len(kernel_files)}.npy"
-                np.save(path, part.kernel.unit_terms)
+                try:
+                    np.save(path, part.kernel.unit_terms)
+                except OSError as exc:
+                    raise LogError(f"{lake}: cannot keep the kernel's per-user sums in {spool} ({exc}); set TMPDIR "
+                                   f"to a folder with room for about {part.kernel.unit_terms.nbytes // len(part.users)}"
+                                   " bytes per user of the lake") from exc
                 kernel_files.append((at, path))
                 kernel_parts[part.shard] = dataclasses.replace(part.kernel, unit_terms=np.zeros((0, 0, 0)))
         model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)

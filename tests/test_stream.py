@@ -227,6 +227,21 @@ def test_a_deterministic_targets_kernel_estimates_stream(tiny_log, tiny_lake, mo
     assert threads.ope == one.ope and threads.diagnostics == one.diagnostics and threads.ratios == one.ratios
 
 
+def test_a_full_spool_folder_is_named_with_what_to_do(tiny_log, tiny_lake, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    static = parse_static("click=0.6,like=0.1,finish=0.1,share=0.1,watch_time=0.1", tiny_log.task_names,
+                          tiny_log.segments)
+    with pytest.raises(LogError, match="cannot keep the kernel's per-user sums.*No space left.*set TMPDIR"):
+        streamed_evaluation(tiny_lake, static, "p", RewardSpec.default(tiny_log.task_names), n_boot=20)
+
+
 def test_a_lake_that_splits_a_user_or_has_no_shards_is_refused(tiny_log, tiny_lake, tmp_path):
     """A shard must hold whole users (each shard's per-user sums are final); a user in two shards would have
     had one shard's sums overwrite the other's, silently. A lake without shard folders is named too."""
