@@ -6,7 +6,8 @@ import streamlit as st
 from mtf_core import plots
 from mtf_core.errors import LogError
 from mtf_core.policies.train import ALGORITHMS, SETTING_CHOICES, TrainConfig, config_fields, train_run
-from ui.common import KEY_LAST_RUN, current_log, current_reward, page_setup, plain, run_store, show_error, show_table
+from ui.common import (KEY_LAST_RUN, current_log, current_reward, page_setup, plain, run_store, setting_label,
+                       show_error, show_table)
 
 page_setup()
 st.title("Train")
@@ -24,7 +25,7 @@ with st.form("train_form"):
     columns = st.columns(3)
     for i, (name, default, doc) in enumerate(config_fields(algo)):
         col = columns[i % 3]
-        label = name.replace("_", " ").capitalize()  # the key itself is in the help, for the CLI's --set
+        label = setting_label(name)  # the key itself is in the help, for the CLI's --set
         help_text = f"{doc} (`--set {name}=...` on the command line)"
         if name in SETTING_CHOICES:
             params[name] = col.selectbox(label, SETTING_CHOICES[name], index=SETTING_CHOICES[name].index(default),

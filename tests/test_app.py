@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from ui.common import setting_label
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240
 TINY_GRADE = {"steps": 6, "warm_start_steps": 2, "batch_size": 64}
@@ -42,7 +44,7 @@ def _choose_log(at: AppTest, path: Path) -> AppTest:
 def _train_tiny_run(name: str) -> None:
     at = _run("pages/train.py")
     for field, value in TINY_GRADE.items():
-        [w for w in at.number_input if w.label == field.replace("_", " ").capitalize()][0].set_value(value)
+        [w for w in at.number_input if w.label == setting_label(field)][0].set_value(value)
     [w for w in at.text_input if w.label == "Run name"][0].set_value(name)
     at.button[0].click()
     at.run()

@@ -120,6 +120,17 @@ def name_log(slot: DeltaGenerator, path: str) -> None:
     slot.caption(f"Log: `{Path(path).name}`")
 
 
+_SETTING_WORDS = {"lr": "learning rate", "kl": "KL", "coef": "coefficient", "eps": "epsilon", "fqe": "FQE",
+                  "n": "", "eval": "evaluation", "lmbda": "lambda", "tau": "tau (target update rate)"}
+
+
+def setting_label(name: str) -> str:
+    """A training setting's key as words for a form (`kl_coef` -> "KL coefficient", `lr` -> "Learning rate",
+    `n_critics` -> "Critics")."""
+    text = " ".join(filter(None, (_SETTING_WORDS.get(word, word) for word in name.split("_"))))
+    return text[:1].upper() + text[1:]
+
+
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
