@@ -202,10 +202,14 @@ def training_curves(history: pd.DataFrame, names: Sequence[str] | None = None) -
     if df.empty:
         return _layout(go.Figure(), "Training curves (no data yet)", 260)
     df = df.assign(name=df["name"].map(metric_label))
-    fig = px.line(df, x="step", y="value", facet_col="name", facet_col_wrap=4)
-    fig.update_yaxes(matches=None)
+    n_rows = (df["name"].nunique() + 3) // 4
+    fig = px.line(df, x="step", y="value", facet_col="name", facet_col_wrap=4, facet_col_spacing=0.07,
+                  facet_row_spacing=min(0.12, 0.5 / max(n_rows - 1, 1)))
+    # Every panel has its own scale (a loss and a reward on one axis would flatten both), so each its own ticks.
+    fig.update_yaxes(matches=None, showticklabels=True, title=None)
+    fig.update_xaxes(showticklabels=True)
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))  # "name=<label>"
-    return _layout(fig, "Training curves", 260 * ((df["name"].nunique() + 3) // 4))
+    return _layout(fig, "Training curves", 260 * n_rows)
 
 
 def segment_mean_weights(df: pd.DataFrame, tasks: Sequence[str]) -> go.Figure:
