@@ -56,7 +56,9 @@ def lift_over(figure: Mapping[str, object], reference: Mapping[str, object]) -> 
 
 def paired_lifts(results: Sequence[EvaluationResult], baseline: str) -> pd.DataFrame:
     """Paired lift of every policy over `baseline` for each estimate and the truth (same users resampled for
-    both): policy, estimator, difference with its interval, relative lift with its interval, separated."""
+    both): policy, estimator, difference with its interval, relative lift with its interval, separated, and
+    beside it the verdict on the policy's estimate and what that estimate rests on (a lift is no surer than
+    the estimate it is a difference of)."""
     base = next((r for r in results if r.policy == baseline), None)
     if base is None:
         return pd.DataFrame()
@@ -64,10 +66,13 @@ def paired_lifts(results: Sequence[EvaluationResult], baseline: str) -> pd.DataF
     for r in results:
         if r is base:
             continue
+        overall = {str(o["estimator"]): o for o in r.ope if o["segment"] is None}
         for estimator in r.unit_terms:
             paired = paired_difference(r, base, estimator, n_boot=max(r.n_boot, 200), seed=r.seed)
             if paired is not None:
-                rows.append(paired)
+                row = overall.get(estimator, {})
+                rests_on = [str(row[key]) for key in ("propensities", "model") if isinstance(row.get(key), str)]
+                rows.append({**paired, "verdict": row.get("verdict") or "", "rests on": "; ".join(rests_on)})
     return pd.DataFrame(rows)
 
 
@@ -121,7 +126,7 @@ def per_user_truth(result: EvaluationResult) -> float | None:
 
 ESTIMATOR_LABELS = {"truth": "truth (simulator)", "ips": "IPS (importance-weighted)",
                     "snips": "SNIPS (self-normalised IPS)", "ncis": "NCIS (capped IPS)", "dr": "DR (doubly robust)",
-                    "dm": "DM (direct model)"}
+                    "dm": "DM (direct model)", "truth_per_user": "truth per user (simulator, evaluated days)"}
 _METRIC_NAMES = {"ndcg": "NDCG", "gauc": "GAUC", "mtf_gauc": "MTF-GAUC", "dm_reward": "DM reward"}
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 __all__ = ["TRUSTWORTHY", "CARE", "NOT_SUPPORTED", "THRESHOLDS", "RATIO_SUMS", "overlap_diagnostics",
            "ratio_sums", "add_ratio_sums", "diagnostics_from_sums", "estimator_verdicts", "draw_ratio_limit",
-           "overlap_summary", "thresholds_text"]
+           "overlap_summary", "verdicts_text", "thresholds_text"]
 
 TRUSTWORTHY, CARE, NOT_SUPPORTED = "trustworthy", "use with care", "not supported by this log"
 THRESHOLDS = {
@@ -118,11 +118,16 @@ def estimator_verdicts(diag: Mapping[str, object], smoothing_bias_to_se: float |
     return verdicts
 
 
+def verdicts_text(verdicts: Mapping[str, object]) -> str:
+    """"IPS trustworthy, SNIPS use with care, ...": the verdicts of one scope, for people."""
+    return ", ".join(f"{k.upper()} {v}" for k, v in verdicts.items())
+
+
 def overlap_summary(diag: Mapping[str, object]) -> str:
     """One line: the verdict per estimator and the figures behind it."""
     verdicts = diag.get("verdicts") or {}
     coverage = diag.get("support_coverage")
-    return (", ".join(f"{k.upper()} {v}" for k, v in verdicts.items())  # type: ignore[union-attr]
+    return (verdicts_text(verdicts)  # type: ignore[arg-type]
             + f" (ESS {float(diag['ess']):.0f} = {float(diag['ess_share']):.1%} of requests, "  # type: ignore[arg-type]
             f"mean ratio {float(diag['mean_ratio']):.3f}, max {float(diag['max_ratio']):.3g}, "  # type: ignore[arg-type]
             f"support coverage {'n/a' if coverage is None else f'{float(coverage):.1%}'}, "  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import streamlit as st
 from mtf_core import plots
 from mtf_core.compare import (estimator_label, headroom_shares, metric_frame, ope_frame, paired_lifts, per_user_truth,
                                ranking_metric_label)
-from mtf_core.diagnostics import thresholds_text
+from mtf_core.diagnostics import thresholds_text, verdicts_text
 from mtf_core.errors import LogError
 from mtf_core.headroom import ORACLE_LABEL
 from mtf_core.selection import CRITERIA, regret, select
@@ -83,11 +83,6 @@ if "verdict" in overall and (overall["verdict"] == plots.UNSUPPORTED).any():
 baseline = st.selectbox("Baseline for lifts", [r.policy for r in results])
 lifts = paired_lifts(results, baseline)
 if not lifts.empty:
-    overall_rows = {(o["policy"], o["estimator"]): o for o in ope.to_dict("records") if o.get("segment") is None}
-    keys = list(zip(lifts["policy"], lifts["estimator"]))
-    lifts["verdict"] = [overall_rows.get(k, {}).get("verdict", "") for k in keys]
-    lifts["rests on"] = ["; ".join(str(overall_rows.get(k, {}).get(f)) for f in ("propensities", "model")
-                                   if isinstance(overall_rows.get(k, {}).get(f), str)) for k in keys]
     lifts["estimator"] = lifts["estimator"].map(estimator_label)
     show_table(lifts[["policy", "estimator", "difference", "ci_low", "ci_high", "lift", "separated", "verdict",
                         "rests on"]]
@@ -112,7 +107,8 @@ if any(r.policy == ORACLE_LABEL for r in results):
                "oracle (per-user or per-request weights can); below 0: it is worse than logging.")
 
 st.subheader("Can these estimates be trusted?")
-diag_rows = [{"policy": r.policy, **r.diagnostics, "segment": r.diagnostics.get("segment") or "all users"}
+diag_rows = [{"policy": r.policy, **r.diagnostics, "segment": r.diagnostics.get("segment") or "all users",
+              "verdicts": verdicts_text(r.diagnostics.get("verdicts") or {})}
              for r in results if r.diagnostics]
 if diag_rows:
     show_table(pd.DataFrame(diag_rows), width="stretch", hide_index=True)

@@ -45,6 +45,22 @@ def test_segment_lifts_are_paired_per_segment(results, tiny_log):
     assert all(r[3] in ("yes", "no") for r in rows)
 
 
+def test_each_paired_lift_carries_the_verdict_on_the_estimate_it_rests_on(results):
+    from mtf_core.compare import paired_lifts
+
+    lifts = paired_lifts(results, "logging")
+    assert set(lifts["policy"]) == {"balanced", "click-heavy"}
+    estimates = lifts[lifts["estimator"].isin(["ips", "snips", "ncis", "dm", "dr"])]
+    assert len(estimates) == 2 * 5
+    for row in estimates.to_dict("records"):
+        (own,) = [o for r in results if r.policy == row["policy"] for o in r.ope
+                  if o["estimator"] == row["estimator"] and o["segment"] is None]
+        assert row["verdict"] == own["verdict"] != ""
+        rests_on = [str(own[k]) for k in ("propensities", "model") if isinstance(own.get(k), str)]
+        assert row["rests on"] == "; ".join(rests_on) != ""
+    assert (lifts[lifts["estimator"].str.startswith("truth")]["verdict"] == "").all()
+
+
 def test_report_lays_out_tables_not_json(results):
     configs = {"balanced": {"name": "b", "algo": "static", "config": {"seed": 3, "params": {"steps": 5}}}}
     html = build_report("T", results, [], json.loads(RewardSpec.default(("click",)).to_json()), "fp", configs)
