@@ -166,12 +166,12 @@ GLOSSARY = {
 }
 
 
-def _cell(row: Mapping[str, object] | None) -> str:
+def _cell(row: Mapping[str, object] | None, with_verdict: bool = True) -> str:
     if not row or row.get("value") is None:
         return "n/a"
     low, high = row.get("ci_low"), row.get("ci_high")
     text = f"{row['value']:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else "")
-    return text + (f" ({row['verdict']})" if row.get("verdict") else "")
+    return text + (f" ({row['verdict']})" if with_verdict and row.get("verdict") else "")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -196,8 +196,9 @@ def decision_headline(results: Sequence[EvaluationResult], labels: Mapping[str, 
     verdict = row.get("verdict")
     lead = ("No trustworthy recommendation." if verdict == "not supported by this log"
             else "Recommendation:" if verdict == "trustworthy" else "Tentative recommendation:")
-    text = (f"{lead} {name(chosen.policy)} ({estimator.upper()} {_cell(row)}). {choice['reason']}, judging "
-            f"every policy by the same estimator.")
+    rated = f", {verdict}" if verdict else ""
+    text = (f"{lead} {name(chosen.policy)} ({estimator.upper()} {_cell(row, with_verdict=False)}{rated}). "
+            f"{choice['reason']}, judging every policy by the same estimator.")
     truth = (chosen.ground_truth or {}).get("value")
     if truth is not None:
         best = max(results, key=lambda r: (r.ground_truth or {}).get("value", float("-inf")))

@@ -28,7 +28,7 @@ def results(tiny_log):
 def test_headline_names_the_choice_its_interval_and_the_truth(results):
     text = decision_headline(results)
     assert "ecommendation" in text and "lower 95% bound of DR" in text and "[" in text and "same estimator" in text
-    assert "simulator's truth" in text
+    assert "simulator's truth" in text and "))" not in text  # the verdict inside the one parenthesis
 
 
 def test_a_choice_resting_on_an_unsupported_estimate_says_so_first(results):
