@@ -7,14 +7,14 @@ import streamlit as st
 import json
 
 from mtf_core import plots
-from mtf_core.access import allowed_dirs, check_path_allowed, check_upload_size
+from mtf_core.access import check_path_allowed, check_upload_size
 from mtf_core.errors import LogError
 from mtf_core.overview import log_overview, scale_warning, score_scales
 from mtf_core.profile import profile_log
 from mtf_core.schema import IDENTIFIER, validate
 from mtf_core.store import import_uploads, log_info, open_log
 from ui.common import (KEY_LOG, ROOT, cached_ab_readout, current_log, current_log_path, current_reward, ensure_demo,
-                       load_log_checked, name_log, page_setup, plain, show_error, show_table)
+                       load_log_checked, log_folders, name_log, page_setup, plain, show_error, show_table)
 
 log_slot = page_setup()
 st.title("Data")
@@ -63,8 +63,7 @@ if source == SOURCES[1]:
                               value=current_log_path(), key="_log_path_input")
         if st.form_submit_button("Use this log"):
             try:
-                folders = [*allowed_dirs(), ROOT / "data"] if allowed_dirs() else []
-                _use_log(str(check_path_allowed(typed.strip(), folders)))
+                _use_log(str(check_path_allowed(typed.strip(), log_folders())))
             except LogError as exc:
                 show_error(exc)
                 st.stop()

@@ -200,6 +200,32 @@ def test_data_page_keeps_the_chosen_log_and_refuses_a_broken_one(tmp_path, monke
     assert revisit.radio[0].value == "DuckDB file on this machine"
 
 
+def test_the_url_keeps_the_chosen_log_across_a_reload_and_refuses_one_it_may_not_open(tmp_path, monkeypatch):
+    """A reload or a shared link is a new session: the log chosen on the Data page is named in the URL
+    (`?log=...`), and a new session opens it; a link to a log outside the allowed folders, or one that does not
+    load, is refused with a warning and the demo is shown."""
+    from mtf_core.simulate import SimConfig, generate
+
+    good = tmp_path / "good.duckdb"
+    generate(SimConfig(n_users=60, sessions_per_user=2, n_items=300, seed=1), str(good))
+    monkeypatch.setenv("MTF_DATA_DIRS", str(tmp_path))
+    at = _choose_log(_run("pages/data.py"), good)
+    assert at.query_params["log"] == str(good)
+    reload = AppTest.from_file(str(ROOT / "pages/compare.py"), default_timeout=TIMEOUT)
+    reload.query_params["log"] = str(good)
+    _run("pages/compare.py", reload)
+    assert reload.session_state["mtf_log_path"] == str(good)
+    assert [c.value for c in reload.sidebar.caption] == ["Log: `good.duckdb`"]
+    elsewhere = tmp_path.parent / "elsewhere.duckdb"
+    for link in (str(elsewhere), str(tmp_path / "missing.duckdb")):
+        refused = AppTest.from_file(str(ROOT / "pages/compare.py"), default_timeout=TIMEOUT)
+        refused.query_params["log"] = link
+        _run("pages/compare.py", refused)
+        assert refused.session_state["mtf_log_path"].endswith("demo.duckdb")
+        assert any("cannot be opened" in w.value for w in refused.sidebar.warning), link
+        assert "log" not in refused.query_params
+
+
 def test_reward_widgets_show_the_sessions_spec():
     """One owner: the session's reward spec sets every control (a loaded spec no longer leaves the sliders at their
     old values), and the preview follows the controls."""

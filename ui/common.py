@@ -25,6 +25,7 @@ DEMO_PATH = ROOT / "data" / "demo.duckdb"
 
 # Session-state keys, defined once.
 KEY_LOG = "mtf_log_path"  # str: the log every page works on
+LINK_PARAM = "log"  # the URL's query parameter naming that log, so that a reload or a shared link keeps it
 KEY_REWARD = "mtf_reward_spec"  # RewardSpec JSON text chosen on the Reward page
 KEY_LAST_RUN = "mtf_last_run"  # str: id of the run trained last in this session
 KEY_COMPARISON = "mtf_comparison"  # list of EvaluationResult from the Compare page
@@ -82,11 +83,44 @@ def load_log_checked(path: str) -> LogData:
 
 
 def current_log_path() -> str:
+    """The log every page works on: the one chosen on the Data page; in a new session (a reload, a shared
+    link) the one the URL names, else the demo. The URL names it too, so that a reload keeps it."""
     path = st.session_state.get(KEY_LOG)
     if not path:
-        path = ensure_demo()
+        path = _log_from_link() or ensure_demo()
         st.session_state[KEY_LOG] = path
+    _name_in_link(str(path))
     return str(path)
+
+
+def log_folders() -> list[Path]:
+    """Where a user may open logs from: MTF_DATA_DIRS and the app's data folder, or anywhere if unset."""
+    from mtf_core.access import allowed_dirs
+
+    return [*allowed_dirs(), ROOT / "data"] if allowed_dirs() else []
+
+
+def _log_from_link() -> str | None:
+    """The log the URL's `log` parameter names, where it is allowed and loads (else None, with a warning)."""
+    from mtf_core.access import check_path_allowed
+
+    named = st.query_params.get(LINK_PARAM)
+    if not named:
+        return None
+    try:
+        path = str(check_path_allowed(named, log_folders()))
+        load_log_checked(path)
+        return path
+    except LogError as exc:
+        st.sidebar.warning(f"The link's log cannot be opened ({exc}); showing the demo log.")
+        return None
+
+
+def _name_in_link(path: str) -> None:
+    if path == str(DEMO_PATH):
+        st.query_params.pop(LINK_PARAM, None)
+    elif st.query_params.get(LINK_PARAM) != path:
+        st.query_params[LINK_PARAM] = path
 
 
 def current_log() -> LogData:
