@@ -112,7 +112,7 @@ def _log_from_link() -> str | None:
         load_log_checked(path)
         return path
     except LogError as exc:
-        st.sidebar.warning(f"The link's log cannot be opened ({exc}); showing the demo log.")
+        st.sidebar.warning(plain(f"The link's log cannot be opened ({exc}); showing the demo log."))
         return None
 
 
@@ -134,9 +134,11 @@ def _through_app() -> None:
     the first visitor of `/compare` got the page without `app.py` (file names as the menu, no page
     config). Switching that mechanism off and rerunning sends the run through `app.py`, which serves the
     page asked for."""
-    from streamlit.runtime.pages_manager import PagesManager
-
-    if PagesManager.uses_pages_directory:
+    try:  # Streamlit's own flag (pinned in requirements.txt); a release without it needs no help here
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:
+        return
+    if getattr(PagesManager, "uses_pages_directory", False):
         PagesManager.uses_pages_directory = False
         st.rerun()
 
