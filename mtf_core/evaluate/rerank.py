@@ -107,12 +107,16 @@ def _ideal_dcg(gains: torch.Tensor, discount: torch.Tensor) -> torch.Tensor:
 
 def top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
     """Direct-method signals `[R,K]` of the top L = len(curve) candidates under fused scores `[R,N]`:
-    sum over the top L of curve[rank] * s_k (padding contributes nothing)."""
-    n_top = min(curve.shape[0], fused.shape[1])
-    top = torch.topk(fused, n_top, dim=1).indices
-    exam = curve[:n_top].to(scores.dtype) * mask.gather(1, top)  # padding only ever reaches a short request's top
-    slot_exam = torch.zeros(fused.shape, dtype=scores.dtype).scatter_(1, top, exam)
-    return torch.bmm(slot_exam.unsqueeze(1), scores).squeeze(1)
+    sum over the top L of curve[rank] * s_k (padding contributes nothing). Fused scores `[R,D,N]` (D rankings
+    of each request's candidates) give `[R,D,K]`."""
+    rankings = fused if fused.dim() == 3 else fused.unsqueeze(1)  # (R, D, N)
+    n_top = min(curve.shape[0], rankings.shape[2])
+    top = torch.topk(rankings, n_top, dim=2).indices
+    # padding only ever reaches a short request's top
+    exam = curve[:n_top].to(scores.dtype) * mask.unsqueeze(1).expand_as(rankings).gather(2, top)
+    slot_exam = torch.zeros(rankings.shape, dtype=scores.dtype).scatter_(2, top, exam)
+    signals = torch.bmm(slot_exam, scores)
+    return signals if fused.dim() == 3 else signals.squeeze(1)
 
 
 def _top_l_sums(ctx: EvalContext, weights: np.ndarray, form: str, bias: np.ndarray | None,
@@ -149,13 +153,8 @@ def expected_under_each(ctx: EvalContext, weights: np.ndarray) -> np.ndarray:
     for rows in iter_chunks(log.n_requests, context.CHUNK):
         scores, mask = torch.from_numpy(log.scores[rows]), torch.from_numpy(log.mask[rows])
         w = torch.from_numpy(np.ascontiguousarray(np.moveaxis(weights[:, rows], 0, -1))).to(scores.dtype)
-        fused = torch.bmm(scores, w).transpose(1, 2)  # (r, D, N)
-        fused = torch.where(mask.unsqueeze(1), fused, float("-inf"))
-        n_top = min(curve.shape[0], fused.shape[2])
-        top = torch.topk(fused, n_top, dim=2).indices
-        exam = curve[:n_top].to(scores.dtype) * mask.unsqueeze(1).expand_as(fused).gather(2, top)
-        slot_exam = torch.zeros(fused.shape, dtype=scores.dtype).scatter_(2, top, exam)
-        out[:, rows] = torch.bmm(slot_exam, scores).double().numpy().transpose(1, 0, 2)
+        fused = torch.where(mask.unsqueeze(1), torch.bmm(scores, w).transpose(1, 2), float("-inf"))  # (r, D, N)
+        out[:, rows] = top_signals(fused, scores, mask, curve).double().numpy().transpose(1, 0, 2)
     return out
 
 
