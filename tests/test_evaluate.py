@@ -95,6 +95,17 @@ def test_a_continuous_task_without_a_threshold_counts_above_its_positive_median(
     assert label_thresholds(with_threshold)[j] == 0.5
 
 
+def test_several_rankings_at_once_give_each_rankings_signals(tiny_log):
+    from mtf_core.evaluate.rerank import expected_under_each
+
+    ctx = prepare(tiny_log, RewardSpec.default(tiny_log.task_names), outcome_model="linear")
+    weights = np.random.default_rng(4).dirichlet(np.ones(len(tiny_log.tasks)), size=(3, tiny_log.n_requests))
+    each = expected_under_each(ctx, weights)
+    assert each.shape == (3, tiny_log.n_requests, len(tiny_log.tasks))
+    for w, signals in zip(weights, each):
+        assert np.array_equal(signals, expected_under(ctx, w))
+
+
 def test_rerank_expected_signals_match_a_loop(tiny_log):
     ctx = prepare(tiny_log, RewardSpec.default(tiny_log.task_names))
     policy = parse_static("click=0.1,like=0.4,finish=0.2,share=0.3", tiny_log.task_names, tiny_log.segments)
