@@ -69,6 +69,20 @@ def test_info_json(generated):
     assert proc.returncode == 0 and doc["tables"]["users"] == 60 and len(doc["tasks"]) == 5
 
 
+def test_a_reader_that_stops_reading_is_not_an_error(generated):
+    """`... | head`: the pipe closes under the command's output; that is the reader's choice, not a failure."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    try:
+        proc = subprocess.run([*PY, "info", str(generated)], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
 def test_evaluate_json_matches_the_documented_shape(generated):
     proc = run("evaluate", str(generated), "--policy", "static:click=0.3,like=0.3,finish=0.2,share=0.2",
                "--json", "--n-boot", "100")
