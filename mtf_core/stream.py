@@ -653,17 +653,17 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                 kernel_files.append((at, path))
                 kernel_parts[part.shard] = dataclasses.replace(part.kernel, unit_terms=np.zeros((0, 0, 0)))
         model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)
-        kernel = None
+        kernel, index = None, 0
         if kernel_files and len(kernel_parts) == len(shards):
-            kernel = _choose_concentration([kernel_parts[s] for s in shards], model, stats, evaluated)
+            index, kernel = _choose_concentration([kernel_parts[s] for s in shards], model, stats, evaluated)
             weighted = [({"estimator": est.name}, np.zeros(n_users), np.zeros(n_users))
                         for est in (IPS(), SNIPS(), NCIS())]
             for at, path in kernel_files:
-                chosen = np.load(path, mmap_mode="r")[kernel.index]
+                chosen = np.load(path, mmap_mode="r")[index]
                 for j, (_, num, den) in enumerate(weighted):
                     num[at], den[at] = chosen[:, 2 * j], chosen[:, 2 * j + 1]
                 evaluated[at, _DR_COLUMNS] = chosen[:, 6:]
-            ratio_parts = {s: part.overlap[kernel.index] for s, part in kernel_parts.items()}
+            ratio_parts = {s: part.overlap[index] for s, part in kernel_parts.items()}
     # DR where the target's ratios exist, and for a stochastic target its own draws (the direct model's value
     # of it): the shards' coverage counts beside their ratio sums say the draws were taken.
     drawn = bool(ratio_parts) and all(_with_draws(part) for part in ratio_parts.values())
@@ -683,14 +683,16 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
             ope.append({"estimator": estimator, "segment": name, "value": value,
                         "ci_low": finite_or_none(low[j]) if value is not None else None,
                         "ci_high": finite_or_none(high[j]) if value is not None else None})
+    bias_to_se = None if kernel is None else kernel.smoothing_bias_to_se
     diagnostics, by_segment = _streamed_diagnostics([ratio_parts[s] for s in shards if s in ratio_parts],
-                                                    stats.segments, ope, None if kernel is None else kernel.bias_to_se)
+                                                    stats.segments, ope, bias_to_se)
     say(1.0, "done")
     if kernel is not None:
         note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
                 "IPS, SNIPS, NCIS and DR with importance ratios that smooth it with a Dirichlet kernel of "
                 f"concentration {kernel.concentration:g} (chosen so that the estimated smoothing bias, "
-                f"{kernel.bias:+.4f}, stays within a quarter of the standard error, {kernel.standard_error:.4f}, "
+                f"{kernel.smoothing_bias:+.4f}, stays within a quarter of the standard error, "
+                f"{kernel.standard_error:.4f}, "
                 "where the grid allows; DR corrects the smoothing with the direct model); overlap diagnostics and "
                 "verdicts (no p99 ratio). The smoothing bias and "
                 "the support coverage rest on one draw from the kernel per request and concentration (every "
@@ -723,26 +725,8 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                               None if kernel is None else kernel.describe())
 
 
-@dataclass(frozen=True)
-class _Concentration:
-    """The kernel's concentration chosen over the whole log (`ratios._kernel_ratios`' rule)."""
-
-    index: int  # into `ratios.concentration_grid`
-    concentration: float
-    bias: float  # DM(K_c) - DM(t), the smoothing bias IPS and SNIPS inherit
-    standard_error: float  # the clustered standard error of IPS at c
-
-    @property
-    def bias_to_se(self) -> float | None:
-        return abs(self.bias) / self.standard_error if self.standard_error else None
-
-    def describe(self) -> dict[str, object]:
-        return {"kind": "kernel", "concentration": self.concentration, "bandwidth": 1.0 / self.concentration,
-                "smoothing_bias": self.bias, "standard_error": self.standard_error}
-
-
 def _choose_concentration(parts: list[KernelTerms], model: DirectModel, stats: LogStatistics,
-                          evaluated: np.ndarray) -> _Concentration:
+                          evaluated: np.ndarray) -> tuple[int, ratios.ImportanceRatios]:
     """The smallest concentration of the grid whose estimated smoothing bias is at most `BIAS_TO_SE` of IPS's
     standard error (else the grid's last), from the shards' sums added in shard order. The standard error is
     `ratios._clustered_se`: sqrt(sum over users of (S - n m)^2) / N with m = sum S / N, expanded into sums a
@@ -762,7 +746,9 @@ def _choose_concentration(parts: list[KernelTerms], model: DirectModel, stats: L
     within = np.flatnonzero(np.abs(bias) <= ratios.BIAS_TO_SE * standard_error)
     index = int(within[0]) if len(within) else len(bias) - 1
     grid = ratios.concentration_grid(len(stats.tasks))
-    return _Concentration(index, float(grid[index]), float(bias[index]), float(standard_error[index]))
+    # The ratios themselves stay in the shards' per-user sums; what the choice rests on, as in memory.
+    return index, ratios.ImportanceRatios(np.zeros(0), "kernel", float(grid[index]), float(bias[index]),
+                                          float(standard_error[index]))
 
 
 def _with_draws(ratio_part: np.ndarray) -> bool:

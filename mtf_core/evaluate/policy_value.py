@@ -292,8 +292,6 @@ def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[di
             row["verdict"] = "model-based"
         return None, []
     draw_ratio = None if ratios.kind == "logged" else _draw_ratios(ctx, ratios)
-    bias_to_se = (None if ratios.smoothing_bias is None or not ratios.standard_error
-                  else abs(ratios.smoothing_bias) / ratios.standard_error)
     cap = NCIS().clip
     scopes: list[tuple[str | None, np.ndarray]] = [(None, np.ones(log.n_requests, dtype=bool))]
     scopes += [(name, log.segment == s) for s, name in enumerate(log.segments)]
@@ -306,7 +304,7 @@ def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[di
         dm, dr = rows.get("dm"), rows.get("dr")
         inside = (dm is not None and dr is not None and None not in (dm["value"], dr["ci_low"], dr["ci_high"])
                   and dr["ci_low"] <= dm["value"] <= dr["ci_high"])  # type: ignore[operator]
-        verdicts = estimator_verdicts(diag, bias_to_se, inside)
+        verdicts = estimator_verdicts(diag, ratios.smoothing_bias_to_se, inside)
         for estimator, row in rows.items():
             row["verdict"] = verdicts.get(estimator)
             row["ess"] = diag["ess"]

@@ -56,6 +56,13 @@ class ImportanceRatios:
     def bandwidth(self) -> float | None:
         return None if self.concentration is None else 1.0 / self.concentration
 
+    @property
+    def smoothing_bias_to_se(self) -> float | None:
+        """|smoothing bias| / standard error, which a verdict bounds (kernel ratios only)."""
+        if self.smoothing_bias is None or not self.standard_error:
+            return None
+        return abs(self.smoothing_bias) / self.standard_error
+
     def describe(self) -> dict[str, object]:
         return {"kind": self.kind, "concentration": self.concentration, "bandwidth": self.bandwidth,
                 "smoothing_bias": self.smoothing_bias, "standard_error": self.standard_error}
