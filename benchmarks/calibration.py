@@ -25,7 +25,7 @@ import torch
 
 from mtf_core.diagnostics import TRUSTWORTHY
 from mtf_core.evaluate import OUTCOME_MODELS, evaluate_policy, policy_for_truth, prepare, target_actions
-from mtf_core.evaluate.ratios import dirichlet_kernel_logp
+from mtf_core.evaluate.ratios import dirichlet_kernel_logp, log_interior
 from mtf_core.policies.static import LoggingPolicy, parse_static
 from mtf_core.reward import RewardSpec
 from mtf_core.simulate import SimConfig, generate, logging_alpha
@@ -168,7 +168,7 @@ def kernel_mass(log: LogData, concentration: float, target_text: str, n_draws: i
         w = torch.cat([logging.sample((n_draws // 2,)), kernel.sample((n_draws - n_draws // 2,))])
     w = w.clamp(min=1e-300)
     w = (w / w.sum(-1, keepdim=True)).numpy()
-    log_k = dirichlet_kernel_logp(w, np.broadcast_to(target, w.shape), concentration)
+    log_k = dirichlet_kernel_logp(log_interior(w), np.broadcast_to(target, w.shape), concentration)
     log_p = logging.log_prob(torch.from_numpy(w)).numpy()
     log_q = np.logaddexp(log_p, log_k) - np.log(2.0)
     return float(np.mean(np.exp(log_k - log_q)))

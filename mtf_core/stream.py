@@ -379,7 +379,9 @@ class KernelTerms:
     unit_terms: np.ndarray  # (C, u, 9): IPS, SNIPS, NCIS numerator and denominator; DR's three columns
     se_sums: np.ndarray  # (C, 3): over users, sum of S, S^2 and S * n (S: a user's sum of ratio x reward)
     n_squared: float  # over users, sum of n^2 (n: a user's requests)
-    smoothed: np.ndarray  # (C, S, 2): per segment, the sums of x and of the penalty under the kernel's draws
+    smoothed: np.ndarray
+    """(C, S, 3) per segment, over the requests that estimate the smoothing bias: the sums of x and of the
+    penalty under the kernel's draw less under the target, and the number of those requests."""
     overlap: np.ndarray  # (C, S, 8): `diagnostics.ratio_sums` and `_coverage_counts` per segment
 
 
@@ -415,23 +417,26 @@ def _target_draws(policy: FusionPolicy, log: LogData, rng: np.random.Generator) 
     return np.concatenate(draws, 1), np.concatenate(logps, 1)
 
 
-def _coverage_counts(log: LogData, stats: LogStatistics, draws: np.ndarray, target_logp: np.ndarray) -> np.ndarray:
-    """Per segment `[S, 3]`: of the target's draws, how many have a ratio of target to logging density within
-    `draw_ratio_limit` of the whole log's requests, how many within that of the segment's, and how many
-    there are: the support coverage's parts (`diagnostics`)."""
+def _coverage_counts(log: LogData, stats: LogStatistics, draws: np.ndarray, target_logp: np.ndarray,
+                     rows: np.ndarray | None = None) -> np.ndarray:
+    """Per segment `[S, 3]`: of the target's draws `[G,R,K]` (of the requests `rows` `[r]` alone, `[G,r,K]`),
+    how many have a ratio of target to logging density within `draw_ratio_limit` of the whole log's
+    requests, how many within that of the segment's, and how many there are: the support coverage's parts
+    (`diagnostics`)."""
     alpha = stats.logging_model().alpha  # (S, K): the logging Dirichlet of each segment
     normaliser = ratios.dirichlet_log_normaliser(alpha)
     n_segments = len(stats.segments)
     overall = draw_ratio_limit(stats.n_requests)
     by_segment = np.array([draw_ratio_limit(int(n)) for n in stats.segment_requests])
+    segments = log.segment if rows is None else log.segment[rows]
     counts = np.zeros((n_segments, 3))
-    for rows in iter_chunks(log.n_requests, context.CHUNK):
-        segment = log.segment[rows]
-        logged = ratios.dirichlet_logp(alpha[segment], torch.from_numpy(draws[:, rows]), normaliser[segment]).numpy()
-        ratio = np.exp(np.clip(target_logp[:, rows] - logged, -700, 700))  # (G, r)
+    for chunk in iter_chunks(len(segments), context.CHUNK):
+        segment = segments[chunk]
+        logged = ratios.dirichlet_logp(alpha[segment], torch.from_numpy(draws[:, chunk]), normaliser[segment]).numpy()
+        ratio = np.exp(np.clip(target_logp[:, chunk] - logged, -700, 700))  # (G, r)
         counts[:, 0] += np.bincount(segment, weights=(ratio <= overall).sum(0), minlength=n_segments)
         counts[:, 1] += np.bincount(segment, weights=(ratio <= by_segment[segment]).sum(0), minlength=n_segments)
-    counts[:, 2] = draws.shape[0] * np.bincount(log.segment, minlength=n_segments)
+    counts[:, 2] = draws.shape[0] * np.bincount(segments, minlength=n_segments)
     return counts
 
 
@@ -493,7 +498,8 @@ def _dr_columns(ctx: EvalContext, rho: np.ndarray, x: np.ndarray, x_target: np.n
 def _kernel_terms(ctx: EvalContext, stats: LogStatistics, target: np.ndarray, x: np.ndarray, x_target: np.ndarray,
                   pen_target: np.ndarray, rng: np.random.Generator) -> KernelTerms:
     """`KernelTerms` of the deterministic action `target` `[R,K]` on one shard: `ratios._kernel_ratios` at
-    every concentration of the grid at once, with one draw from each kernel per request."""
+    every concentration of the grid at once: the ratios of every request, and one draw from each kernel
+    for each request that `ratios.kernel_bias_rows` keeps for the smoothing bias and the coverage."""
     log, resolved = ctx.log, ctx.resolved
     reward = ctx.logged.total
     n, n_segments = len(ctx.unit_segment), len(stats.segments)
@@ -501,25 +507,29 @@ def _kernel_terms(ctx: EvalContext, stats: LogStatistics, target: np.ndarray, x:
     grid = ratios.concentration_grid(target.shape[1])
     unit_terms = np.zeros((len(grid), n, 9))
     se_sums = np.zeros((len(grid), 3))
-    smoothed = np.zeros((len(grid), n_segments, 2))
+    smoothed = np.zeros((len(grid), n_segments, 3))
     overlap = np.zeros((len(grid), n_segments, len(RATIO_SUMS) + 3))
-    logged = torch.from_numpy(ratios.interior(log.weights))
+    log_logged = ratios.log_interior(log.weights)
+    in_segment = [log.segment == s for s in range(n_segments)]
+    rows = np.flatnonzero(ratios.kernel_bias_rows(log.request_id, stats.n_requests))
+    sampled_segment = log.segment[rows]
+    smoothed[:, :, 2] = np.bincount(sampled_segment, minlength=n_segments)
     cap = NCIS().clip
     for group in np.array_split(np.arange(len(grid)), -(-len(grid) // _DRAWS_AT_ONCE)):
         alphas = np.stack([ratios.kernel_alpha(target, c) for c in grid[group]])  # (c, R, K)
         # float32 Gamma draws: half the time of float64 ones, and a draw's last bits matter to no figure
-        gammas = rng.standard_gamma(alphas.astype(np.float32), dtype=np.float32)
+        gammas = rng.standard_gamma(alphas[:, rows].astype(np.float32), dtype=np.float32)
         draws = interior_weights(torch.from_numpy(gammas)).double().numpy()
-        signals = expected_under_each(ctx, draws)  # one read of the scores for the group's kernels
+        signals = expected_under_each(ctx, draws, rows)  # one read of the scores for the group's kernels
         for i, alpha_i, draw, expected in zip(group, alphas, draws, signals):
-            smoothed[i, :, 0] = np.bincount(log.segment, weights=weighted_sum(expected, resolved.coefficients),
-                                            minlength=n_segments)
-            smoothed[i, :, 1] = np.bincount(log.segment, weights=penalty(resolved, draw, expected),
-                                            minlength=n_segments)
+            gap_x = weighted_sum(expected, resolved.coefficients) - x_target[rows]
+            gap_penalty = penalty(resolved, draw, expected) - pen_target[rows]
+            smoothed[i, :, 0] = np.bincount(sampled_segment, weights=gap_x, minlength=n_segments)
+            smoothed[i, :, 1] = np.bincount(sampled_segment, weights=gap_penalty, minlength=n_segments)
             alpha = torch.from_numpy(alpha_i)
-            normaliser = ratios.dirichlet_log_normaliser(alpha)  # one for the logged weights and the draw
-            rho = np.exp(np.clip(ratios.dirichlet_logp(alpha, logged, normaliser).numpy() - log.logging_logp,
-                                 -700, 700))
+            normaliser = ratios.dirichlet_log_normaliser(alpha)  # one for the logged weights and the draws
+            logp = ratios.dirichlet_kernel_logp(log_logged, target, grid[i], normaliser.numpy())
+            rho = np.exp(np.clip(logp - log.logging_logp, -700, 700))
             x_ope = OPEInputs(reward, rho, np.zeros(log.n_requests), np.zeros(log.n_requests))
             for j, est in enumerate((IPS(), SNIPS(), NCIS())):
                 term = est.terms(x_ope)
@@ -528,10 +538,9 @@ def _kernel_terms(ctx: EvalContext, stats: LogStatistics, target: np.ndarray, x:
             unit_terms[i, :, 6:] = _dr_columns(ctx, rho, x, x_target, pen_target, n)
             per_user = unit_terms[i, :, 0]  # a user's sum of ratio x reward, S of `ratios._clustered_se`
             se_sums[i] = per_user.sum(), (per_user**2).sum(), (per_user * count).sum()
-            overlap[i, :, :len(RATIO_SUMS)] = np.stack([ratio_sums(rho[log.segment == s], cap)
-                                                        for s in range(n_segments)])
-            draw_logp = ratios.dirichlet_logp(alpha, torch.from_numpy(draw), normaliser).numpy()
-            overlap[i, :, len(RATIO_SUMS):] = _coverage_counts(log, stats, draw[None], draw_logp[None])
+            overlap[i, :, :len(RATIO_SUMS)] = np.stack([ratio_sums(rho[keep], cap) for keep in in_segment])
+            draw_logp = ratios.dirichlet_logp(alpha[rows], torch.from_numpy(draw), normaliser[rows]).numpy()
+            overlap[i, :, len(RATIO_SUMS):] = _coverage_counts(log, stats, draw[None], draw_logp[None], rows)
     return KernelTerms(unit_terms, se_sums, float((count**2).sum()), smoothed, overlap)
 
 
@@ -655,7 +664,7 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
         model, fit = fit_from_user_stats(stats.users, stats.user_segment, fit_stats, n_seg)
         kernel, index = None, 0
         if kernel_files and len(kernel_parts) == len(shards):
-            index, kernel = _choose_concentration([kernel_parts[s] for s in shards], model, stats, evaluated)
+            index, kernel = _choose_concentration([kernel_parts[s] for s in shards], model, stats)
             weighted = [({"estimator": est.name}, np.zeros(n_users), np.zeros(n_users))
                         for est in (IPS(), SNIPS(), NCIS())]
             for at, path in kernel_files:
@@ -695,7 +704,8 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                 f"{kernel.standard_error:.4f}, "
                 "where the grid allows; DR corrects the smoothing with the direct model); overlap diagnostics and "
                 "verdicts (no p99 ratio). The smoothing bias and "
-                "the support coverage rest on one draw from the kernel per request and concentration (every "
+                "the support coverage rest on one draw from the kernel per concentration for each request that "
+                f"estimates the bias ({ratios.KERNEL_BIAS_REQUESTS:,} at most, picked by request id; every "
                 "concentration is drawn for in one pass; in memory four, until the rule is met), each shard's "
                 "own: the in-memory figures to Monte-Carlo error, and so the chosen concentration where the "
                 "rule's margin is thin")
@@ -725,12 +735,13 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                               None if kernel is None else kernel.describe())
 
 
-def _choose_concentration(parts: list[KernelTerms], model: DirectModel, stats: LogStatistics,
-                          evaluated: np.ndarray) -> tuple[int, ratios.ImportanceRatios]:
+def _choose_concentration(parts: list[KernelTerms], model: DirectModel, stats: LogStatistics
+                          ) -> tuple[int, ratios.ImportanceRatios]:
     """The smallest concentration of the grid whose estimated smoothing bias is at most `BIAS_TO_SE` of IPS's
     standard error (else the grid's last), from the shards' sums added in shard order. The standard error is
     `ratios._clustered_se`: sqrt(sum over users of (S - n m)^2) / N with m = sum S / N, expanded into sums a
-    shard can make; the bias is the linear direct model's mean value of the kernel's draws less the target's."""
+    shard can make; the bias is the linear direct model's mean value of the kernel's draws less the target's,
+    over the requests `ratios.kernel_bias_rows` keeps."""
     se_sums, n_squared, smoothed = parts[0].se_sums, parts[0].n_squared, parts[0].smoothed
     for part in parts[1:]:
         se_sums, n_squared, smoothed = se_sums + part.se_sums, n_squared + part.n_squared, smoothed + part.smoothed
@@ -738,11 +749,8 @@ def _choose_concentration(parts: list[KernelTerms], model: DirectModel, stats: L
     mean = se_sums[:, 0] / total
     spread = se_sums[:, 1] - 2.0 * mean * se_sums[:, 2] + mean**2 * n_squared
     standard_error = np.sqrt(np.maximum(spread, 0.0)) / total
-    dm_smoothed = (model.intercept @ stats.segment_requests + smoothed[..., 0] @ model.slope
-                   - smoothed[..., 1].sum(1)) / total
-    dm_target = float(model_numerators(model.intercept[stats.user_segment], model.slope[stats.user_segment],
-                                       evaluated)["dm"].sum() / total)
-    bias = dm_smoothed - dm_target
+    # The intercepts cancel in the paired differences DM(draw) - DM(target).
+    bias = (smoothed[..., 0] @ model.slope - smoothed[..., 1].sum(1)) / max(smoothed[0, :, 2].sum(), 1.0)
     within = np.flatnonzero(np.abs(bias) <= ratios.BIAS_TO_SE * standard_error)
     index = int(within[0]) if len(within) else len(bias) - 1
     grid = ratios.concentration_grid(len(stats.tasks))

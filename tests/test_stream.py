@@ -198,12 +198,14 @@ def test_a_deterministic_targets_kernel_estimates_stream(tiny_log, tiny_lake, mo
     free = streamed_evaluation(tiny_lake, static, "p", spec, n_boot=50)
     grid = ratios.concentration_grid(len(tiny_log.tasks))
     assert free.ratios is not None and free.ratios["concentration"] in grid
-    rho = np.exp(ratios.dirichlet_kernel_logp(tiny_log.weights, actions.weights, free.ratios["concentration"])
-                 - tiny_log.logging_logp)
+    rho = np.exp(ratios.dirichlet_kernel_logp(ratios.log_interior(tiny_log.weights), actions.weights,
+                                              free.ratios["concentration"]) - tiny_log.logging_logp)
     assert free.ratios["standard_error"] == pytest.approx(ratios._clustered_se(rho * ctx.logged.total, ctx.unit),
                                                           rel=1e-9)
-    for c in (grid[0], grid[3]):
+    # grid[0] with a third of the requests estimating the smoothing bias (as on a log of 200k requests).
+    for c, bias_requests in ((grid[0], tiny_log.n_requests // 3), (grid[3], ratios.KERNEL_BIAS_REQUESTS)):
         monkeypatch.setattr(ratios, "concentration_grid", lambda k, c=c: np.array([c]))
+        monkeypatch.setattr(ratios, "KERNEL_BIAS_REQUESTS", bias_requests)
         in_memory = evaluate_policy(ctx, actions, n_boot=100)
         streamed = streamed_evaluation(tiny_lake, static, "p", spec, n_boot=100)
         assert streamed.ratios["concentration"] == in_memory.ratio_info["concentration"] == c
@@ -225,6 +227,24 @@ def test_a_deterministic_targets_kernel_estimates_stream(tiny_log, tiny_lake, mo
     threads = streamed_evaluation(tiny_lake, static, "p", spec, n_boot=100, workers=3)
     one = streamed_evaluation(tiny_lake, static, "p", spec, n_boot=100, workers=1)
     assert threads.ope == one.ope and threads.diagnostics == one.diagnostics and threads.ratios == one.ratios
+
+
+def test_the_requests_that_estimate_a_kernels_bias_are_the_same_whole_or_by_shard(monkeypatch):
+    """About KERNEL_BIAS_REQUESTS of a large log, all of a small one, and a request is kept or not by its id
+    alone, so that every shard keeps what the whole log keeps."""
+    import numpy as np
+
+    import mtf_core.evaluate.ratios as ratios
+
+    ids = np.arange(10**6, dtype=np.int64) * 7 + 3
+    kept = ratios.kernel_bias_rows(ids, len(ids))
+    expected = ratios.KERNEL_BIAS_REQUESTS
+    assert abs(int(kept.sum()) - expected) < 4 * np.sqrt(expected)
+    shard = ids % 5 == 2
+    assert np.array_equal(ratios.kernel_bias_rows(ids[shard], len(ids)), kept[shard])
+    assert ratios.kernel_bias_rows(ids[:1000], 1000).all()
+    # spread over the ids, not a run of them: a tenth of the log holds about a tenth of the kept requests
+    assert abs(int(kept[:10**5].sum()) - expected / 10) < 4 * np.sqrt(expected / 10)
 
 
 def test_a_full_spool_folder_is_named_with_what_to_do(tiny_log, tiny_lake, monkeypatch):

@@ -149,7 +149,7 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     target = _target_terms(ctx, actions, expected, view)
     # The kernel's smoothing bias is gauged with the linear model (`ratios`), so its DM target is the linear one.
     linear = target if view.name == "linear" else _target_terms(ctx, actions, expected, ctx.linear_view)
-    ratios = importance_ratio(ctx, actions, seed, dm_target=float(linear.value.mean()))
+    ratios = importance_ratio(ctx, actions, seed, dm_target=linear.value)
     ope, unit_terms = _off_policy(ctx, view, ratios, target, n_boot, seed + 1)
     _label_sources(ctx, ope, actions.is_logging, view)
     diagnostics, by_segment = _diagnostics(ctx, ratios, ope)
@@ -347,7 +347,7 @@ def point_value(ctx: EvalContext, actions: TargetActions) -> tuple[float, str]:
     expected = expected_under(ctx, actions.weights, actions.form, actions.bias) if actions.samples is None else None
     target = _target_terms(ctx, actions, expected if expected is not None else np.zeros((log.n_requests, 0)),
                            ctx.linear_view)
-    ratios = importance_ratio(ctx, actions, dm_target=float(target.value.mean()))
+    ratios = importance_ratio(ctx, actions, dm_target=target.value)
     if ratios is None:
         return float(target.value.mean()), "dm"
     q_logged = direct_value(ctx, ctx.logged_expected, log.weights)

@@ -17,6 +17,13 @@ kept. That is undersmoothing: the interval stays centred on the target's own val
 smoothed policy's, which is what coverage needs (an MSE-optimal c leaves a bias of the order of the
 standard error). Both figures are reported. DR needs no such care: its model term is evaluated at t
 itself, so the smoothing bias is corrected to the direct model's accuracy.
+
+The bias is a mean of paired differences DM(draw) - DM(t) over requests. On a log of more than
+`KERNEL_BIAS_REQUESTS` requests it is taken over about that many, kept by a hash of the request id, so
+that a shard of a lake keeps what the whole log keeps. The draws and re-rankings it costs then stop
+growing with the log, and its Monte-Carlo error stays far below the margins the rule decides on: on the
+bench's 1M-request lake, the chosen concentration's bias was -0.6043 from 65,536 requests and -0.6023
+from all of them, against a quarter standard error of 1.01.
 """
 
 from __future__ import annotations
@@ -29,15 +36,18 @@ import torch
 from mtf_core.evaluate.actions import TargetActions
 from mtf_core.evaluate.context import EvalContext
 from mtf_core.evaluate.direct import direct_value
-from mtf_core.evaluate.rerank import expected_under
+from mtf_core.evaluate.rerank import expected_under, expected_under_each
+from mtf_core.reward import penalty
 
 __all__ = ["ImportanceRatios", "importance_ratio", "dirichlet_kernel_logp", "dirichlet_logp", "kernel_alpha",
-           "dirichlet_log_normaliser", "concentration_grid",
-           "N_KERNEL_DRAWS", "BIAS_TO_SE"]
+           "dirichlet_log_normaliser", "concentration_grid", "kernel_bias_rows", "log_interior",
+           "N_KERNEL_DRAWS", "BIAS_TO_SE", "KERNEL_BIAS_REQUESTS"]
 
 N_KERNEL_DRAWS = 4
 BIAS_TO_SE = 0.25
 """The largest |smoothing bias| / standard error a chosen concentration may leave."""
+KERNEL_BIAS_REQUESTS = 65_536
+"""About how many requests estimate a kernel's smoothing bias (all of a smaller log)."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +101,40 @@ def kernel_alpha(target: np.ndarray, concentration: float) -> np.ndarray:
     return 1.0 + concentration * np.maximum(target, 0.0)
 
 
-def dirichlet_kernel_logp(logged: np.ndarray, target: np.ndarray, concentration: float) -> np.ndarray:
-    """log K_c(w; t) = log Dirichlet(w; 1 + c t) for logged weights `[R,K]` and targets `[R,K]`."""
-    alpha = torch.from_numpy(kernel_alpha(target, concentration))
-    return dirichlet_logp(alpha, torch.from_numpy(interior(logged))).numpy()
+def log_interior(logged: np.ndarray) -> np.ndarray:
+    """log of the logged weights moved strictly inside the simplex `[R,K]`: what every kernel scores them by."""
+    return np.log(interior(logged))
+
+
+def dirichlet_kernel_logp(log_logged: np.ndarray, target: np.ndarray, concentration: float,
+                          normaliser: np.ndarray | None = None) -> np.ndarray:
+    """log K_c(w; t) = log Dirichlet(w; 1 + c t) `[R]` of logged weights (as `log_interior` `[R,K]`) for
+    targets `[R,K]`. The sum over tasks of (alpha - 1) log w is c (t . log w): one product serves every
+    concentration of a caller that computes it once (`target_dot_logged`), so only the normaliser (pass it
+    in where it is also needed elsewhere) is computed per concentration."""
+    if normaliser is None:
+        normaliser = dirichlet_log_normaliser(torch.from_numpy(kernel_alpha(target, concentration))).numpy()
+    return concentration * target_dot_logged(log_logged, target) + normaliser
+
+
+def target_dot_logged(log_logged: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """sum_k max(t_k, 0) log w_k `[R]`, the part of every kernel's log-density that its concentration scales."""
+    return np.einsum("rk,rk->r", np.maximum(target, 0.0), log_logged)
+
+
+def kernel_bias_rows(request_id: np.ndarray, n_requests: int) -> np.ndarray:
+    """Which requests (bool `[R]`) estimate a kernel's smoothing bias on a log of `n_requests`: all of them
+    up to `KERNEL_BIAS_REQUESTS`, else about that many, kept by a hash of the request id (splitmix64), which
+    picks the same requests whether the log is read whole or by shard."""
+    share = KERNEL_BIAS_REQUESTS / max(int(n_requests), 1)
+    if share >= 1.0:
+        return np.ones(len(request_id), dtype=bool)
+    z = np.asarray(request_id).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < share
 
 
 def concentration_grid(n_tasks: int) -> np.ndarray:
@@ -102,10 +142,11 @@ def concentration_grid(n_tasks: int) -> np.ndarray:
     return n_tasks * 2.0 ** np.arange(1, 15)
 
 
-def importance_ratio(ctx: EvalContext, actions: TargetActions, seed: int = 0, dm_target: float | None = None
+def importance_ratio(ctx: EvalContext, actions: TargetActions, seed: int = 0, dm_target: np.ndarray | None = None
                      ) -> ImportanceRatios | None:
     """The target's ratios against the logging policy; None where none exist (say why in actions.ope_note).
-    `dm_target`: the direct model's mean value of the target, where the caller has it (saves a re-ranking)."""
+    `dm_target`: the direct model's value of the target per request `[R]`, where the caller has it (saves a
+    re-ranking)."""
     log = ctx.log
     if actions.is_logging:
         return ImportanceRatios(np.ones(log.n_requests), "logged")
@@ -116,25 +157,33 @@ def importance_ratio(ctx: EvalContext, actions: TargetActions, seed: int = 0, dm
         values = np.exp(np.clip(actions.logp_logged - logging_logp, -700, 700))
         return ImportanceRatios(values, "exact", target_logp_draws=actions.logp_samples, draws=actions.samples)
     if dm_target is None:
-        dm_target = float(direct_value(ctx, expected_under(ctx, actions.weights), actions.weights).mean())
+        dm_target = direct_value(ctx, expected_under(ctx, actions.weights), actions.weights)
     return _kernel_ratios(ctx, actions.weights, seed, dm_target)
 
 
-def _kernel_ratios(ctx: EvalContext, target: np.ndarray, seed: int, dm_target: float) -> ImportanceRatios:
+def _kernel_ratios(ctx: EvalContext, target: np.ndarray, seed: int, dm_target: np.ndarray) -> ImportanceRatios:
     """Dirichlet-kernel ratios with the concentration chosen by the undersmoothing rule (module docstring);
-    `dm_target` is the direct model's mean value of the target itself."""
+    `dm_target` `[R]` is the direct model's value of the target itself."""
     log = ctx.log
     reward = ctx.logged.total
     gen = torch.Generator().manual_seed(seed)
+    log_logged = log_interior(log.weights)
+    rows = np.flatnonzero(kernel_bias_rows(log.request_id, log.n_requests))
+    segment = log.segment[rows]
     chosen = None
     for c in concentration_grid(target.shape[1]):
-        values = np.exp(np.clip(dirichlet_kernel_logp(log.weights, target, c) - ctx.propensities.logp, -700, 700))
-        se = _clustered_se(values * reward, ctx.unit)
         alpha = torch.from_numpy(kernel_alpha(target, c))
+        normaliser = dirichlet_log_normaliser(alpha)
+        logp = dirichlet_kernel_logp(log_logged, target, c, normaliser.numpy())
+        values = np.exp(np.clip(logp - ctx.propensities.logp, -700, 700))
+        se = _clustered_se(values * reward, ctx.unit)
         kernel = torch.distributions.Dirichlet(alpha)
         draws = _sample(kernel, gen)
-        dm_smoothed = float(np.mean([direct_value(ctx, expected_under(ctx, d), d).mean() for d in draws.numpy()]))
-        bias = dm_smoothed - dm_target
+        drawn = draws.numpy()[:, rows]
+        gaps = [ctx.direct.intercept[segment] + ctx.direct.slope[segment] * (e @ ctx.resolved.coefficients)
+                - penalty(ctx.resolved, d, e) - dm_target[rows]
+                for d, e in zip(drawn, expected_under_each(ctx, drawn, rows))]
+        bias = float(np.mean(gaps))
         chosen = ImportanceRatios(values, "kernel", float(c), bias, se,
                                   kernel.log_prob(draws).numpy(), draws.numpy())
         if abs(bias) <= BIAS_TO_SE * se:

@@ -57,8 +57,9 @@ def rerank_core(scores: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
     scores, labels `[R,N,K]` (labels never negative; NaN or 0 where not shown), shown and mask `[R,N]`, weights
     `[R,K]`/`[R,N,K]`. Returns NDCG@k per task `[R,K]` and for the composite item reward `[R]` (NaN without
     a positive gain), the direct-method signals of the top L = len(curve) of all candidates `[R,K]`, and
-    the fused scores. `fused` `[R,N]` replaces the fusion (a fixed order, e.g. the logged one). NDCG only touches the leading S slots up to the last one ever shown; `load_log` packs
-    shown candidates first, so S is the number shown (6 of 20), which is what makes it fast.
+    the fused scores. `fused` `[R,N]` replaces the fusion (a fixed order, e.g. the logged one). NDCG only
+    touches the leading S slots up to the last one ever shown; `load_log` packs shown candidates first, so S
+    is the number shown (6 of 20), which is what makes it fast.
     """
     if fused is None:
         fused = fuse(scores, weights, form, bias=bias, mask=mask)
@@ -145,16 +146,18 @@ def expected_under(ctx: EvalContext, weights: np.ndarray, form: str = "sum",
     return _top_l_sums(ctx, weights, form, bias, lambda rows, scores: scores, order)
 
 
-def expected_under_each(ctx: EvalContext, weights: np.ndarray) -> np.ndarray:
+def expected_under_each(ctx: EvalContext, weights: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """`expected_under` (sum fusion) of each of D sets of weights `[D,R,K]` at once, `[D,R,K]`: one read of
-    each chunk's scores and two batched products for all D, instead of D passes."""
+    each chunk's scores and two batched products for all D, instead of D passes. With `rows` (indices `[r]`
+    into the log), the weights `[D,r,K]` are those requests' alone."""
     log, curve = ctx.log, torch.from_numpy(ctx.resolved.position_curve)
     out = np.empty(weights.shape, dtype=np.float64)
-    for rows in iter_chunks(log.n_requests, context.CHUNK):
-        scores, mask = torch.from_numpy(log.scores[rows]), torch.from_numpy(log.mask[rows])
-        w = torch.from_numpy(np.ascontiguousarray(np.moveaxis(weights[:, rows], 0, -1))).to(scores.dtype)
+    for chunk in iter_chunks(weights.shape[1], context.CHUNK):
+        at = chunk if rows is None else rows[chunk]
+        scores, mask = torch.from_numpy(log.scores[at]), torch.from_numpy(log.mask[at])
+        w = torch.from_numpy(np.ascontiguousarray(np.moveaxis(weights[:, chunk], 0, -1))).to(scores.dtype)
         fused = torch.where(mask.unsqueeze(1), torch.bmm(scores, w).transpose(1, 2), float("-inf"))  # (r, D, N)
-        out[:, rows] = top_signals(fused, scores, mask, curve).double().numpy().transpose(1, 0, 2)
+        out[:, chunk] = top_signals(fused, scores, mask, curve).double().numpy().transpose(1, 0, 2)
     return out
 
 
