@@ -1,7 +1,7 @@
 """A log as a folder of Parquet files per table: the layout of a data lake, readable past one machine.
 
     LAKE/meta/data.parquet, LAKE/tasks/data.parquet, LAKE/items/data.parquet
-    LAKE/{users,sessions,requests,impressions}/shard=K/data_0.parquet    (K = user_id mod the shard count)
+    LAKE/{users,sessions,requests,impressions}/shard=K/data_0.parquet    (K = user_id mod the shard count, >= 0)
 
 Every table that grows with traffic is sharded by user, so a shard holds whole users (their sessions and
 every request and candidate of them): a worker that reads one shard has everything a per-user figure
@@ -43,9 +43,18 @@ def _literal(text: str) -> str:
 
 
 def lake_shards(path: str | os.PathLike[str]) -> list[str]:
-    """The shard folder names of a lake (`shard=K`), in shard order."""
+    """The shard folder names of a lake (`shard=K`), in shard order: by number, then by name (a lake written
+    elsewhere may name its shards otherwise). The order is part of the figures: shards' sums are added in it."""
     folders = {p.name for p in (Path(path) / "requests").glob("shard=*") if p.is_dir()}
-    return sorted(folders, key=lambda name: int(name.split("=", 1)[1]) if name.split("=", 1)[1].isdigit() else -1)
+    return sorted(folders, key=_shard_key)
+
+
+def _shard_key(name: str) -> tuple[int, int, str]:
+    value = name.split("=", 1)[1]
+    try:
+        return 0, int(value), value
+    except ValueError:
+        return 1, 0, value
 
 
 def open_lake(path: str | os.PathLike[str], shard: str | None = None) -> duckdb.DuckDBPyConnection:
@@ -68,6 +77,11 @@ def open_lake(path: str | os.PathLike[str], shard: str | None = None) -> duckdb.
         con.close()
         raise LogError(f"{root}: not a readable Parquet lake ({str(exc).splitlines()[0]})", EXIT_UNUSABLE) from exc
     return con
+
+
+def _shard_of(user_id: str, shards: int) -> str:
+    """The shard of a user id column, in 0..shards-1 for negative ids too (SQL's % keeps the dividend's sign)."""
+    return f"(({user_id} % {shards}) + {shards}) % {shards}"
 
 
 def export_lake(log: str | os.PathLike[str], out: str | os.PathLike[str], shards: int = 8,
@@ -102,10 +116,10 @@ def export_lake(log: str | os.PathLike[str], out: str | os.PathLike[str], shards
                             f"{_literal(str(folder / 'data.parquet'))} (FORMAT PARQUET)")
                 continue
             if table == "impressions":
-                source = (f"(SELECT i.*, r.user_id % {shards} AS shard FROM impressions i JOIN requests r "
+                source = (f"(SELECT i.*, {_shard_of('r.user_id', shards)} AS shard FROM impressions i JOIN requests r "
                           "ON r.request_id = i.request_id)")
             else:
-                source = f"(SELECT *, {shard_of[table]} % {shards} AS shard FROM {quote_ident(table)})"
+                source = f"(SELECT *, {_shard_of(shard_of[table], shards)} AS shard FROM {quote_ident(table)})"
             key = {"impressions": "request_id, position NULLS LAST, item_id", "requests": "request_id",
                    "sessions": "session_id", "users": "user_id"}[table]
             con.execute(f"COPY (SELECT * FROM {source} ORDER BY {key}) TO {_literal(str(folder))} "

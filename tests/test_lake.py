@@ -49,6 +49,22 @@ def test_a_lake_is_sharded_by_user_and_reads_back_as_the_same_log(tiny_log_path,
         assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
 
 
+def test_negative_user_ids_shard_into_the_same_folders_in_a_fixed_order(corrupt, tmp_path):
+    """SQL's % keeps the dividend's sign: user -7 of a 3-shard lake once went to `shard=-1`, and every
+    negative shard sorted as one, in an order that changed between processes (the order shards' sums are
+    added in). Every user now lands in shard 0..n-1, and shard names sort by number, then by name."""
+    from mtf_core.lake import _shard_key, lake_shards
+
+    path = corrupt(*(f"UPDATE {t} SET user_id = -user_id - 1" for t in ("users", "sessions", "requests")))
+    lake = export_lake(path, tmp_path / "negative", shards=3)
+    assert lake_shards(lake) == ["shard=0", "shard=1", "shard=2"]
+    log, again = load_log(path), load_log(lake)
+    assert (log.user_id < 0).all() and again.fingerprint == log.fingerprint
+    assert np.array_equal(np.sort(again.user_id), np.sort(log.user_id))
+    assert sorted(["shard=x", "shard=10", "shard=-2", "shard=2", "shard=b"], key=_shard_key) == [
+        "shard=-2", "shard=2", "shard=10", "shard=b", "shard=x"]
+
+
 def test_every_figure_on_a_lake_equals_the_duckdb_files(tiny_log, lake):
     spec = RewardSpec.default(tiny_log.task_names)
     policy = parse_static("click=0.4,like=0.1,finish=0.2,share=0.1,watch_time=0.2", tiny_log.task_names,
