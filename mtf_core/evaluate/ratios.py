@@ -108,18 +108,12 @@ def log_interior(logged: np.ndarray) -> np.ndarray:
 
 def dirichlet_kernel_logp(log_logged: np.ndarray, target: np.ndarray, concentration: float,
                           normaliser: np.ndarray | None = None) -> np.ndarray:
-    """log K_c(w; t) = log Dirichlet(w; 1 + c t) `[R]` of logged weights (as `log_interior` `[R,K]`) for
-    targets `[R,K]`. The sum over tasks of (alpha - 1) log w is c (t . log w): one product serves every
-    concentration of a caller that computes it once (`target_dot_logged`), so only the normaliser (pass it
-    in where it is also needed elsewhere) is computed per concentration."""
+    """log K_c(w; t) = log Dirichlet(w; 1 + c t) `[R]` of logged weights (as `log_interior` `[R,K]`, which a
+    caller scoring many kernels computes once) for targets `[R,K]`: sum_k (alpha_k - 1) log w_k is
+    c (t . log w). `normaliser` where the caller also needs it (to score the kernel's own draws)."""
     if normaliser is None:
         normaliser = dirichlet_log_normaliser(torch.from_numpy(kernel_alpha(target, concentration))).numpy()
-    return concentration * target_dot_logged(log_logged, target) + normaliser
-
-
-def target_dot_logged(log_logged: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """sum_k max(t_k, 0) log w_k `[R]`, the part of every kernel's log-density that its concentration scales."""
-    return np.einsum("rk,rk->r", np.maximum(target, 0.0), log_logged)
+    return concentration * np.einsum("rk,rk->r", np.maximum(target, 0.0), log_logged) + normaliser
 
 
 def kernel_bias_rows(request_id: np.ndarray, n_requests: int) -> np.ndarray:
