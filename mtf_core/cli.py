@@ -214,6 +214,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     meta = info.get("meta", {})
     if meta:
         print(f"source: {meta.get('source')}  created: {meta.get('created_at')}")  # type: ignore[union-attr]
+        if meta.get("numbered_ids"):  # type: ignore[union-attr]
+            print(f"ids numbered at import (they were text): {meta['numbered_ids']}; "  # type: ignore[index]
+                  "their original keys are in table id_keys")
     profile = info["profile"]
     if "mode" in profile:  # type: ignore[operator]
         print(f"weights logged: {profile['mode']}; supports: {', '.join(profile['supports'])}")  # type: ignore[index]

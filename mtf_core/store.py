@@ -624,6 +624,37 @@ _REQUIRED_SOURCE = {
 }
 
 
+_ID_COLUMNS = {"user_id": ("users", "requests", "sessions"), "session_id": ("requests", "sessions"),
+               "request_id": ("requests", "impressions"), "item_id": ("impressions", "items")}
+ID_KEYS = "id_keys"
+"""The table that keeps the original key of every id that an import numbered (`_number_text_ids`)."""
+
+
+def _number_text_ids(con: duckdb.DuckDBPyConnection, targets: dict[str, dict[str, str]]) -> list[str]:
+    """Ids written as text (a hash, a UUID, 'u_17') where the schema has integers: every id column with any
+    value that is not an integer is numbered 0, 1, ... in the sorted order of its keys, with the same number
+    in every file that carries it, and `id_keys` keeps each number's key. Returns the numbered columns."""
+    numbered = []
+    for id_column, tables in _ID_COLUMNS.items():
+        present = [(t, targets[t][id_column]) for t in tables if id_column in targets.get(t, {})]
+        keys = " UNION ALL ".join(f"SELECT nullif(trim({quote_ident(src)}::VARCHAR), '') AS key "
+                                  f"FROM {quote_ident('raw_' + t)}" for t, src in present)
+        if not present or not con.execute(f"SELECT count(*) FROM ({keys}) WHERE key IS NOT NULL AND "
+                                          "TRY_CAST(key AS BIGINT) IS NULL").fetchone()[0]:  # type: ignore[index]
+            continue
+        if not numbered:
+            con.execute(f"CREATE TABLE {ID_KEYS} (id_column VARCHAR, id BIGINT, key VARCHAR)")
+        con.execute(f"INSERT INTO {ID_KEYS} SELECT ?, (row_number() OVER (ORDER BY key) - 1)::BIGINT, key "
+                    f"FROM (SELECT DISTINCT key FROM ({keys}) WHERE key IS NOT NULL)", [id_column])
+        for table, src in present:
+            raw, col = quote_ident("raw_" + table), quote_ident(src)
+            con.execute(f"ALTER TABLE {raw} ALTER {col} TYPE VARCHAR")
+            con.execute(f"UPDATE {raw} SET {col} = k.id::VARCHAR FROM {ID_KEYS} k "
+                        f"WHERE k.id_column = ? AND nullif(trim({raw}.{col}), '') = k.key", [id_column])
+        numbered.append(id_column)
+    return numbered
+
+
 def read_mapping(path: str | os.PathLike[str] | None) -> dict[str, object]:
     """Load and shape-check a JSON column mapping (DESIGN §2)."""
     if path is None:
@@ -710,10 +741,40 @@ def _source_columns(table: str, path: Path, raw_cols: list[str], renames: dict[s
     return {t: s for t, s in target.items() if IDENTIFIER.match(t)}
 
 
+def _timestamp_expression(con: duckdb.DuckDBPyConnection, path: Path, raw: str, src: str, base: str) -> str:
+    """A TIMESTAMP expression for a column of dates, or of Unix times (every value a number) in seconds,
+    milliseconds, microseconds or nanoseconds as their magnitude says; refused by row where a value is
+    neither, or where dates and numbers mix."""
+    date, number = f"TRY_CAST({base} AS TIMESTAMP)", f"TRY_CAST({base} AS DOUBLE)"
+    neither = con.execute(f"SELECT __row, {quote_ident(src)} FROM {raw} WHERE {base} IS NOT NULL AND {date} IS NULL "
+                          f"AND {number} IS NULL LIMIT 5").fetchall()
+    if neither:
+        rows = ", ".join(f"row {r} ({v!r})" for r, v in neither)
+        raise LogError(f"{path}: column {src!r} must be TIMESTAMP or a Unix time: {rows}")
+    n_dates, n_numbers, largest = con.execute(
+        f"SELECT count({date}), count(*) FILTER (WHERE {date} IS NULL AND {number} IS NOT NULL), "
+        f"max(abs({number})) FROM {raw} WHERE {base} IS NOT NULL").fetchone()  # type: ignore[misc]
+    if not n_numbers:
+        return date
+    if n_dates:
+        first = con.execute(f"SELECT __row, {quote_ident(src)} FROM {raw} WHERE {date} IS NULL AND {number} IS NOT "
+                            "NULL LIMIT 1").fetchone()
+        raise LogError(f"{path}: column {src!r} mixes dates ({n_dates} rows) and Unix times ({n_numbers} rows, e.g. "
+                       f"row {first[0]} ({first[1]!r})); write every time the same way")  # type: ignore[index]
+    if not math.isfinite(largest):
+        raise LogError(f"{path}: column {src!r} holds an infinite or NaN time")
+    # 1e11 s is the year 5138, 1e11 ms 1973: each unit's range starts where the one before ends.
+    scale = next(s for limit, s in ((1e11, 1.0), (1e14, 1e3), (1e17, 1e6), (math.inf, 1e9)) if largest < limit)
+    return f"make_timestamp(({number} * {1e6 / scale!r})::BIGINT)"
+
+
 def _cast_column(con: duckdb.DuckDBPyConnection, table: str, path: Path, src: str, dtype: str) -> str:
-    """SQL expression casting a raw column, after checking that every non-empty value casts."""
+    """SQL expression casting a raw column, after checking that every non-empty value casts. A TIMESTAMP
+    column may also hold Unix times (`_timestamp_expression`)."""
     raw, col = quote_ident("raw_" + table), quote_ident(src)
     base = f"nullif(trim({col}::VARCHAR), '')"
+    if dtype == "TIMESTAMP":
+        return _timestamp_expression(con, path, raw, src, base)
     bad_sql = f"SELECT __row, {col} FROM {raw} WHERE {base} IS NOT NULL AND TRY_CAST({base} AS {dtype}) IS NULL"
     bad = con.execute(bad_sql + " LIMIT 5").fetchall()
     if bad:
@@ -853,6 +914,7 @@ def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mappi
                            + (" (a request logs all its fusion weights or none)" if table == "requests" else ""))
     uf = [c[3:] for c in targets["users"] if c.startswith("uf_")]
     itf = [c[3:] for c in targets.get("items", {}) if c.startswith("if_")]
+    numbered = _number_text_ids(con, targets)
     con.execute("BEGIN")
     for table in TABLES:
         if table == "items" and "items" not in sources:
@@ -876,6 +938,8 @@ def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mappi
     meta = {"schema_version": SCHEMA_VERSION, "created_at": datetime.now(timezone.utc).isoformat(),
             "source": "import: " + ", ".join(f"{t}={p.name}" for t, p in sources.items()),
             "mapping": json.dumps(mapping)}
+    if numbered:
+        meta["numbered_ids"] = ",".join(numbered)
     con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
     con.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?)", [(t.name, t.kind, t.description, t.threshold)
                                                               for t in tasks])

@@ -130,6 +130,9 @@ if problems:
     st.stop()
 st.success(plain(f"Valid log: {info.get('meta', {}).get('source', 'unknown source')}, "
                  f"time range {' to '.join(info.get('time_range', ['?', '?']))}"))
+if info.get("meta", {}).get("numbered_ids"):
+    st.caption(f"The import numbered these ids, which were text: {info['meta']['numbered_ids']}. Their original "
+               "keys are in the log's table `id_keys`.")
 
 log = current_log()
 profile = profile_log(log)

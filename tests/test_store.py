@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mtf_core.errors import LogError
+from mtf_core.schema import validate
 from mtf_core.store import import_log, load_log, open_log, read_mapping
 
 RENAMES = {
@@ -203,6 +204,79 @@ def test_import_of_a_feed_that_logged_no_weights_and_of_one_that_logged_some(tin
         import_log({**paths, "requests": str(tmp_path / "some.csv")}, tmp_path / "some.duckdb")
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_text_ids_are_numbered_the_same_in_every_file_and_their_keys_kept(tiny_log_path, tiny_log, tmp_path, fmt):
+    """Production logs key users, requests and items by text (a hash, 'u_17'). Such ids are numbered in
+    every file alike (a Parquet string column too), `id_keys` keeps each number's key, and the log is the
+    same log: the same requests of the same users, the same candidates."""
+    paths = _export(tiny_log_path, tmp_path, fmt, {})
+    texts = {"users": {"user_id": "'u_' || user_id"},
+             "requests": {"user_id": "'u_' || user_id", "request_id": "'r-' || request_id"},
+             "impressions": {"request_id": "'r-' || request_id", "item_id": "md5(item_id::VARCHAR)"}}
+    reader = "read_parquet" if fmt == "parquet" else "read_csv"
+    option = "(FORMAT parquet)" if fmt == "parquet" else "(HEADER)"
+    con = duckdb.connect()
+    try:
+        for table, exprs in texts.items():
+            out = tmp_path / f"text_{table}.{fmt}"
+            con.execute(f"COPY (SELECT * REPLACE ({', '.join(f'{e} AS {c}' for c, e in exprs.items())}) "
+                        f"FROM {reader}('{paths[table]}')) TO '{out}' {option}")
+            paths[table] = str(out)
+    finally:
+        con.close()
+    out = import_log(paths, tmp_path / "text.duckdb")
+    log = load_log(out)
+    con = duckdb.connect(str(out), read_only=True)
+    try:
+        assert dict(con.execute("SELECT key, value FROM meta").fetchall())["numbered_ids"] == (
+            "user_id,request_id,item_id")  # session ids stayed numbers
+        # Each request's user, read back through the keys, is the original one.
+        pairs = con.execute("SELECT rk.key, uk.key FROM requests r "
+                            "JOIN id_keys rk ON rk.id_column = 'request_id' AND rk.id = r.request_id "
+                            "JOIN id_keys uk ON uk.id_column = 'user_id' AND uk.id = r.user_id").fetchall()
+        n_item_keys = con.execute("SELECT count(*) FROM id_keys WHERE id_column = 'item_id'").fetchone()[0]
+        assert validate(con) == []
+    finally:
+        con.close()
+    con = duckdb.connect(str(tiny_log_path), read_only=True)
+    try:
+        assert n_item_keys == con.execute("SELECT count(DISTINCT item_id) FROM impressions").fetchone()[0]
+    finally:
+        con.close()
+    original = dict(zip(tiny_log.request_id.tolist(), tiny_log.user_id.tolist()))
+    assert len(pairs) == tiny_log.n_requests
+    assert all(original[int(r[2:])] == int(u[2:]) for r, u in pairs)
+    assert log.n_requests == tiny_log.n_requests and log.segments == tiny_log.segments
+    for name in ("scores", "labels"):
+        a, b = getattr(tiny_log, name), getattr(log, name)
+        assert np.nansum(a, dtype=np.float64) == pytest.approx(np.nansum(b, dtype=np.float64), rel=1e-12)
+
+
+@pytest.mark.parametrize("unit", ["epoch(ts)", "epoch_ms(ts)", "epoch_us(ts)", "epoch_ns(ts)"])
+def test_unix_times_import_as_timestamps_whatever_their_unit(tiny_log_path, tiny_log, tmp_path, unit):
+    """Logs often keep time as a Unix number (KuaiRand's time_ms). A ts column of numbers alone is read in
+    the unit its magnitude says; text that is neither a date nor a number is refused by row, and so is a
+    column that mixes dates and numbers."""
+    paths = _export(tiny_log_path, tmp_path, "csv", {})
+    con = duckdb.connect()
+    try:
+        con.execute(f"COPY (SELECT * REPLACE ({unit} AS ts) FROM read_csv('{paths['requests']}')) TO "
+                    f"'{tmp_path / 'epoch.csv'}' (HEADER)")
+        for name, other in (("mixed", "'soon'"), ("dates", "ts::VARCHAR")):
+            con.execute(f"COPY (SELECT * REPLACE (CASE WHEN request_id = 3 THEN {other} ELSE epoch(ts)::VARCHAR "
+                        f"END AS ts) FROM read_csv('{paths['requests']}')) TO '{tmp_path / name}.csv' (HEADER)")
+    finally:
+        con.close()
+    log = load_log(import_log({**paths, "requests": str(tmp_path / "epoch.csv")}, tmp_path / "epoch.duckdb"))
+    within = np.timedelta64(1000 if unit == "epoch_ms(ts)" else 1, "us")  # milliseconds drop the microseconds
+    assert (np.abs(log.ts - tiny_log.ts) < within).all()
+    with pytest.raises(LogError, match=r"mixed\.csv: column 'ts' must be TIMESTAMP or a Unix time: row \d+ "
+                                       r"\('soon'\)$"):
+        import_log({**paths, "requests": str(tmp_path / "mixed.csv")}, tmp_path / "mixed.duckdb")
+    with pytest.raises(LogError, match=r"dates\.csv: column 'ts' mixes dates \(1 rows\) and Unix times"):
+        import_log({**paths, "requests": str(tmp_path / "dates.csv")}, tmp_path / "dates.duckdb")
+
+
 def test_force_replaces_a_log_beside_a_stale_wal_and_cleans_dead_leftovers(tmp_path):
     """A crashed writer leaves `log.duckdb.wal`; --force must give a readable new log, not 'WAL does not match'."""
     import shutil
@@ -258,11 +332,11 @@ def test_uploaded_files_are_named_in_messages_not_their_scratch_copies(tmp_path)
 
     users = ("my users.csv", b"user_id,segment\n1,a\n")
     impressions = ("clicks.csv", b"request_id,item_id,position,s_click,y_click\n1,7,0,0.5,1\n")
-    bad_requests = ("reqs.csv", b"request_id,session_id,user_id,step,ts,w_click\nx,1,1,0,2024-01-01,1\n")
+    bad_requests = ("reqs.csv", b"request_id,session_id,user_id,step,ts,w_click\n1,1,1,0,2024-01-01,lots\n")
     with pytest.raises(LogError) as caught:
         import_uploads({"users": users, "requests": bad_requests, "impressions": impressions}, tmp_path / "a.duckdb")
     message = str(caught.value)
-    assert "uploaded file 'reqs.csv' (requests)" in message and "request_id" in message
+    assert "uploaded file 'reqs.csv' (requests)" in message and "w_click" in message
     assert "mtf-upload-" not in message and "/tmp" not in message
     # A tasks file uploaded beside the tables declares the tasks (here: watch time, continuous).
     good_requests = ("reqs.csv", b"request_id,session_id,user_id,step,ts,w_watch\n1,1,1,0,2024-01-01,1\n")
