@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,19 @@ def write_synthetic_log(path: Path, n_requests: int, n_candidates: int = 20, n_s
     return path
 
 
+_LOGGING_ALPHA = 2.0  # the logging policy: Dirichlet(2, ..., 2) over the five tasks' weights
+
+
 def _requests(rng: np.random.Generator, start: int, size: int, n_users: int = 1) -> dict[str, np.ndarray]:
-    w = rng.dirichlet(np.full(5, 2.0), size=size)
+    w = rng.dirichlet(np.full(5, _LOGGING_ALPHA), size=size)
+    # The weights' own log-density: importance ratios against it mean something (E[ratio] = 1).
+    logp = (math.lgamma(5 * _LOGGING_ALPHA) - 5 * math.lgamma(_LOGGING_ALPHA)
+            + (_LOGGING_ALPHA - 1.0) * np.log(w).sum(1))
     users = (np.arange(start, start + size) // 20) % n_users + 1
     return {"request_id": np.arange(start + 1, start + size + 1), "session_id": users, "user_id": users,
             "step": (np.arange(start, start + size) % 20).astype(np.int32),
             "ts": np.datetime64("2026-01-01") + np.arange(start, start + size).astype("timedelta64[s]"),
-            **{f"w_t{j}": w[:, j] for j in range(5)}, "logging_logp": np.zeros(size),
+            **{f"w_t{j}": w[:, j] for j in range(5)}, "logging_logp": logp,
             "logging_policy": np.array(["synthetic"] * size, dtype=object)}
 
 

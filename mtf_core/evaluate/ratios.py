@@ -22,8 +22,8 @@ The bias is a mean of paired differences DM(draw) - DM(t) over requests. On a lo
 `KERNEL_BIAS_REQUESTS` requests it is taken over about that many, kept by a hash of the request id, so
 that a shard of a lake keeps what the whole log keeps. The draws and re-rankings it costs then stop
 growing with the log, and its Monte-Carlo error stays far below the margins the rule decides on: on the
-bench's 1M-request lake, the chosen concentration's bias was -0.6043 from 65,536 requests and -0.6023
-from all of them, against a quarter standard error of 1.01.
+bench's 1M-request lake, for its GRADE policy, the chosen concentration's (320) bias was -0.05551 from
+about 65,536 requests and -0.05555 from all of them, against a quarter standard error of 0.141.
 """
 
 from __future__ import annotations
