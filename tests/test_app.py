@@ -171,6 +171,22 @@ def test_data_page_profiles_an_ab_log_and_reads_out_its_arms(tmp_path, monkeypat
     assert len(arms) == 4 * 3 and arms["control"].sum() == 4
 
 
+def test_data_page_says_which_ids_an_import_numbered(tmp_path, monkeypatch):
+    from mtf_core.store import import_log
+
+    (tmp_path / "users.csv").write_text("user_id,segment\nu_a,x\nu_b,y\n")
+    (tmp_path / "requests.csv").write_text("request_id,session_id,user_id,step,ts,w_click,w_like\n"
+                                           "r1,1,u_a,0,1767600000,0.4,0.6\nr2,2,u_b,0,1767600060,0.7,0.3\n")
+    (tmp_path / "impressions.csv").write_text("request_id,item_id,position,s_click,s_like,y_click,y_like\n"
+                                              "r1,7,0,0.5,0.2,1,0\nr1,8,1,0.3,0.1,0,0\nr2,7,0,0.6,0.4,0,1\n")
+    path = import_log({t: str(tmp_path / f"{t}.csv") for t in ("users", "requests", "impressions")},
+                      tmp_path / "text_ids.duckdb")
+    monkeypatch.setenv("MTF_DATA_DIRS", str(tmp_path))
+    at = _choose_log(_run("pages/data.py"), path)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("numbered these ids, which were text: user_id,request_id" in c.value for c in at.caption)
+
+
 def test_data_page_keeps_the_chosen_log_and_refuses_a_broken_one(tmp_path, monkeypatch):
     """Issue 19: a path that does not load never becomes the session's log, and revisiting the Data page keeps
     the log chosen there instead of switching back to the demo."""
