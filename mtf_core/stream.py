@@ -23,8 +23,9 @@ the support coverage from draws from the target) and verdicts:
 - of a deterministic action (a fixed weight vector, a policy's mean weights): the ratios of a Dirichlet
   kernel around it (`evaluate.ratios`), whose concentration the in-memory evaluation chooses by a search
   that needs the whole log's standard error. Each shard computes its part at every concentration of the
-  grid (the standard error's sums, the kernel's smoothing bias from one draw per request, the per-user
-  sums), the per-user sums wait on disk, and the concentration is chosen once every shard is in.
+  grid (the standard error's sums, the kernel's smoothing bias from one draw for each request that
+  `ratios.kernel_bias_rows` keeps, the per-user sums), the per-user sums wait on disk, and the
+  concentration is chosen once every shard is in.
 The draws come from each shard's own generator, so the figures that rest on them (DM and DR of a stochastic
 target, a kernel's smoothing bias, the coverage) are the in-memory ones to Monte-Carlo error rather than to
 the digit.
