@@ -742,10 +742,12 @@ def _source_columns(table: str, path: Path, raw_cols: list[str], renames: dict[s
 
 
 def _timestamp_expression(con: duckdb.DuckDBPyConnection, path: Path, raw: str, src: str, base: str) -> str:
-    """A TIMESTAMP expression for a column of dates, or of Unix times (every value a number) in seconds,
-    milliseconds, microseconds or nanoseconds as their magnitude says; refused by row where a value is
-    neither, or where dates and numbers mix."""
-    date, number = f"TRY_CAST({base} AS TIMESTAMP)", f"TRY_CAST({base} AS DOUBLE)"
+    """A TIMESTAMP expression (UTC) for a column of dates, or of Unix times (every value a number) in
+    seconds, milliseconds, microseconds or nanoseconds as their magnitude says; refused by row where a value
+    is neither, or where dates and numbers mix."""
+    # Through TIMESTAMPTZ: a time with an offset (10:00+02:00) is the UTC time it names (08:00), where a
+    # cast to TIMESTAMP would drop the offset; `_import_into` reads times without one as UTC.
+    date, number = f"(TRY_CAST({base} AS TIMESTAMPTZ) AT TIME ZONE 'UTC')", f"TRY_CAST({base} AS DOUBLE)"
     neither = con.execute(f"SELECT __row, {quote_ident(src)} FROM {raw} WHERE {base} IS NOT NULL AND {date} IS NULL "
                           f"AND {number} IS NULL LIMIT 5").fetchall()
     if neither:
@@ -891,6 +893,7 @@ def import_uploads(uploads: Mapping[str, tuple[str, bytes]], out: str | os.PathL
 
 def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mapping: dict[str, object],
                  tasks_file: Path | None) -> None:
+    con.execute("SET TimeZone = 'UTC'")  # times without an offset are UTC, whatever this machine's zone
     renames_all: dict[str, dict[str, str]] = mapping.get("tables", {})  # type: ignore[assignment]
     targets: dict[str, dict[str, str]] = {}
     for table, path in sources.items():

@@ -252,6 +252,20 @@ def test_text_ids_are_numbered_the_same_in_every_file_and_their_keys_kept(tiny_l
         assert np.nansum(a, dtype=np.float64) == pytest.approx(np.nansum(b, dtype=np.float64), rel=1e-12)
 
 
+def test_times_with_an_offset_import_as_the_utc_times_they_name(tiny_log_path, tiny_log, tmp_path):
+    """ISO 8601 with an offset (an export from a service abroad): 10:00+02:00 is 08:00 UTC, not 10:00."""
+    paths = _export(tiny_log_path, tmp_path, "csv", {})
+    con = duckdb.connect()
+    try:
+        local = "strftime(ts + INTERVAL 2 HOUR, '%Y-%m-%dT%H:%M:%S.%f') || '+02:00'"
+        con.execute(f"COPY (SELECT * REPLACE ({local} AS ts) FROM read_csv('{paths['requests']}')) "
+                    f"TO '{tmp_path / 'offset.csv'}' (HEADER)")
+    finally:
+        con.close()
+    log = load_log(import_log({**paths, "requests": str(tmp_path / "offset.csv")}, tmp_path / "offset.duckdb"))
+    assert np.array_equal(log.ts, tiny_log.ts)
+
+
 @pytest.mark.parametrize("unit", ["epoch(ts)", "epoch_ms(ts)", "epoch_us(ts)", "epoch_ns(ts)"])
 def test_unix_times_import_as_timestamps_whatever_their_unit(tiny_log_path, tiny_log, tmp_path, unit):
     """Logs often keep time as a Unix number (KuaiRand's time_ms). A ts column of numbers alone is read in
