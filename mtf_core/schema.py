@@ -18,6 +18,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "IDENTIFIER",
     "TABLES",
+    "ID_KEYS",
     "REQUIRED_TABLES",
     "Problem",
     "Task",
@@ -105,6 +106,10 @@ def check_identifier(name: str, what: str) -> str:
     if not IDENTIFIER.match(name):
         raise ValueError(f"{what} {name!r} is not a lowercase identifier (letters, digits, underscore)")
     return name
+
+
+ID_KEYS = "id_keys"
+"""The table in which an import keeps the original key of every id it numbered (`store._number_text_ids`)."""
 
 
 def table_columns(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
@@ -266,6 +271,13 @@ def _orphans(
     n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
     if not n:
         return []
+    if ID_KEYS in columns and con.execute(f"SELECT count(*) FROM {ID_KEYS} WHERE id_column = ?",  # type: ignore[index]
+                                          [col]).fetchone()[0]:
+        # Ids an import numbered: the key a user wrote is what they can find in their files.
+        keyed = (f"SELECT o.{quote_ident(col)}, k.key FROM ({sql}) o LEFT JOIN {ID_KEYS} k "
+                 f"ON k.id_column = ? AND k.id = o.{quote_ident(col)}")
+        return [Problem(child, col, "orphan", f"{n} {col} values have no row in {parent}",
+                        _examples(con, keyed, [col]))]
     return [Problem(child, col, "orphan", f"{n} {col} values have no row in {parent}", _examples(con, sql))]
 
 

@@ -26,6 +26,7 @@ from mtf_core.errors import EXIT_PROBLEMS, EXIT_UNUSABLE, LogError, is_disk_full
 from mtf_core.lake import is_lake, open_lake
 from mtf_core.policies.base import StateBatch, context_features
 from mtf_core.schema import (
+    ID_KEYS,
     IDENTIFIER,
     SCHEMA_VERSION,
     TABLES,
@@ -626,8 +627,6 @@ _REQUIRED_SOURCE = {
 
 _ID_COLUMNS = {"user_id": ("users", "requests", "sessions"), "session_id": ("requests", "sessions"),
                "request_id": ("requests", "impressions"), "item_id": ("impressions", "items")}
-ID_KEYS = "id_keys"
-"""The table that keeps the original key of every id that an import numbered (`_number_text_ids`)."""
 
 
 def _number_text_ids(con: duckdb.DuckDBPyConnection, targets: dict[str, dict[str, str]]) -> list[str]:

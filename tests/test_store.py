@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import duckdb
 import numpy as np
@@ -244,6 +245,22 @@ def test_text_ids_are_numbered_the_same_in_every_file_and_their_keys_kept(tiny_l
     finally:
         con.close()
     original = dict(zip(tiny_log.request_id.tolist(), tiny_log.user_id.tolist()))
+    # A file whose keys do not match the others' (pandas wrote 'u_17.0'): the orphans are named by their keys.
+    con = duckdb.connect()
+    try:
+        odd = tmp_path / f"odd_users.{fmt}"
+        first = f"u_{tiny_log.user_id.min()}"
+        con.execute(f"COPY (SELECT * REPLACE (CASE WHEN user_id = '{first}' THEN '{first}.0' ELSE user_id END AS "
+                    f"user_id) FROM {reader}('{paths['users']}')) TO '{odd}' {option}")
+    finally:
+        con.close()
+    con = open_log(import_log({**paths, "users": str(odd)}, tmp_path / "odd.duckdb"))
+    try:
+        problems = [str(p) for p in validate(con) if p.kind == "orphan"]
+    finally:
+        con.close()
+    assert len(problems) == 1 and re.fullmatch(r"\[orphan\] requests\.user_id: 1 user_id values have no row in "
+                                               rf"users \(e\.g\. user_id=\d+ key={first}\)", problems[0]), problems
     assert len(pairs) == tiny_log.n_requests
     assert all(original[int(r[2:])] == int(u[2:]) for r, u in pairs)
     assert log.n_requests == tiny_log.n_requests and log.segments == tiny_log.segments
