@@ -1,6 +1,6 @@
 """A log as a folder of Parquet files per table: the layout of a data lake, readable past one machine.
 
-    LAKE/meta/data.parquet, LAKE/tasks/data.parquet, LAKE/items/data.parquet
+    LAKE/meta/data.parquet, LAKE/tasks/data.parquet, LAKE/items/data.parquet, LAKE/id_keys/data.parquet
     LAKE/{users,sessions,requests,impressions}/shard=K/data_0.parquet    (K = user_id mod the shard count, >= 0)
 
 Every table that grows with traffic is sharded by user, so a shard holds whole users (their sessions and
@@ -18,12 +18,15 @@ from pathlib import Path
 import duckdb
 
 from mtf_core.errors import EXIT_UNUSABLE, LogError
-from mtf_core.schema import TABLES, quote_ident
+from mtf_core.schema import ID_KEYS, TABLES, quote_ident
 
 __all__ = ["SHARDED", "is_lake", "open_lake", "export_lake", "lake_files", "lake_shards"]
 
 SHARDED = ("users", "sessions", "requests", "impressions")
 _MATERIALISED = ("meta", "tasks")  # small, and read in file order (tasks by declaration)
+_LAKE_TABLES = (*TABLES, ID_KEYS)  # the log's tables, and the keys of ids an import numbered (where it did)
+# The unsharded tables' row order; tasks keep their declaration order.
+_ORDER = {"meta": "rowid", "tasks": "rowid", "items": "item_id", ID_KEYS: "id_column, id"}
 
 
 def is_lake(path: str | os.PathLike[str]) -> bool:
@@ -64,7 +67,7 @@ def open_lake(path: str | os.PathLike[str], shard: str | None = None) -> duckdb.
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")
     try:
-        for table in TABLES:
+        for table in _LAKE_TABLES:
             files = lake_files(root, table)
             if shard is not None and table in SHARDED:
                 files = [f for f in files if f.parent.name == shard]
@@ -105,14 +108,13 @@ def export_lake(log: str | os.PathLike[str], out: str | os.PathLike[str], shards
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
                                             "WHERE table_schema = 'main'").fetchall()}
         shard_of = {"users": "user_id", "sessions": "user_id", "requests": "user_id"}
-        for table in TABLES:
+        for table in _LAKE_TABLES:
             if table not in tables:
                 continue
             folder = tmp / table
             folder.mkdir(parents=True)
-            order = "rowid" if table in _MATERIALISED else "item_id"  # tasks keep their declaration order
             if table not in SHARDED:
-                con.execute(f"COPY (SELECT * FROM {quote_ident(table)} ORDER BY {order}) TO "
+                con.execute(f"COPY (SELECT * FROM {quote_ident(table)} ORDER BY {_ORDER[table]}) TO "
                             f"{_literal(str(folder / 'data.parquet'))} (FORMAT PARQUET)")
                 continue
             if table == "impressions":

@@ -236,6 +236,7 @@ def test_text_ids_are_numbered_the_same_in_every_file_and_their_keys_kept(tiny_l
                             "JOIN id_keys rk ON rk.id_column = 'request_id' AND rk.id = r.request_id "
                             "JOIN id_keys uk ON uk.id_column = 'user_id' AND uk.id = r.user_id").fetchall()
         n_item_keys = con.execute("SELECT count(*) FROM id_keys WHERE id_column = 'item_id'").fetchone()[0]
+        keys = con.execute("SELECT * FROM id_keys ORDER BY id_column, id").fetchall()
         assert validate(con) == []
     finally:
         con.close()
@@ -245,6 +246,14 @@ def test_text_ids_are_numbered_the_same_in_every_file_and_their_keys_kept(tiny_l
     finally:
         con.close()
     original = dict(zip(tiny_log.request_id.tolist(), tiny_log.user_id.tolist()))
+    # A lake of the log keeps the keys too.
+    from mtf_core.lake import export_lake
+
+    con = open_log(export_lake(out, tmp_path / "text_lake", shards=2))
+    try:
+        assert con.execute("SELECT * FROM id_keys ORDER BY id_column, id").fetchall() == keys
+    finally:
+        con.close()
     # A file whose keys do not match the others' (pandas wrote 'u_17.0'): the orphans are named by their keys.
     con = duckdb.connect()
     try:
