@@ -271,14 +271,15 @@ def _orphans(
     n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]  # type: ignore[index]
     if not n:
         return []
+    examples, params = sql, None
     if ID_KEYS in columns and con.execute(f"SELECT count(*) FROM {ID_KEYS} WHERE id_column = ?",  # type: ignore[index]
                                           [col]).fetchone()[0]:
         # Ids an import numbered: the key a user wrote is what they can find in their files.
-        keyed = (f"SELECT o.{quote_ident(col)}, k.key FROM ({sql}) o LEFT JOIN {ID_KEYS} k "
-                 f"ON k.id_column = ? AND k.id = o.{quote_ident(col)}")
-        return [Problem(child, col, "orphan", f"{n} {col} values have no row in {parent}",
-                        _examples(con, keyed, [col]))]
-    return [Problem(child, col, "orphan", f"{n} {col} values have no row in {parent}", _examples(con, sql))]
+        examples = (f"SELECT o.{quote_ident(col)}, k.key FROM ({sql}) o LEFT JOIN {ID_KEYS} k "
+                    f"ON k.id_column = ? AND k.id = o.{quote_ident(col)}")
+        params = [col]
+    return [Problem(child, col, "orphan", f"{n} {col} values have no row in {parent}",
+                    _examples(con, examples, params))]
 
 
 def _check_values(
