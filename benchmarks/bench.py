@@ -208,6 +208,7 @@ from mtf_core.policies.train import TrainConfig, train
 from mtf_core.reward import RewardSpec
 from mtf_core.store import load_log
 from mtf_core.stream import streamed_evaluation
+from benchmarks.bench import read_lake
 small = Path(sys.argv[2])
 if not small.exists():
     write_synthetic_log(small, 20_000)
@@ -220,10 +221,35 @@ result = streamed_evaluation(sys.argv[1], policy, "grade", spec, n_boot=200, eng
 seconds = time.perf_counter() - start
 with open("/proc/self/status") as status:
     peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+read_seconds = read_lake(sys.argv[1]) if sys.argv[3] == "local" else None
 print(json.dumps({"peak_mb": peak_kb / 1024, "seconds": seconds, "n": result.n_requests,
-                  "shards": result.n_shards, "figures": [result.metrics, result.ope]}))
+                  "shards": result.n_shards, "figures": [result.metrics, result.ope], "read_seconds": read_seconds}))
 """
 STREAMED_SIZES = (1_000_000, 4_000_000, 16_000_000)
+
+
+def read_lake(lake: str) -> float:
+    """Seconds to read every table of every shard of a lake into Arrow and nothing else, a shard per thread
+    on as many threads as streamed evaluation uses: the floor under its time, what any evaluation of the
+    lake pays before it computes anything."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mtf_core.lake import SHARDED, lake_shards, open_lake
+    from mtf_core.threads import thread_budget
+
+    def read(shard: str) -> int:
+        con = open_lake(lake, shard)
+        try:
+            con.execute("SET threads = 1")
+            return sum(con.sql(f"SELECT * FROM {table}").to_arrow_table().num_rows for table in SHARDED)
+        finally:
+            con.close()
+
+    shards = lake_shards(lake)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(len(shards), thread_budget())) as pool:
+        list(pool.map(read, shards))
+    return time.perf_counter() - start
 
 
 def bench_streamed(folder: Path, scale: float, sizes: tuple[int, ...] = STREAMED_SIZES,
@@ -252,7 +278,9 @@ def bench_streamed(folder: Path, scale: float, sizes: tuple[int, ...] = STREAMED
     rate = last["n"] / last["seconds"]
     ratio = last["peak_mb"] / first["peak_mb"]
     detail = "; ".join(f"{r['n']:,} requests ({r['shards']} shards): {r['seconds']:.1f}s, "
-                       f"{r['n'] / r['seconds'] / 1e6:.2f}M requests/s, peak {r['peak_mb']:.0f} MB" for r in runs)
+                       f"{r['n'] / r['seconds'] / 1e6:.2f}M requests/s, peak {r['peak_mb']:.0f} MB "
+                       f"(reading the lake alone: {r['read_seconds']:.1f}s, "
+                       f"{r['n'] / r['read_seconds'] / 1e6:.2f}M requests/s)" for r in runs)
     if on_ray is not None:
         same = "the same figures" if on_ray["figures"] == first["figures"] else "DIFFERENT figures"
         detail += (f"; Ray, 2 local workers, {first['n']:,} requests: {on_ray['seconds']:.1f}s "

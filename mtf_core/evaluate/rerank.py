@@ -235,18 +235,27 @@ def unit_aucs(unit: np.ndarray, score: np.ndarray, labels: np.ndarray, n_units: 
     if n == 0:
         return auc, valid, n_all
     u, s = unit[order], score[order]
-    y = labels[order].astype(np.float64)
+    positive = np.asarray(labels, dtype=bool)[order]
     new_unit = np.r_[True, u[1:] != u[:-1]]
     starts = np.flatnonzero(new_unit)
-    rank = np.arange(1, n + 1, dtype=np.float64) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    run = np.cumsum(np.r_[True, new_unit[1:] | (s[1:] != s[:-1])]) - 1
-    avg_rank = (np.bincount(run, weights=rank) / np.bincount(run))[run]
+    group = np.cumsum(new_unit) - 1  # (n,) the unit's number among those present
+    rank = np.arange(1, n + 1, dtype=np.float64) - starts[group]
+    breaks = new_unit[1:] | (s[1:] != s[:-1])
+    if breaks.all():  # no tied scores, as with continuous ones: every rank is its own average
+        avg_rank = rank
+    else:
+        run = np.cumsum(np.r_[True, breaks]) - 1
+        avg_rank = (np.bincount(run, weights=rank) / np.bincount(run))[run]
     present = u[starts]
-    n_all[present] = np.diff(np.r_[starts, n])
-    # Sums of 0/1 labels and of (half-)integer ranks: exact in float64 whatever the order of addition.
-    n_pos = np.add.reduceat(y, starts, axis=0)
-    rank_pos = np.add.reduceat(avg_rank[:, None] * y, starts, axis=0)
-    n_neg = n_all[present][:, None] - n_pos
+    per_unit = np.diff(np.r_[starts, n])
+    n_all[present] = per_unit
+    # Counts, and sums of (half-)integer ranks: exact in float64 whatever the order of addition.
+    n_pos, rank_pos = np.zeros((len(starts), n_columns)), np.zeros((len(starts), n_columns))
+    for c in range(n_columns):
+        hit = positive[:, c]
+        n_pos[:, c] = np.bincount(group[hit], minlength=len(starts))
+        rank_pos[:, c] = np.bincount(group[hit], weights=avg_rank[hit], minlength=len(starts))
+    n_neg = per_unit[:, None] - n_pos
     ok = (n_pos > 0) & (n_neg > 0)
     valid[present] = ok
     auc[present] = np.where(ok, (rank_pos - n_pos * (n_pos + 1) / 2) / np.where(ok, n_pos * n_neg, 1.0), 0.0)
