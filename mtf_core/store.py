@@ -615,7 +615,14 @@ def log_info(path: str | os.PathLike[str]) -> dict[str, object]:
 # --------------------------------------------------------------------------------------------- import
 
 _SOURCE_READERS = {".csv": "read_csv", ".tsv": "read_csv", ".txt": "read_csv", ".parquet": "read_parquet",
-                   ".pq": "read_parquet"}
+                   ".pq": "read_parquet", **{f"{kind}.gz": "read_csv" for kind in (".csv", ".tsv", ".txt")}}
+
+
+def source_suffix(name: str | os.PathLike[str]) -> str:
+    """A source file's type as its name gives it, lowercase: `.csv`, `.parquet`, `.csv.gz` (a gzipped text
+    file, as feeds often export them) and so on."""
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    return "".join(suffixes[-2:]) if len(suffixes) > 1 and suffixes[-1] == ".gz" else "".join(suffixes[-1:])
 _REQUIRED_SOURCE = {
     "users": ("user_id",),
     "requests": ("request_id", "session_id", "user_id"),
@@ -687,9 +694,10 @@ def _read_source(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> list
     """Load one source file into `raw_<table>` (all VARCHAR for CSV, so casts can be checked per row)."""
     if not path.exists():
         raise LogError(f"{path}: no such file (given for table {table})")
-    reader = _SOURCE_READERS.get(path.suffix.lower())
+    reader = _SOURCE_READERS.get(source_suffix(path))
     if reader is None:
-        raise LogError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .parquet")
+        raise LogError(f"{path}: unknown file type {source_suffix(path)!r}; use .csv, .tsv, .parquet or a gzipped "
+                       ".csv.gz or .tsv.gz")
     if path.stat().st_size == 0:
         raise LogError(f"{path}: the file is empty (table {table})")
     args = "header = true, all_varchar = true" if reader == "read_csv" else ""
@@ -715,8 +723,14 @@ def _csv_header(path: Path) -> list[str]:
     """The header row as written (DuckDB renames duplicates, which would hide them)."""
     import csv
 
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        sample = f.read(65536)
+    import gzip
+
+    opener = gzip.open if source_suffix(path).endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as f:
+            sample = f.read(65536)
+    except (OSError, EOFError) as exc:  # a .gz that is not gzip, or cut short
+        raise LogError(f"{path}: cannot be read as gzipped text ({exc})") from exc
     try:
         dialect = csv.Sniffer().sniff(sample.splitlines()[0] if sample else ",", delimiters=",;\t|")
     except csv.Error:
@@ -727,7 +741,7 @@ def _csv_header(path: Path) -> list[str]:
 
 def _source_columns(table: str, path: Path, raw_cols: list[str], renames: dict[str, str]) -> dict[str, str]:
     """Target column -> source column for one table, checking the mapping against the file's header."""
-    header = _csv_header(path) if _SOURCE_READERS.get(path.suffix.lower()) == "read_csv" else raw_cols
+    header = _csv_header(path) if _SOURCE_READERS.get(source_suffix(path)) == "read_csv" else raw_cols
     lowered = [c.strip().lower() for c in header]
     dupes = sorted({c for c in lowered if lowered.count(c) > 1})
     if dupes:
@@ -776,17 +790,21 @@ def _cast_column(con: duckdb.DuckDBPyConnection, table: str, path: Path, src: st
     base = f"nullif(trim({col}::VARCHAR), '')"
     if dtype == "TIMESTAMP":
         return _timestamp_expression(con, path, raw, src, base)
-    bad_sql = f"SELECT __row, {col} FROM {raw} WHERE {base} IS NOT NULL AND TRY_CAST({base} AS {dtype}) IS NULL"
+    cast = f"TRY_CAST({base} AS {dtype})"
+    if dtype == "DOUBLE":
+        # Labels exported as booleans (a BOOLEAN Parquet column, true/false in a CSV) are the 1/0 they mean.
+        cast = f"(CASE lower({base}) WHEN 'true' THEN 1.0 WHEN 'false' THEN 0.0 ELSE {cast} END)"
+    bad_sql = f"SELECT __row, {col} FROM {raw} WHERE {base} IS NOT NULL AND {cast} IS NULL"
     bad = con.execute(bad_sql + " LIMIT 5").fetchall()
     if bad:
         rows = ", ".join(f"row {r} ({v!r})" for r, v in bad)
         raise LogError(f"{path}: column {src!r} must be {dtype}: {rows}")
     if dtype == "DOUBLE":
-        inf_sql = f"SELECT __row FROM {raw} WHERE isinf(TRY_CAST({base} AS DOUBLE)) OR isnan(TRY_CAST({base} AS DOUBLE))"
+        inf_sql = f"SELECT __row FROM {raw} WHERE isinf({cast}) OR isnan({cast})"
         bad_inf = [r[0] for r in con.execute(inf_sql + " LIMIT 5").fetchall()]
         if bad_inf:
             raise LogError(f"{path}: column {src!r} holds NaN or infinite values at rows {bad_inf}")
-    return f"TRY_CAST({base} AS {dtype})"
+    return cast
 
 
 def _threshold(value: object, path: Path) -> float | None:
@@ -871,7 +889,7 @@ def import_uploads(uploads: Mapping[str, tuple[str, bytes]], out: str | os.PathL
         names: dict[str, str] = {}
         paths: dict[str, Path] = {}
         for table, (name, content) in uploads.items():
-            target = Path(folder) / f"{table}{Path(name).suffix.lower()}"
+            target = Path(folder) / f"{table}{source_suffix(name)}"
             target.write_bytes(content)
             paths[table], names[str(target)] = target, f"uploaded file {Path(name).name!r} ({table})"
         mapping: dict[str, object] = {}

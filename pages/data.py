@@ -71,7 +71,7 @@ elif source == SOURCES[2]:
     with st.form("upload_form"):
         st.caption("One file per table; columns named as in the schema need no mapping.")
         files = {t: st.file_uploader(f"{t} ({'required' if t in ('users', 'requests', 'impressions') else 'optional'})",
-                                     type=["csv", "tsv", "parquet"], key=f"up_{t}")
+                                     type=["csv", "tsv", "parquet", "gz"], key=f"up_{t}")
                  for t in ("users", "requests", "impressions", "items", "sessions", "tasks")}
         mapping_text = st.text_area("Column mapping (JSON, optional)",
                                     placeholder=json.dumps({"tables": {"impressions": {"is_click": "y_click"}},

@@ -389,3 +389,29 @@ def test_uploaded_files_are_named_in_messages_not_their_scratch_copies(tmp_path)
         assert con.execute("SELECT name, kind FROM tasks").fetchall() == [("watch", "continuous")]
     finally:
         con.close()
+
+
+def test_gzipped_csv_and_boolean_labels_import_as_their_plain_equivalents(tiny_log_path, tiny_log, tmp_path):
+    """Feeds export gzipped text and labels as booleans (a BOOLEAN Parquet column, true/false in a CSV)."""
+    paths = _export(tiny_log_path, tmp_path, "csv", {})
+    binary = [t.name for t in tiny_log.tasks if t.kind == "binary"]
+    assert binary
+    as_text = ", ".join(f"CASE y_{t} WHEN 1 THEN 'true' WHEN 0 THEN 'FALSE' END AS y_{t}" for t in binary)
+    as_boolean = ", ".join(f"(y_{t} = 1) AS y_{t}" for t in binary)  # NULL stays NULL
+    source = f"read_csv('{paths['impressions']}')"
+    con = duckdb.connect()
+    try:
+        con.execute(f"COPY (SELECT * REPLACE ({as_text}) FROM {source}) TO '{tmp_path / 'impressions.csv.gz'}' "
+                    "(HEADER, COMPRESSION gzip)")
+        con.execute(f"COPY (SELECT * REPLACE ({as_boolean}) FROM {source}) TO '{tmp_path / 'impressions.parquet'}' "
+                    "(FORMAT parquet)")
+    finally:
+        con.close()
+    for name in ("impressions.csv.gz", "impressions.parquet"):
+        log = load_log(import_log({**paths, "impressions": str(tmp_path / name)}, tmp_path / f"{name}.duckdb"))
+        np.testing.assert_array_equal(np.isnan(log.labels), np.isnan(tiny_log.labels))
+        np.testing.assert_allclose(np.nan_to_num(log.labels), np.nan_to_num(tiny_log.labels))
+        np.testing.assert_allclose(log.scores, tiny_log.scores)
+    with pytest.raises(LogError, match=r"impressions\.parquet\.gz: unknown file type '\.parquet\.gz'"):
+        (tmp_path / "impressions.parquet.gz").write_bytes(b"")
+        import_log({**paths, "impressions": str(tmp_path / "impressions.parquet.gz")}, tmp_path / "x.duckdb")
