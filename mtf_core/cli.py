@@ -221,6 +221,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "mode" in profile:  # type: ignore[operator]
         print(f"weights logged: {profile['mode']}; supports: {', '.join(profile['supports'])}")  # type: ignore[index]
         print(f"  {profile['explanation']}")  # type: ignore[index]
+        if profile.get("fusion_agreement") is not None:  # type: ignore[union-attr]
+            print(f"  the logged weights' fusion reproduces the shown ranking in {profile['fusion_agreement']:.1%} "  # type: ignore[index]
+                  f"of {profile['fusion_checked']:,} requests")  # type: ignore[index]
     else:
         print(f"weights logged: unknown ({profile['error']})")  # type: ignore[index]
     return EXIT_OK

@@ -15,6 +15,13 @@ reweights, so the profile decides which estimators a log supports before any of 
 - `deterministic` (one vector per segment) and `A/B buckets` (a few fixed vectors): importance weighting
   cannot reach a vector that was never logged; the direct model and re-ranking metrics (model-based), and for
   buckets an on-policy read-out of the logged arms.
+
+Whatever the mode, where weights were logged the profile also measures the fusion agreement: the share of
+requests whose shown ranking the logged weights' fusion of the logged scores reproduces. The direct model
+and the re-ranking metrics value the ranking a fusion would show; in a feed where a later stage (diversity,
+business rules, a re-ranker) reorders what the fusion ranked, or where the logged scores are not those the
+ranker used, that is not what users saw, and DM and DR lose their footing, while IPS, SNIPS and NCIS, which
+treat the weights as the action of the whole system, keep theirs.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mtf_core.store import LogData
+from mtf_core.diagnostics import fusion_reordered
+from mtf_core.store import LogData, iter_chunks
 
-__all__ = ["LogProfile", "profile_log", "MODES", "MAX_BUCKETS"]
+__all__ = ["LogProfile", "profile_log", "fusion_agreement", "fusion_note", "MODES", "MAX_BUCKETS"]
 
 MODES = ("known density", "mixed", "stochastic, density unknown", "deterministic", "A/B buckets",
          "no fusion weights logged")
@@ -44,6 +52,10 @@ class LogProfile:
     random_exposure: bool
     supports: tuple[str, ...]
     explanation: str
+    fusion_agreement: float | None = None
+    """The share of `fusion_checked` requests whose shown ranking the logged weights' fusion reproduces
+    (module docstring); None where no weights were logged."""
+    fusion_checked: int = 0
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -62,6 +74,38 @@ def _distinct_vectors(weights: np.ndarray, segment: np.ndarray, n_segments: int)
         counts[s] = len(n)
         shares.append(n / n.sum())
     return counts, shares
+
+
+_FUSION_TOLERANCE = 1e-5  # relative: a ranker that fused in float32 ties where float64 would not
+
+
+def fusion_agreement(log: LogData, chunk: int = 100_000) -> tuple[int, int]:
+    """(requests whose shown ranking the logged weights' sum fusion of the logged scores reproduces, requests
+    checked): of the requests with logged weights and a shown candidate, those whose shown candidates' fused
+    scores fall in the order of their positions and reach every unshown candidate's, ties allowed."""
+    agree = checked = 0
+    for rows in iter_chunks(log.n_requests, chunk):
+        weights = log.weights[rows][:, None, :] if log.item_weights is None else log.item_weights[rows]
+        fused = np.einsum("rnk,rnk->rn", log.scores[rows].astype(np.float64), weights)
+        positions, mask = log.positions[rows], log.mask[rows]
+        shown = (positions >= 0) & mask
+        tolerance = _FUSION_TOLERANCE * (1.0 + np.abs(np.where(mask, fused, 0.0)).max(1))
+        # Shown candidates by position (0..m-1 after validation); NaN past a request's last position.
+        by_position = np.full((len(fused), max(int(positions.max(initial=-1)) + 1, 1)), np.nan)
+        r, n = np.nonzero(shown)
+        by_position[r, positions[r, n]] = fused[r, n]
+        with np.errstate(invalid="ignore"):
+            in_order = ((by_position[:, :-1] + tolerance[:, None] >= by_position[:, 1:])
+                        | np.isnan(by_position[:, 1:])).all(1)
+        lowest_shown = np.where(shown, fused, np.inf).min(1)
+        highest_unshown = np.where(mask & ~shown, fused, -np.inf).max(1)
+        reached = lowest_shown + tolerance >= highest_unshown
+        known = np.isfinite(log.weights[rows]).all(1) & shown.any(1)
+        if log.item_weights is not None:
+            known &= np.isfinite(np.where(mask[..., None], weights, 0.0)).all((1, 2))
+        agree += int((known & in_order & reached).sum())
+        checked += int(known.sum())
+    return agree, checked
 
 
 def profile_log(log: LogData) -> LogProfile:
@@ -108,4 +152,16 @@ def profile_log(log: LogData) -> LogProfile:
                "propensities estimated from the logged weights, and say so")
     if random_exposure:
         why += "; labels come from random exposure (meta flag random_exposure), so they are free of exposure bias"
-    return LogProfile(mode, share, per_segment, random_exposure, supports, why)
+    agree, checked = fusion_agreement(log)
+    agreement = agree / checked if checked else None
+    if fusion_reordered(agreement):
+        why += "; " + fusion_note(agreement)
+    return LogProfile(mode, share, per_segment, random_exposure, supports, why, agreement, checked)
+
+
+def fusion_note(agreement: float) -> str:
+    """What a low fusion agreement means for the estimates, in words."""
+    return (f"the logged weights' fusion of the logged scores reproduces the shown ranking in only {agreement:.1%} "
+            "of requests (a later stage reorders, or the logged scores are not the ranker's): DM, DR and the "
+            "re-ranking metrics value the ranking the fusion would show, not what users saw, so they are not "
+            "called trustworthy; IPS, SNIPS and NCIS value the weights as the action of the whole system")

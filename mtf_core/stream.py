@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from mtf_core.diagnostics import (RATIO_SUMS, add_ratio_sums, diagnostics_from_sums, draw_ratio_limit,
-                                  estimator_verdicts, ratio_sums)
+                                  estimator_verdicts, fusion_reordered, ratio_sums)
 from mtf_core.errors import LogError
 from mtf_core.evaluate import context, ratios
 from mtf_core.evaluate.actions import N_DM_SAMPLES, interior_weights, target_actions
@@ -62,7 +62,7 @@ from mtf_core.evaluate.rerank import expected_under, expected_under_each
 from mtf_core.lake import is_lake, lake_shards, open_lake
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.policies.static import LoggingPolicy, dirichlet_from_moments
-from mtf_core.profile import profile_log
+from mtf_core.profile import fusion_note, profile_log
 from mtf_core.reward import ResolvedReward, RewardSpec, expected_signals, penalty, request_reward, weighted_sum
 from mtf_core.schema import Task, quote_ident, read_tasks
 from mtf_core.simulate import SimConfig, logging_alpha, position_curve
@@ -380,6 +380,8 @@ class ShardTerms:
     shard: str = ""
     kernel: KernelTerms | None = None
     """A deterministic target's kernel-smoothed ratios at every concentration of the grid."""
+    fusion: tuple[int, int] = (0, 0)
+    """`profile.fusion_agreement`'s counts: requests whose shown ranking the logged fusion reproduces, checked."""
 
 
 @dataclass(frozen=True)
@@ -498,7 +500,10 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     if not weighted and stats.densities_logged and not actions.ope_note and actions.weights.ndim == 2:
         kernel = _kernel_terms(ctx, stats, actions.weights, x, x_target, pen_target,
                                np.random.default_rng([seed, zlib.crc32(shard.encode()), 1]))
-    return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard, kernel)
+    profile = ctx.profile
+    agreeing = 0 if profile.fusion_agreement is None else round(profile.fusion_agreement * profile.fusion_checked)
+    return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard, kernel,
+                      (agreeing, profile.fusion_checked))
 
 
 def _dr_columns(ctx: EvalContext, rho: np.ndarray, x: np.ndarray, x_target: np.ndarray, pen_target: np.ndarray,
@@ -646,6 +651,7 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     ratio_parts: dict[str, np.ndarray] = {}
     kernel_parts: dict[str, KernelTerms] = {}  # without their per-user arrays, which wait on disk
     kernel_files: list[tuple[np.ndarray, Path]] = []
+    agreeing = checked = 0
     if engine == "ray":
         parts = _ray_terms(shards, work, address, say)
     else:
@@ -654,6 +660,7 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
         for part in parts:
             at = np.searchsorted(stats.users, part.users)
             fit_stats[at], evaluated[at] = part.fit_stats, part.evaluated
+            agreeing, checked = agreeing + part.fusion[0], checked + part.fusion[1]
             if not figures:
                 figures = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in part.figures]
             for (_, num, den), (_, num_s, den_s) in zip(figures, part.figures):
@@ -708,8 +715,9 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                         "ci_low": finite_or_none(low[j]) if value is not None else None,
                         "ci_high": finite_or_none(high[j]) if value is not None else None})
     bias_to_se = None if kernel is None else kernel.smoothing_bias_to_se
+    agreement = agreeing / checked if checked else None
     diagnostics, by_segment = _streamed_diagnostics([ratio_parts[s] for s in shards if s in ratio_parts],
-                                                    stats.segments, ope, bias_to_se)
+                                                    stats.segments, ope, bias_to_se, agreement)
     say(1.0, "done")
     if kernel is not None:
         note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
@@ -745,6 +753,8 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
         note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
                 f"no importance-weighted estimate: {why}")
     notes = [note]
+    if fusion_reordered(agreement):
+        notes.append(fusion_note(agreement))
     return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
                               time.perf_counter() - start, notes, engine, diagnostics, by_segment,
                               None if kernel is None else kernel.describe())
@@ -780,7 +790,8 @@ def _with_draws(ratio_part: np.ndarray) -> bool:
 
 
 def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], ope: list[dict[str, object]],
-                          bias_to_se: float | None = None) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
+                          bias_to_se: float | None = None, fusion_agreement: float | None = None
+                          ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
     """Overlap diagnostics overall and per segment from the shards' ratio sums and coverage counts (added in
     shard order, so that every engine gives the same figures), and each estimate's verdict written into its
     row (`_diagnostics` of the in-memory evaluation, less the p99 ratio; no estimate is trustworthy without
@@ -809,7 +820,8 @@ def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], op
         dm, dr = rows.get("dm"), rows.get("dr")
         inside = (dm is not None and dr is not None and None not in (dm["value"], dr["ci_low"], dr["ci_high"])
                   and dr["ci_low"] <= dm["value"] <= dr["ci_high"])  # type: ignore[operator]
-        verdicts = estimator_verdicts(diag, bias_to_se, inside, coverage_required=True)
+        verdicts = estimator_verdicts(diag, bias_to_se, inside, coverage_required=True,
+                                      fusion_agreement=fusion_agreement)
         for estimator, row in rows.items():
             row["verdict"], row["ess"] = verdicts.get(estimator), diag["ess"]
         diag["verdicts"] = {k: v for k, v in verdicts.items() if k in rows}

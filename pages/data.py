@@ -139,6 +139,9 @@ profile = profile_log(log)
 st.subheader("How the weights were logged")
 st.info(plain(f"Logging mode: {profile.mode}. What this log supports: {', '.join(profile.supports)}."), icon="ℹ️")
 st.caption(profile.explanation[:1].upper() + profile.explanation[1:] + ".")
+if profile.fusion_agreement is not None:
+    st.caption(f"The logged weights' fusion of the logged scores reproduces the shown ranking in "
+               f"{profile.fusion_agreement:.1%} of {profile.fusion_checked:,} requests.")
 if profile.mode == "A/B buckets":
     arms = cached_ab_readout(path, mtime, current_reward(log).to_json())
     st.plotly_chart(plots.forest_plot(arms.rename(columns={"arm": "policy"}), "segment",

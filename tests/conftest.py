@@ -27,6 +27,22 @@ def tiny_log(tiny_log_path: Path) -> LogData:
     return load_log(tiny_log_path)
 
 
+@pytest.fixture(scope="session")
+def reordered_log_path(tiny_log_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny log whose shown candidates appear in the reverse of their positions: what users saw
+    no longer follows from the logged weights' fusion (as where a later stage reorders the fused ranking)."""
+    path = tmp_path_factory.mktemp("logs") / "reordered.duckdb"
+    shutil.copy(tiny_log_path, path)
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("UPDATE impressions AS i SET position = m.last - i.position FROM "
+                    "(SELECT request_id, max(position) AS last FROM impressions GROUP BY request_id) m "
+                    "WHERE m.request_id = i.request_id AND i.position IS NOT NULL")
+    finally:
+        con.close()
+    return path
+
+
 @pytest.fixture
 def corrupt(tiny_log_path: Path, tmp_path: Path) -> Callable[..., Path]:
     """Copy the tiny log and run SQL statements on the copy."""

@@ -129,3 +129,31 @@ def test_a_log_whose_densities_do_not_describe_its_weights_gets_no_trustworthy_r
     verdicts = {row["estimator"]: row["verdict"] for row in result.ope if row["segment"] is None}
     assert verdicts["snips"] != TRUSTWORTHY and verdicts["dr"] != TRUSTWORTHY and verdicts["ips"] != TRUSTWORTHY
     assert CARE in verdicts.values() or set(verdicts.values()) == {NOT_SUPPORTED}
+
+
+def test_fusion_agreement_is_whole_on_the_simulator_and_lost_when_a_later_stage_reorders(tiny_log,
+                                                                                          reordered_log_path):
+    from mtf_core.profile import fusion_agreement, profile_log
+    from mtf_core.store import load_log
+
+    agree, checked = fusion_agreement(tiny_log)
+    assert checked == tiny_log.n_requests and agree == checked
+    reordered = profile_log(load_log(reordered_log_path))
+    assert reordered.fusion_agreement is not None and reordered.fusion_agreement < 0.05
+    assert "reproduces the shown ranking in only" in reordered.explanation
+
+
+def test_dm_and_dr_are_not_trustworthy_where_the_fusion_does_not_reproduce_what_users_saw(reordered_log_path):
+    """On-policy, IPS is the logged mean reward whatever reordered the ranking; the direct model values the
+    fused ranking instead, which users did not see: DR and DM lose their verdict, IPS keeps it."""
+    from mtf_core.store import load_log
+
+    log = load_log(reordered_log_path)
+    ctx = prepare(log, RewardSpec.default(log.task_names), outcome_model="linear")
+    result = evaluate_policy(ctx, target_actions(None, log, "logging"), n_boot=50, with_truth=False)
+    overall = {row["estimator"]: row for row in result.ope if row["segment"] is None}
+    assert overall["ips"]["verdict"] == TRUSTWORTHY
+    assert overall["dr"]["verdict"] != TRUSTWORTHY and overall["dm"]["verdict"] != TRUSTWORTHY
+    assert any("reproduces the shown ranking in only" in note for note in result.notes)
+    # What the reordering costs: the direct model values a ranking users did not see.
+    assert abs(overall["dr"]["value"] - overall["ips"]["value"]) > 0.01 * abs(overall["ips"]["value"])
