@@ -157,3 +157,13 @@ def test_dm_and_dr_are_not_trustworthy_where_the_fusion_does_not_reproduce_what_
     assert any("reproduces the shown ranking in only" in note for note in result.notes)
     # What the reordering costs: the direct model values a ranking users did not see.
     assert abs(overall["dr"]["value"] - overall["ips"]["value"]) > 0.01 * abs(overall["ips"]["value"])
+
+
+def test_a_training_run_says_its_held_out_estimate_rests_on_a_fusion_users_did_not_see(reordered_log_path):
+    from mtf_core.policies.train import TrainConfig, train
+    from mtf_core.store import load_log
+
+    log = load_log(reordered_log_path)
+    result = train(TrainConfig("static", 0), log, RewardSpec.default(log.task_names))
+    assert result.best_step is not None
+    assert any("that chose the best step rests on the direct model" in note for note in result.notes)

@@ -38,8 +38,11 @@ class FeatureEncoder(torch.nn.Module):
         self.n_out = n_user_features + len(segments) + n_context
 
     def fit(self, user_features: torch.Tensor) -> None:
+        if user_features.shape[1] == 0 or user_features.shape[0] == 0:  # no features, or no rows: nothing to learn
+            return
         self.uf_mean.copy_(user_features.mean(0))
-        self.uf_std.copy_(user_features.std(0).clamp(min=1e-6))
+        if user_features.shape[0] > 1:  # one row has no spread (torch warns and gives NaN)
+            self.uf_std.copy_(user_features.std(0).clamp(min=1e-6))
 
     def forward(self, state: StateBatch) -> torch.Tensor:
         uf = (state.user_features.float() - self.uf_mean) / self.uf_std
