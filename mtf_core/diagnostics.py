@@ -46,8 +46,7 @@ import numpy as np
 
 __all__ = ["TRUSTWORTHY", "CARE", "NOT_SUPPORTED", "THRESHOLDS", "RATIO_SUMS", "overlap_diagnostics",
            "ratio_sums", "add_ratio_sums", "diagnostics_from_sums", "estimator_verdicts", "fusion_reordered",
-           "draw_ratio_limit",
-           "overlap_summary", "verdicts_text", "thresholds_text"]
+           "draw_ratio_limit", "overlap_summary", "verdicts_text", "thresholds_text"]
 
 TRUSTWORTHY, CARE, NOT_SUPPORTED = "trustworthy", "use with care", "not supported by this log"
 THRESHOLDS = {

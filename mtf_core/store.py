@@ -623,6 +623,8 @@ def source_suffix(name: str | os.PathLike[str]) -> str:
     file, as feeds often export them) and so on."""
     suffixes = [s.lower() for s in Path(name).suffixes]
     return "".join(suffixes[-2:]) if len(suffixes) > 1 and suffixes[-1] == ".gz" else "".join(suffixes[-1:])
+
+
 _REQUIRED_SOURCE = {
     "users": ("user_id",),
     "requests": ("request_id", "session_id", "user_id"),
@@ -722,7 +724,6 @@ def _read_source(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> list
 def _csv_header(path: Path) -> list[str]:
     """The header row as written (DuckDB renames duplicates, which would hide them)."""
     import csv
-
     import gzip
 
     opener = gzip.open if source_suffix(path).endswith(".gz") else open
@@ -730,7 +731,7 @@ def _csv_header(path: Path) -> list[str]:
         with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as f:
             sample = f.read(65536)
     except (OSError, EOFError) as exc:  # a .gz that is not gzip, or cut short
-        raise LogError(f"{path}: cannot be read as gzipped text ({exc})") from exc
+        raise LogError(f"{path}: cannot be read ({exc})") from exc
     try:
         dialect = csv.Sniffer().sniff(sample.splitlines()[0] if sample else ",", delimiters=",;\t|")
     except csv.Error:
