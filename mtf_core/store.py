@@ -795,11 +795,17 @@ def _cast_column(con: duckdb.DuckDBPyConnection, table: str, path: Path, src: st
     if dtype == "DOUBLE":
         # Labels exported as booleans (a BOOLEAN Parquet column, true/false in a CSV) are the 1/0 they mean.
         cast = f"(CASE lower({base}) WHEN 'true' THEN 1.0 WHEN 'false' THEN 0.0 ELSE {cast} END)"
-    bad_sql = f"SELECT __row, {col} FROM {raw} WHERE {base} IS NOT NULL AND {cast} IS NULL"
+    wrong = f"{cast} IS NULL"
+    if dtype in ("BIGINT", "INTEGER"):
+        # DuckDB rounds '1.5' to 2 where it casts text to an integer: an id or a position with a fraction
+        # would silently become another one. '17.0' (an integer exported through floats) is 17.
+        wrong += f" OR (regexp_matches({base}, '[.eE]') AND TRY_CAST({base} AS DOUBLE) <> {cast})"
+    bad_sql = f"SELECT __row, {col} FROM {raw} WHERE {base} IS NOT NULL AND ({wrong})"
     bad = con.execute(bad_sql + " LIMIT 5").fetchall()
     if bad:
         rows = ", ".join(f"row {r} ({v!r})" for r, v in bad)
-        raise LogError(f"{path}: column {src!r} must be {dtype}: {rows}")
+        whole = " (a whole number)" if dtype in ("BIGINT", "INTEGER") else ""
+        raise LogError(f"{path}: column {src!r} must be {dtype}{whole}: {rows}")
     if dtype == "DOUBLE":
         inf_sql = f"SELECT __row FROM {raw} WHERE isinf({cast}) OR isnan({cast})"
         bad_inf = [r[0] for r in con.execute(inf_sql + " LIMIT 5").fetchall()]

@@ -7,6 +7,7 @@ script documents how each was made. Cases that need a DuckDB log or a run store 
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def main() -> None:
         "requests_text_weight.csv": REQUESTS.replace("0.5,0.5,0.2", "high,0.5,0.2"),
         "impressions_nan.csv": impressions(edit(IMPRESSIONS_ROWS, 2, 3, "NaN")),
         "impressions_inf.csv": impressions(edit(IMPRESSIONS_ROWS, 4, 6, "inf")),
+        "impressions_fractional_position.csv": impressions(edit(IMPRESSIONS_ROWS, 1, 2, "0.5")),
+        "requests_gzipped.csv.gz": gzip.compress(REQUESTS.encode(), mtime=0),
         "impressions_negative_watch.csv": impressions(edit(IMPRESSIONS_ROWS, 0, 6, -3.5)),
         "impressions_prob_above_one.csv": impressions(edit(IMPRESSIONS_ROWS, 1, 3, 1.7)),
         "users_duplicate_columns.csv": "user_id,segment,segment\n1,new,core\n2,core,new\n3,power,new\n",
@@ -95,6 +98,9 @@ def main() -> None:
         imp("nan-score", 2, r"column 's_click' holds NaN or infinite values at rows \[3\]",
             impressions="impressions_nan.csv"),
         imp("infinite-label", 2, r"column 'y_watch_time' holds NaN or infinite", impressions="impressions_inf.csv"),
+        imp("fractional-position", 2, r"column 'position' must be INTEGER \(a whole number\): row 2 \('0\.5'\)",
+            impressions="impressions_fractional_position.csv"),
+        imp("gzipped-requests-are-read", 0, "wrote", requests="requests_gzipped.csv.gz"),
         imp("negative-watch-time", 1, r"impressions\.y_watch_time: 1 labels outside \[0, inf\)",
             impressions="impressions_negative_watch.csv"),
         imp("probability-above-one", 1, r"impressions\.s_click: 1 scores outside \[0, 1\]",
@@ -150,8 +156,14 @@ def main() -> None:
                         ("tampered-policy-file", "checksum mismatch"),
                         ("pickle-payload", "not a loadable state dict")]:
         cases.append({"id": name, "kind": "runstore", "damage": name, "exit": 2, "match": match})
-    (HERE / "cases.json").write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
-    print(f"{len(cases)} cases")
+    # Cases written into cases.json by hand (with their files) stay, in their place; this script's replace
+    # theirs by id and new ones go last.
+    target = HERE / "cases.json"
+    made = {case["id"]: case for case in cases}
+    kept = json.loads(target.read_text()) if target.exists() else []
+    merged = [made.pop(case["id"], case) for case in kept] + list(made.values())
+    target.write_text(json.dumps(merged, indent=1, ensure_ascii=False) + "\n")
+    print(f"{len(merged)} cases")
 
 
 if __name__ == "__main__":
