@@ -937,7 +937,9 @@ def _import_into(con: duckdb.DuckDBPyConnection, sources: dict[str, Path], mappi
         # A feed whose fusion weights were not logged has no w_ column at all: its requests log no weights
         # (NULL), as the schema allows. Some of them missing is a broken file.
         if missing and not (table == "requests" and len(missing) == len(cols)):
-            raise LogError(f"{sources[table]}: missing columns {missing} for the declared tasks"
+            origin = ("declared" if declared else
+                      "named by the s_<task> score columns (declare the tasks in a mapping to choose them)")
+            raise LogError(f"{sources[table]}: missing columns {missing} for the tasks {origin}"
                            + (" (a request logs all its fusion weights or none)" if table == "requests" else ""))
     uf = [c[3:] for c in targets["users"] if c.startswith("uf_")]
     itf = [c[3:] for c in targets.get("items", {}) if c.startswith("if_")]
