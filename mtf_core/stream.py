@@ -343,6 +343,7 @@ class StreamedEvaluation:
     diagnostics: dict[str, object] | None = None  # overlap diagnostics of the importance ratios (--stochastic)
     diagnostics_by_segment: list[dict[str, object]] = field(default_factory=list)
     ratios: dict[str, object] | None = None  # a deterministic target's kernel: its concentration, bias and SE
+    fusion_agreement: float | None = None  # `profile.fusion_agreement` over the whole lake
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -757,7 +758,7 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
         notes.append(fusion_note(agreement))
     return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
                               time.perf_counter() - start, notes, engine, diagnostics, by_segment,
-                              None if kernel is None else kernel.describe())
+                              None if kernel is None else kernel.describe(), agreement)
 
 
 def _choose_concentration(parts: list[KernelTerms], model: DirectModel, stats: LogStatistics

@@ -94,6 +94,7 @@ def test_evaluate_json_matches_the_documented_shape(generated):
     snips = [o for o in doc["ope"] if o["estimator"] == "snips" and o["segment"] is None][0]
     assert snips["ci_low"] <= snips["value"] <= snips["ci_high"] and snips["ess"] > 0
     assert doc["ground_truth"]["ci_low"] <= doc["ground_truth"]["value"] <= doc["ground_truth"]["ci_high"]
+    assert doc["profile"]["mode"] == "known density" and doc["profile"]["fusion_agreement"] == 1.0
 
 
 def test_help_for_every_command():

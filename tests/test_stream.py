@@ -304,3 +304,4 @@ def test_a_lake_whose_shown_rankings_the_fusion_does_not_reproduce_keeps_dm_and_
     streamed = streamed_evaluation(lake, static, "p", spec, n_boot=50)
     assert not [row for row in streamed.ope if row["estimator"] in ("dm", "dr") and row["verdict"] == "trustworthy"]
     assert any("reproduces the shown ranking in only" in note for note in streamed.notes)
+    assert streamed.fusion_agreement is not None and streamed.fusion_agreement < 0.05

@@ -49,6 +49,7 @@ class EvaluationResult:
     seed: int = 0
     sample: str = ""  # which requests: all of them, or the held-out latest sessions
     direct_model: dict[str, object] | None = None  # the model DM and DR rest on, and the models' held-out fit
+    profile: dict[str, object] | None = None  # how the log's weights were logged (`profile.LogProfile`)
 
     @property
     def bandwidth(self) -> float | None:
@@ -63,7 +64,7 @@ class EvaluationResult:
                 "metrics": self.metrics, "ope": self.ope, "ground_truth": self.ground_truth,
                 "diagnostics": self.diagnostics, "diagnostics_by_segment": self.diagnostics_by_segment,
                 "ratios": self.ratio_info, "bandwidth": self.bandwidth, "sample": self.sample, "notes": self.notes,
-                "direct_model": self.direct_model}
+                "direct_model": self.direct_model, "profile": self.profile}
 
 
 @dataclass
@@ -167,7 +168,7 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
                             _notes(ctx, actions, ratios), None if ratios is None else ratios.describe(),
                             None if ratios is None else ratios.values, diagnostics, by_segment, target.value,
                             unit_terms, ctx.unit_segment, n_boot, seed + 1,
-                            sample or f"all {log.n_requests:,} requests", view.describe())
+                            sample or f"all {log.n_requests:,} requests", view.describe(), ctx.profile.to_json())
 
 
 def ranking_metric_terms(ctx: EvalContext, actions: TargetActions, k: int, thresholds: np.ndarray | None = None
