@@ -52,17 +52,21 @@ def _stochastic(log: LogData, mean: tuple[float, ...], total: float) -> LoggingP
     return LoggingPolicy(log.task_names, log.segments, alpha)
 
 
-LOGGING = ("dirichlet", "mixed", "estimated")
+LOGGING = ("dirichlet", "mixed", "estimated", "reordered")
 """How the study's logs were logged: every request with its density; production traffic plus a 20%
-exploration share with its density (the mixture correction); or Dirichlet logging with `logging_logp` dropped
-(propensities estimated from the logged weights)."""
+exploration share with its density (the mixture correction); Dirichlet logging with `logging_logp` dropped
+(propensities estimated from the logged weights); or Dirichlet logging in a feed where a later stage reorders
+half the slates after the fusion (`SimConfig.later_stage_share`, the truth under the same stage)."""
+REORDERED_SHARE = 0.5
 
 
 def _log(seed: int, n_users: int, folder: Path, logging: str = "dirichlet") -> LogData:
     path = folder / f"seed{seed}_{n_users}_{logging}.duckdb"
     if not path.exists():
         mode = "mixed" if logging == "mixed" else "dirichlet"
-        generate(SimConfig(n_users=n_users, seed=seed, logging_mode=mode, exploration_share=0.2), str(path))
+        later = REORDERED_SHARE if logging == "reordered" else 0.0
+        generate(SimConfig(n_users=n_users, seed=seed, logging_mode=mode, exploration_share=0.2,
+                           later_stage_share=later), str(path))
         if logging == "estimated":
             con = duckdb.connect(str(path))
             try:
@@ -182,7 +186,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", help="also write the per-seed rows to this CSV")
     parser.add_argument("--logging", choices=LOGGING, default="dirichlet",
-                        help="logs with every density, an exploration share, or no density (estimated)")
+                        help="logs with every density, an exploration share, no density (estimated), or every "
+                             "density in a feed whose later stage reorders half the slates")
     parser.add_argument("--outcome-model", choices=OUTCOME_MODELS, default="auto", help="DM's and DR's model")
     parser.add_argument("--streamed", action="store_true",
                         help="also evaluate every target streamed, on each log as a Parquet lake")

@@ -65,10 +65,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         config = SimConfig(n_users=args.users, seed=args.seed, n_candidates=args.candidates, n_shown=args.shown,
                            logging_concentration=args.concentration, logging_mode=args.logging,
-                           exploration_share=args.exploration_share, per_item_share=args.per_item_share)
+                           exploration_share=args.exploration_share, per_item_share=args.per_item_share,
+                           later_stage_share=args.later_stage_share)
     except ValueError as exc:
-        raise LogError(f"generate: {exc} (--exploration-share must lie in (0, 1], --per-item-share in [0, 1], "
-                       "--concentration > 0)") from exc
+        raise LogError(f"generate: {exc} (--exploration-share must lie in (0, 1], --per-item-share and "
+                       "--later-stage-share in [0, 1], --concentration > 0)") from exc
     update, close = _progress_bar("simulating")
     start = time.perf_counter()
     try:
@@ -619,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --logging mixed: the share of requests drawn from the exploration Dirichlet")
     p.add_argument("--per-item-share", type=float, default=0.0,
                    help="share of requests whose candidates each get their own weights (logged as iw_* columns)")
+    p.add_argument("--later-stage-share", type=float, default=0.0,
+                   help="share of requests whose shown slate a later stage reorders after the fusion (the most "
+                        "popular shown item moved to the top), under every policy")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_generate)
 

@@ -101,6 +101,10 @@ class SimConfig:
     Dirichlet(per_item_concentration * the request's weights): the data per-item policies learn from."""
     per_item_concentration: float = 50.0
     """How closely per-item weights follow the request's: higher perturbs less."""
+    later_stage_share: float = 0.0
+    """The share of requests (under every policy, the logging one and those the truth runs) whose shown slate a
+    later stage reorders after the fusion: a business rule moves the most popular shown item to the top.
+    The logged weights' fusion then no longer reproduces what users saw (`profile.fusion_agreement`)."""
     position_decay: float = 0.8
     segment_names: tuple[str, ...] = ("new", "casual", "core", "power")
     segment_shares: tuple[float, ...] = (0.2, 0.35, 0.3, 0.15)
@@ -168,6 +172,7 @@ class SimConfig:
             "logging_mode": self.logging_mode in LOGGING_MODES,
             "exploration_share": 0.0 < self.exploration_share <= 1.0, "n_buckets": 2 <= self.n_buckets <= 10,
             "per_item_share": 0.0 <= self.per_item_share <= 1.0, "per_item_concentration": self.per_item_concentration > 0,
+            "later_stage_share": 0.0 <= self.later_stage_share <= 1.0,
             "segment tables": all(len(t) == s for t in (self.segment_shares, self.logging_weights, self.satisfaction,
                                                           self.task_gain, self.task_offset, self.continue_base,
                                                           self.return_base, self.score_bias_segment,
@@ -297,6 +302,7 @@ class _StepDraws:
     explore_u: np.ndarray  # (S,) mixed logging: the request explores when below the exploration share
     per_item_u: np.ndarray  # (S,) the request is perturbed per item when below the per-item share
     per_item_gamma_u: np.ndarray  # (S, N, K), or (S, 0, 0) when no request is perturbed per item
+    later_stage_u: np.ndarray  # (S,) a later stage reorders the request's slate when below its share
 
 
 def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraws:
@@ -316,6 +322,7 @@ def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraw
         per_item_u=rng.random(n_sessions) if config.per_item_share > 0 else np.ones(n_sessions),
         per_item_gamma_u=(rng.random((n_sessions, n, k)) if config.per_item_share > 0
                           else np.zeros((n_sessions, 0, 0))),
+        later_stage_u=rng.random(n_sessions) if config.later_stage_share > 0 else np.ones(n_sessions),
     )
 
 
@@ -558,6 +565,9 @@ def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
                          torch.from_numpy(weights if fused_weights is None else fused_weights).double(),
                          form if day_policy is not None else "sum", bias=bias if day_policy is not None else None)
             positions = rank_positions(fused).numpy()
+            if config.later_stage_share > 0:
+                positions = _later_stage(positions, world.item_popularity[items], config.n_shown,
+                                         d.later_stage_u[idx] < config.later_stage_share)
             y = _feedback(config, world, items, probs, positions, d.feedback_u[idx], d.watch_z[idx])
             shown = positions < config.n_shown
             feedback_sum = np.nan_to_num(y).sum(1)
@@ -601,6 +611,18 @@ def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
         if progress is not None:
             progress((day + 1) / total_days)
     return world, _outcome(chunks, sessions)
+
+
+def _later_stage(positions: np.ndarray, popularity: np.ndarray, n_shown: int, reorder: np.ndarray) -> np.ndarray:
+    """Positions `[S, N]` after a later stage, in the requests `reorder` `[S]`, moves the most popular of the
+    shown items to the top (the items above it move down one place)."""
+    shown = positions < n_shown
+    top = np.argmax(np.where(shown, popularity, -np.inf), axis=1)
+    lifted = positions[np.arange(len(positions)), top]
+    out = positions.copy()
+    out[reorder[:, None] & (positions < lifted[:, None])] += 1
+    out[np.flatnonzero(reorder), top[reorder]] = 0
+    return out
 
 
 def _replicated(world: _World, replicas: int) -> _World:
