@@ -52,13 +52,17 @@ class LogProfile:
     random_exposure: bool
     supports: tuple[str, ...]
     explanation: str
-    fusion_agreement: float | None = None
-    """The share of `fusion_checked` requests whose shown ranking the logged weights' fusion reproduces
-    (module docstring); None where no weights were logged."""
-    fusion_checked: int = 0
+    fusion_agreeing: int = 0  # requests whose shown ranking the logged weights' fusion reproduces
+    fusion_checked: int = 0  # requests with logged weights and a shown candidate (`fusion_agreement`)
+
+    @property
+    def fusion_agreement(self) -> float | None:
+        """The share of the checked requests whose shown ranking the logged fusion reproduces (module
+        docstring); None where no weights were logged."""
+        return self.fusion_agreeing / self.fusion_checked if self.fusion_checked else None
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        return {**asdict(self), "fusion_agreement": self.fusion_agreement}
 
 
 def _distinct_vectors(weights: np.ndarray, segment: np.ndarray, n_segments: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -154,11 +158,10 @@ def profile_log(log: LogData) -> LogProfile:
                "propensities estimated from the logged weights, and say so")
     if random_exposure:
         why += "; labels come from random exposure (meta flag random_exposure), so they are free of exposure bias"
-    agree, checked = fusion_agreement(log)
-    agreement = agree / checked if checked else None
-    if fusion_reordered(agreement):
-        why += "; " + fusion_note(agreement)
-    return LogProfile(mode, share, per_segment, random_exposure, supports, why, agreement, checked)
+    agreeing, checked = fusion_agreement(log)
+    if checked and fusion_reordered(agreeing / checked):
+        why += "; " + fusion_note(agreeing / checked)
+    return LogProfile(mode, share, per_segment, random_exposure, supports, why, agreeing, checked)
 
 
 def fusion_note(agreement: float) -> str:

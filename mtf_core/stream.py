@@ -382,7 +382,7 @@ class ShardTerms:
     kernel: KernelTerms | None = None
     """A deterministic target's kernel-smoothed ratios at every concentration of the grid."""
     fusion: tuple[int, int] = (0, 0)
-    """`profile.fusion_agreement`'s counts: requests whose shown ranking the logged fusion reproduces, checked."""
+    """`LogProfile.fusion_agreeing` and `fusion_checked` of the shard."""
 
 
 @dataclass(frozen=True)
@@ -501,10 +501,8 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     if not weighted and stats.densities_logged and not actions.ope_note and actions.weights.ndim == 2:
         kernel = _kernel_terms(ctx, stats, actions.weights, x, x_target, pen_target,
                                np.random.default_rng([seed, zlib.crc32(shard.encode()), 1]))
-    profile = ctx.profile
-    agreeing = 0 if profile.fusion_agreement is None else round(profile.fusion_agreement * profile.fusion_checked)
     return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard, kernel,
-                      (agreeing, profile.fusion_checked))
+                      (ctx.profile.fusion_agreeing, ctx.profile.fusion_checked))
 
 
 def _dr_columns(ctx: EvalContext, rho: np.ndarray, x: np.ndarray, x_target: np.ndarray, pen_target: np.ndarray,
