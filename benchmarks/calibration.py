@@ -52,12 +52,15 @@ def _stochastic(log: LogData, mean: tuple[float, ...], total: float) -> LoggingP
     return LoggingPolicy(log.task_names, log.segments, alpha)
 
 
-LOGGING = ("dirichlet", "mixed", "estimated", "reordered")
+LOGGING = ("dirichlet", "mixed", "estimated", "reordered", "scrolled")
 """How the study's logs were logged: every request with its density; production traffic plus a 20%
 exploration share with its density (the mixture correction); Dirichlet logging with `logging_logp` dropped
-(propensities estimated from the logged weights); or Dirichlet logging in a feed where a later stage reorders
-half the slates after the fusion (`SimConfig.later_stage_share`, the truth under the same stage)."""
+(propensities estimated from the logged weights); Dirichlet logging in a feed where a later stage reorders
+half the slates after the fusion (`SimConfig.later_stage_share`, the truth under the same stage); or Dirichlet
+logging where half the users stop scrolling early, so requests show 1 to 6 candidates
+(`SimConfig.short_scroll_share`, the truth under the same users)."""
 REORDERED_SHARE = 0.5
+SCROLLED_SHARE = 0.5
 
 
 def _log(seed: int, n_users: int, folder: Path, logging: str = "dirichlet") -> LogData:
@@ -65,8 +68,9 @@ def _log(seed: int, n_users: int, folder: Path, logging: str = "dirichlet") -> L
     if not path.exists():
         mode = "mixed" if logging == "mixed" else "dirichlet"
         later = REORDERED_SHARE if logging == "reordered" else 0.0
+        scrolled = SCROLLED_SHARE if logging == "scrolled" else 0.0
         generate(SimConfig(n_users=n_users, seed=seed, logging_mode=mode, exploration_share=0.2,
-                           later_stage_share=later), str(path))
+                           later_stage_share=later, short_scroll_share=scrolled), str(path))
         if logging == "estimated":
             con = duckdb.connect(str(path))
             try:
@@ -186,8 +190,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", help="also write the per-seed rows to this CSV")
     parser.add_argument("--logging", choices=LOGGING, default="dirichlet",
-                        help="logs with every density, an exploration share, no density (estimated), or every "
-                             "density in a feed whose later stage reorders half the slates")
+                        help="logs with every density, an exploration share, no density (estimated), every "
+                             "density in a feed whose later stage reorders half the slates, or every density "
+                             "where half the users stop scrolling early")
     parser.add_argument("--outcome-model", choices=OUTCOME_MODELS, default="auto", help="DM's and DR's model")
     parser.add_argument("--streamed", action="store_true",
                         help="also evaluate every target streamed, on each log as a Parquet lake")

@@ -66,10 +66,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config = SimConfig(n_users=args.users, seed=args.seed, n_candidates=args.candidates, n_shown=args.shown,
                            logging_concentration=args.concentration, logging_mode=args.logging,
                            exploration_share=args.exploration_share, per_item_share=args.per_item_share,
-                           later_stage_share=args.later_stage_share)
+                           later_stage_share=args.later_stage_share, short_scroll_share=args.short_scroll_share)
     except ValueError as exc:
-        raise LogError(f"generate: {exc} (--exploration-share must lie in (0, 1], --per-item-share and "
-                       "--later-stage-share in [0, 1], --concentration > 0)") from exc
+        raise LogError(f"generate: {exc} (--exploration-share must lie in (0, 1], --per-item-share, "
+                       "--later-stage-share and --short-scroll-share in [0, 1], --short-scroll-share needs "
+                       "--shown >= 2, --concentration > 0)") from exc
     update, close = _progress_bar("simulating")
     start = time.perf_counter()
     try:
@@ -623,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--later-stage-share", type=float, default=0.0,
                    help="share of requests whose shown slate a later stage reorders after the fusion (the most "
                         "popular shown item moved to the top), under every policy")
+    p.add_argument("--short-scroll-share", type=float, default=0.0,
+                   help="share of requests whose user stops scrolling early (sees the top 1..shown-1 slots), "
+                        "under every policy")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_generate)
 

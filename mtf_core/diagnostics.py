@@ -27,10 +27,6 @@ Verdicts, per estimator (thresholds in THRESHOLDS, shown in the app and the READ
   (8% of the log) covered the truth 95-100% of the time, which an ESS-share rule of 10% had called "use
   with care";
 - NCIS `trustworthy`: as SNIPS, and the cap removes at most 1% of the ratio mass;
-- DR `trustworthy` also needs the logged weights' fusion to reproduce at least 99% of the shown rankings
-  (`profile.fusion_agreement`): its direct model values the ranking a fusion shows, and where a later stage
-  reordered what users saw, that model is about another system (a log whose shown order ignored its scores
-  had DM and DR at 6.50 beside an on-policy IPS of 4.65, both called trustworthy);
 - DM `trustworthy` only when it is checked by data: DR is trustworthy and DM lies inside DR's interval.
   Otherwise a model-based figure is `use with care`, or `not supported` where the target leaves the log;
 - anything else: `use with care`.
@@ -45,13 +41,13 @@ from typing import Mapping
 import numpy as np
 
 __all__ = ["TRUSTWORTHY", "CARE", "NOT_SUPPORTED", "THRESHOLDS", "RATIO_SUMS", "overlap_diagnostics",
-           "ratio_sums", "add_ratio_sums", "diagnostics_from_sums", "estimator_verdicts", "fusion_reordered",
+           "ratio_sums", "add_ratio_sums", "diagnostics_from_sums", "estimator_verdicts",
            "draw_ratio_limit", "overlap_summary", "verdicts_text", "thresholds_text"]
 
 TRUSTWORTHY, CARE, NOT_SUPPORTED = "trustworthy", "use with care", "not supported by this log"
 THRESHOLDS = {
     "trustworthy": {"ess_min": 300.0, "support_coverage_min": 0.90, "clipped_mass_share_max": 0.01,
-                    "mean_ratio_tolerance": 0.10, "smoothing_bias_to_se_max": 0.25, "fusion_agreement_min": 0.99},
+                    "mean_ratio_tolerance": 0.10, "smoothing_bias_to_se_max": 0.25},
     "not_supported": {"ess_below": 30.0, "ess_share_below": 0.01, "support_coverage_below": 0.50},
     "coverage_ratio_share_of_n": 0.01,
 }
@@ -103,20 +99,11 @@ def overlap_diagnostics(ratio: np.ndarray, cap: float, draw_ratio: np.ndarray | 
     return diagnostics_from_sums(ratio_sums(ratio, cap), float(np.quantile(ratio, 0.99)), coverage)
 
 
-def fusion_reordered(fusion_agreement: float | None) -> bool:
-    """Whether too few of a log's shown rankings follow from its logged fusion (`profile.fusion_agreement`)
-    for the direct model, which values the fused ranking, to be trusted."""
-    return fusion_agreement is not None and fusion_agreement < THRESHOLDS["trustworthy"]["fusion_agreement_min"]  # type: ignore[index]
-
-
 def estimator_verdicts(diag: Mapping[str, object], smoothing_bias_to_se: float | None,
-                       dm_inside_dr: bool | None, coverage_required: bool = False,
-                       fusion_agreement: float | None = None) -> dict[str, str]:
+                       dm_inside_dr: bool | None, coverage_required: bool = False) -> dict[str, str]:
     """A verdict per estimator from one scope's diagnostics (see the module docstring). With
     `coverage_required`, no estimate is trustworthy without a measured support coverage (a streamed
-    evaluation, which has the ratios' sums but no draws from the target to measure it with). Where the
-    logged weights' fusion reproduces too few shown rankings (`profile.fusion_agreement`), DR and DM are not
-    trustworthy: their direct model values a ranking users did not see."""
+    evaluation, which has the ratios' sums but no draws from the target to measure it with)."""
     t, low = THRESHOLDS["trustworthy"], THRESHOLDS["not_supported"]
     ess, ess_share = float(diag["ess"]), float(diag["ess_share"])  # type: ignore[arg-type]
     coverage = diag.get("support_coverage")
@@ -135,8 +122,6 @@ def estimator_verdicts(diag: Mapping[str, object], smoothing_bias_to_se: float |
                 "snips": TRUSTWORTHY if ratios_ok else CARE,
                 "dr": TRUSTWORTHY if ratios_ok else CARE,
                 "ncis": TRUSTWORTHY if ratios_ok and cap_ok else CARE}
-    if fusion_reordered(fusion_agreement):
-        verdicts["dr"] = CARE
     verdicts["dm"] = TRUSTWORTHY if verdicts["dr"] == TRUSTWORTHY and dm_inside_dr else CARE
     return verdicts
 
@@ -165,9 +150,7 @@ def thresholds_text() -> str:
             "the logged densities do not describe the logged weights, or the policy goes where the log does not) "
             f"and, for a fixed weight vector, a kernel smoothing bias within {t['smoothing_bias_to_se_max']:.0%} "
             f"of the standard error; NCIS also a cap that removes at most {t['clipped_mass_share_max']:.0%} "
-            f"of the ratio mass; DR only where the logged weights' fusion reproduces at least "
-            f"{t['fusion_agreement_min']:.0%} of the shown rankings; "
-            f"DM only where DR is trustworthy and agrees with it. Not supported: fewer than "
+            f"of the ratio mass; DM only where DR is trustworthy and agrees with it. Not supported: fewer than "
             f"{n['ess_below']:.0f} effective requests, an ESS share below {n['ess_share_below']:.0%} or support "
             f"coverage below {n['support_coverage_below']:.0%}. Support coverage is "
             "the share of the policy's own probability mass where no single logged request would carry more than 1% "

@@ -105,6 +105,10 @@ class SimConfig:
     """The share of requests (under every policy, the logging one and those the truth runs) whose shown slate a
     later stage reorders after the fusion: a business rule moves the most popular shown item to the top.
     The logged weights' fusion then no longer reproduces what users saw (`profile.fusion_agreement`)."""
+    short_scroll_share: float = 0.0
+    """The share of requests (under every policy) whose user stops scrolling early: they see the top d slots of
+    the slate, d uniform in 1..n_shown-1, and nothing below, whatever the ranking. Logged requests then show
+    different numbers of candidates, as in production."""
     position_decay: float = 0.8
     segment_names: tuple[str, ...] = ("new", "casual", "core", "power")
     segment_shares: tuple[float, ...] = (0.2, 0.35, 0.3, 0.15)
@@ -173,6 +177,8 @@ class SimConfig:
             "exploration_share": 0.0 < self.exploration_share <= 1.0, "n_buckets": 2 <= self.n_buckets <= 10,
             "per_item_share": 0.0 <= self.per_item_share <= 1.0, "per_item_concentration": self.per_item_concentration > 0,
             "later_stage_share": 0.0 <= self.later_stage_share <= 1.0,
+            "short_scroll_share": 0.0 <= self.short_scroll_share <= 1.0 and (self.short_scroll_share == 0
+                                                                            or self.n_shown >= 2),
             "segment tables": all(len(t) == s for t in (self.segment_shares, self.logging_weights, self.satisfaction,
                                                           self.task_gain, self.task_offset, self.continue_base,
                                                           self.return_base, self.score_bias_segment,
@@ -303,6 +309,7 @@ class _StepDraws:
     per_item_u: np.ndarray  # (S,) the request is perturbed per item when below the per-item share
     per_item_gamma_u: np.ndarray  # (S, N, K), or (S, 0, 0) when no request is perturbed per item
     later_stage_u: np.ndarray  # (S,) a later stage reorders the request's slate when below its share
+    scroll_u: np.ndarray  # (S,) the user stops scrolling early when below its share (and how early)
 
 
 def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraws:
@@ -323,6 +330,7 @@ def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraw
         per_item_gamma_u=(rng.random((n_sessions, n, k)) if config.per_item_share > 0
                           else np.zeros((n_sessions, 0, 0))),
         later_stage_u=rng.random(n_sessions) if config.later_stage_share > 0 else np.ones(n_sessions),
+        scroll_u=rng.random(n_sessions) if config.short_scroll_share > 0 else np.ones(n_sessions),
     )
 
 
@@ -568,6 +576,8 @@ def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
             if config.later_stage_share > 0:
                 positions = _later_stage(positions, world.item_popularity[items], config.n_shown,
                                          d.later_stage_u[idx] < config.later_stage_share)
+            if config.short_scroll_share > 0:
+                positions = _short_scroll(positions, d.scroll_u[idx], config)
             y = _feedback(config, world, items, probs, positions, d.feedback_u[idx], d.watch_z[idx])
             shown = positions < config.n_shown
             feedback_sum = np.nan_to_num(y).sum(1)
@@ -623,6 +633,14 @@ def _later_stage(positions: np.ndarray, popularity: np.ndarray, n_shown: int, re
     out[reorder[:, None] & (positions < lifted[:, None])] += 1
     out[np.flatnonzero(reorder), top[reorder]] = 0
     return out
+
+
+def _short_scroll(positions: np.ndarray, scroll_u: np.ndarray, config: SimConfig) -> np.ndarray:
+    """Positions `[S, N]` where the users of the requests whose `scroll_u` falls below the share stop at depth
+    d = 1 + floor(scroll_u / share * (n_shown - 1)): the slots from d on move past the slate, unshown."""
+    share = config.short_scroll_share
+    depth = np.where(scroll_u < share, 1 + np.floor(scroll_u / share * (config.n_shown - 1)), config.n_shown)
+    return np.where(positions >= depth[:, None], positions + config.n_candidates, positions)
 
 
 def _replicated(world: _World, replicas: int) -> _World:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from mtf_core.diagnostics import (RATIO_SUMS, add_ratio_sums, diagnostics_from_sums, draw_ratio_limit,
-                                  estimator_verdicts, fusion_reordered, ratio_sums)
+                                  estimator_verdicts, ratio_sums)
 from mtf_core.errors import LogError
 from mtf_core.evaluate import context, ratios
 from mtf_core.evaluate.actions import N_DM_SAMPLES, interior_weights, target_actions
@@ -62,7 +62,7 @@ from mtf_core.evaluate.rerank import expected_under, expected_under_each
 from mtf_core.lake import is_lake, lake_shards, open_lake
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.policies.static import LoggingPolicy, dirichlet_from_moments
-from mtf_core.profile import fusion_note, profile_log
+from mtf_core.profile import action_positions, fusion_note, fusion_reordered, profile_log
 from mtf_core.reward import ResolvedReward, RewardSpec, expected_signals, penalty, request_reward, weighted_sum
 from mtf_core.schema import Task, quote_ident, read_tasks
 from mtf_core.simulate import SimConfig, logging_alpha, position_curve
@@ -353,7 +353,9 @@ def _shard_context(log: LogData, stats: LogStatistics, resolved: ResolvedReward)
     """The shard as an evaluation context on the whole log's reward and segment numbering."""
     code = np.searchsorted(stats.segments, np.asarray(log.segments, dtype=object).astype(str))
     log = dataclasses.replace(log, segment=code[log.segment], segments=stats.segments)
-    expected = expected_signals(log.scores, log.positions, resolved.position_curve)
+    profile = profile_log(log)
+    positions = action_positions(log, profile)
+    expected = expected_signals(log.scores, positions, resolved.position_curve)
     feedback = log.label_totals()
     logged = request_reward(resolved, feedback, log.continued, log.returned, log.weights, expected)
     users, unit = np.unique(log.user_id, return_inverse=True)
@@ -361,8 +363,8 @@ def _shard_context(log: LogData, stats: LogStatistics, resolved: ResolvedReward)
     unit_segment[unit] = log.segment
     placeholder = DirectModel(np.zeros(len(stats.segments)), np.zeros(len(stats.segments)))
     empty_fit = DirectFitData(users, unit_segment, np.zeros((len(users), 5)))
-    return EvalContext(log, resolved, logged, expected, placeholder, empty_fit, unit, unit_segment, stats.sim_config,
-                       stats.n_top, profile_log(log), "linear")
+    return EvalContext(log, resolved, logged, expected, positions, placeholder, empty_fit, unit, unit_segment,
+                       stats.sim_config, stats.n_top, profile, "linear")
 
 
 @dataclass(frozen=True)
@@ -716,7 +718,7 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     bias_to_se = None if kernel is None else kernel.smoothing_bias_to_se
     agreement = agreeing / checked if checked else None
     diagnostics, by_segment = _streamed_diagnostics([ratio_parts[s] for s in shards if s in ratio_parts],
-                                                    stats.segments, ope, bias_to_se, agreement)
+                                                    stats.segments, ope, bias_to_se)
     say(1.0, "done")
     if kernel is not None:
         note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
@@ -789,8 +791,7 @@ def _with_draws(ratio_part: np.ndarray) -> bool:
 
 
 def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], ope: list[dict[str, object]],
-                          bias_to_se: float | None = None, fusion_agreement: float | None = None
-                          ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
+                          bias_to_se: float | None = None) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
     """Overlap diagnostics overall and per segment from the shards' ratio sums and coverage counts (added in
     shard order, so that every engine gives the same figures), and each estimate's verdict written into its
     row (`_diagnostics` of the in-memory evaluation, less the p99 ratio; no estimate is trustworthy without
@@ -819,8 +820,7 @@ def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], op
         dm, dr = rows.get("dm"), rows.get("dr")
         inside = (dm is not None and dr is not None and None not in (dm["value"], dr["ci_low"], dr["ci_high"])
                   and dr["ci_low"] <= dm["value"] <= dr["ci_high"])  # type: ignore[operator]
-        verdicts = estimator_verdicts(diag, bias_to_se, inside, coverage_required=True,
-                                      fusion_agreement=fusion_agreement)
+        verdicts = estimator_verdicts(diag, bias_to_se, inside, coverage_required=True)
         for estimator, row in rows.items():
             row["verdict"], row["ess"] = verdicts.get(estimator), diag["ess"]
         diag["verdicts"] = {k: v for k, v in verdicts.items() if k in rows}

@@ -73,23 +73,28 @@ def test_production_logs_keep_the_verdicts_word(tmp_path_factory, logging):
     assert abs(dr["bias"]) <= 0.02 * dr["truth"] and dr["coverage"] >= 0.9
 
 
-def test_a_later_stage_that_reorders_the_slates_keeps_ratio_estimates_and_takes_dm_and_drs_word(tmp_path_factory):
-    """A feed whose later stage reorders half the slates after the fusion (the truth under the same stage): the
-    direct model values the fused ranking, so DM and DR drift from the truth and are never called
-    trustworthy; IPS and SNIPS, which treat the weights as the whole system's action, stay unbiased, and
-    their intervals called trustworthy cover the truth."""
-    study = run_study(range(10), n_users=300, n_boot=200, folder=tmp_path_factory.mktemp("cal_reordered"),
-                      logging="reordered", targets=["fixed: logging mean", "stochastic: sharper logging"])
-    assert not ((study["verdict"] == TRUSTWORTHY) & study["estimator"].isin(["dm", "dr"])).any()
-    trusted = study[(study["verdict"] == TRUSTWORTHY) & study["estimator"].isin(["ips", "snips"])]
-    assert len(trusted) >= 30, len(trusted)
+@pytest.mark.parametrize("logging", ["reordered", "scrolled"])
+def test_dm_and_dr_stay_unbiased_where_production_changes_what_the_fusion_ranked(tmp_path_factory, logging):
+    """Two things production does after the fusion, under every policy, the truth's included: a later stage
+    reorders half the slates, or half the users stop scrolling after 1-5 of the 6 slots. The direct model
+    values every action, the logged one included, by the ranking its fusion produces, down to as many
+    candidates as the request showed, so over ten seeds DM and DR stay unbiased beside SNIPS, and every
+    estimator's intervals called trustworthy cover the truth. (Valuing the logged action by the ranking users
+    saw, or a target's whole top 6 beside the logged top few, DM and DR drifted +0.3 to +0.6 above the truth,
+    over 2 RMSEs of SNIPS.)"""
+    targets = ["fixed: logging mean", "stochastic: sharper logging"]
+    study = run_study(range(10), n_users=300, n_boot=200, folder=tmp_path_factory.mktemp(f"cal_{logging}"),
+                      logging=logging, targets=targets)
+    trusted = study[study["verdict"] == TRUSTWORTHY]
+    assert set(trusted["estimator"]) >= {"ips", "snips", "dm", "dr"} and len(trusted) >= 60, len(trusted)
     assert trusted["covered"].mean() >= 0.9, trusted.groupby(["target", "estimator"])["covered"].mean().to_dict()
     summary = summarise(study).set_index(["target", "estimator"])
-    for target in ("fixed: logging mean", "stochastic: sharper logging"):
-        snips, dr = summary.loc[(target, "snips")], summary.loc[(target, "dr")]
-        assert abs(snips["bias"]) <= 0.01 * snips["truth"], (target, snips.to_dict())
-        # What the rule guards against: DR's model term values slates users did not see.
-        assert dr["bias"] > 2 * abs(snips["bias"]), (target, dr.to_dict(), snips.to_dict())
+    for target in targets:
+        snips = summary.loc[(target, "snips")]
+        for estimator in ("snips", "dm", "dr"):
+            row = summary.loc[(target, estimator)]
+            assert abs(row["bias"]) <= 0.01 * row["truth"], (target, estimator, row.to_dict())
+            assert row["rmse"] <= 2 * snips["rmse"], (target, estimator, row.to_dict(), snips.to_dict())
 
 
 def test_streamed_verdicts_keep_their_word(tmp_path_factory):

@@ -137,6 +137,30 @@ def test_snips_of_the_logging_policy_is_the_logged_mean(tiny_log):
     assert result.ground_truth["value"] == pytest.approx(ctx.logged.total.mean())
 
 
+def test_a_ranking_is_valued_down_to_as_many_candidates_as_its_request_showed(corrupt):
+    """Users who stop scrolling early: half the requests show only their top 2-4 candidates. On-policy, DM and
+    DR are then the logged mean, as IPS is. (Valuing a target's top L beside the logged top few put DM and DR
+    8% above that mean on a simulator log, both called trustworthy.) And a target's expected signals stop
+    at each request's own depth, as a loop over requests finds."""
+    labels = ", ".join(f"y_{t} = NULL" for t in TINY.tasks)
+    log = load_log(corrupt(f"UPDATE impressions SET position = NULL, {labels} WHERE request_id % 2 = 0 "
+                           "AND position >= 2 + request_id % 3"))
+    depth = log.shown.sum(1)
+    assert depth.min() == 2 and depth.max() == log.n_shown
+    ctx = prepare(log, RewardSpec.default(log.task_names), outcome_model="linear")
+    result = evaluate_policy(ctx, target_actions(None, log, "logging"), n_boot=20, with_truth=False)
+    overall = {row["estimator"]: row["value"] for row in result.ope if row["segment"] is None}
+    for estimator in ("dm", "dr"):
+        assert overall[estimator] == pytest.approx(overall["ips"], rel=1e-9), estimator
+    policy = parse_static("click=0.1,like=0.4,finish=0.2,share=0.3", log.task_names, log.segments)
+    w, curve = policy.weights[0].numpy(), ctx.resolved.position_curve
+    rows = np.arange(0, log.n_requests, 7)
+    loop = np.stack([sum(curve[p] * log.scores[r, n]
+                         for p, n in enumerate(np.argsort(-(log.scores[r] @ w), kind="stable")[:depth[r]]))
+                     for r in rows])
+    np.testing.assert_allclose(expected_under(ctx, np.tile(w, (log.n_requests, 1)))[rows], loop, rtol=1e-5)
+
+
 def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, 4000)  # below the threshold: the Poisson bootstrap

@@ -233,3 +233,34 @@ def test_a_later_stage_reorders_the_shown_slates_under_every_policy(tmp_path):
     assert fusion_agreement(plain) == (plain.n_requests, plain.n_requests)
     first = lambda x: (x.step == 0) & (x.session_id <= base.n_users)  # noqa: E731 (every user's first request)
     np.testing.assert_array_equal(plain.weights[first(plain)], log.weights[first(log)])
+
+
+def test_users_who_stop_scrolling_early_see_fewer_slots_under_every_policy(tmp_path):
+    """With `short_scroll_share`, that share of requests shows only its top 1..n_shown-1 slots, whatever the
+    ranking: the log's requests show different numbers of candidates, the fusion still reproduces every shown
+    ranking, the online replay of the logging policy (the truth) meets the same users, and the weights drawn
+    are those of the log without it."""
+    from mtf_core.profile import fusion_agreement
+    from mtf_core.simulate import _short_scroll
+    from mtf_core.store import load_log
+
+    config = SimConfig(n_users=100, sessions_per_user=2, n_items=600, seed=4, n_candidates=4, n_shown=3,
+                       short_scroll_share=0.5)
+    positions = np.array([[0, 1, 2, 3], [2, 0, 1, 3], [1, 0, 3, 2]])
+    # 0.1 stops after one slot, 0.3 after two, 0.9 does not stop early
+    np.testing.assert_array_equal(_short_scroll(positions, np.array([0.1, 0.3, 0.9]), config),
+                                  [[0, 5, 6, 7], [6, 0, 1, 7], [1, 0, 7, 2]])
+
+    base = SimConfig(n_users=100, sessions_per_user=2, n_items=600, seed=4)
+    config = dataclasses.replace(base, short_scroll_share=0.5)
+    log = load_log(generate(config, str(tmp_path / "scrolled.duckdb")))
+    depth = log.shown.sum(1)
+    assert set(np.unique(depth)) == set(range(1, base.n_shown + 1))
+    assert 0.4 < (depth < base.n_shown).mean() < 0.6
+    agree, checked = fusion_agreement(log)
+    assert agree == checked == log.n_requests
+    out = run_online(config, None)
+    np.testing.assert_allclose(out.feedback_sum, np.nan_to_num(log.labels).sum(1), atol=1e-4)
+    plain = load_log(generate(base, str(tmp_path / "plain.duckdb")))
+    first = lambda x: (x.step == 0) & (x.session_id <= base.n_users)  # noqa: E731 (every user's first request)
+    np.testing.assert_array_equal(plain.weights[first(plain)], log.weights[first(log)])

@@ -31,13 +31,13 @@ from mtf_core.evaluate.estimators import DM, DR, ESTIMATORS, IPS, NCIS, SNIPS, E
 from mtf_core.evaluate.paired import paired_difference
 from mtf_core.evaluate.policy_value import EvaluationResult, evaluate_policy, point_value
 from mtf_core.evaluate.ratios import ImportanceRatios, importance_ratio
-from mtf_core.evaluate.rerank import expected_under, gauc, learned_under, ndcg_at_k, rerank_core, rerank_metrics, streamed_rerank, top_signals
+from mtf_core.evaluate.rerank import expected_under, gauc, learned_under, ndcg_at_k, rerank_core, rerank_metrics, slate_depth, streamed_rerank, top_signals
 from mtf_core.evaluate.truth import ground_truth, policy_for_truth
 
 __all__ = [
     "CHUNK", "OUTCOME_MODELS", "N_BOOT", "EvalContext", "EvaluationSample", "evaluation_sample", "outcome_fit", "prepare", "check_log_for_evaluation", "reward_preview", "time_split",
     "TargetActions", "target_actions", "DirectModel", "direct_value", "Estimator", "OPEInputs", "Ratio", "IPS",
     "SNIPS", "NCIS", "DR", "DM", "ESTIMATORS", "ImportanceRatios", "importance_ratio", "ndcg_at_k", "gauc",
-    "rerank_core", "rerank_metrics", "top_signals", "expected_under", "learned_under", "streamed_rerank", "bootstrap_ratio",
+    "rerank_core", "rerank_metrics", "slate_depth", "top_signals", "expected_under", "learned_under", "streamed_rerank", "bootstrap_ratio",
     "paired_difference", "EvaluationResult", "evaluate_policy", "point_value", "ground_truth", "policy_for_truth",
 ]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from mtf_core.errors import LogError
-from mtf_core.profile import LogProfile, profile_log
+from mtf_core.profile import LogProfile, action_positions, profile_log
 from mtf_core import propensity
 from mtf_core.propensity import Propensities
 from mtf_core.evaluate.direct import LEARNED_LABEL, LINEAR_LABEL, DirectFitData, DirectModel, DirectView, fit_direct
@@ -49,7 +49,8 @@ class EvalContext:
     log: LogData
     resolved: ResolvedReward
     logged: RewardParts  # observed composite reward of the logged actions
-    logged_expected: np.ndarray  # (R, K)
+    logged_expected: np.ndarray  # (R, K) direct-method signals of the ranking the logged action produces
+    logged_positions: np.ndarray  # (R, N) that ranking (`profile.action_positions`): the shown one, as a rule
     direct: DirectModel
     direct_fit: DirectFitData  # what the direct model was fitted on (these requests, or training sessions)
     unit: np.ndarray  # (R,) user index 0..U-1, the bootstrap's cluster
@@ -148,6 +149,10 @@ def prepare(log: LogData, spec: RewardSpec, fitted_on: EvalContext | None = None
     expected = expected_signals(log.scores, log.positions, curve)
     resolved = (fitted_on.resolved if fitted_on is not None
                 else resolve_reward(spec, log.task_names, log.labels, shown, expected, curve))
+    profile = profile_log(log)
+    positions = action_positions(log, profile)
+    if positions is not log.positions:  # a later stage reordered some rankings: value the logged action's own
+        expected = expected_signals(log.scores, positions, curve)
     feedback = log.label_totals()
     logged = request_reward(resolved, feedback, log.continued, log.returned, log.weights, expected)
     if fitted_on is not None:
@@ -158,14 +163,13 @@ def prepare(log: LogData, spec: RewardSpec, fitted_on: EvalContext | None = None
     users, unit = np.unique(log.user_id, return_inverse=True)
     unit_segment = np.zeros(len(users), dtype=np.int64)
     unit_segment[unit] = log.segment
-    profile = profile_log(log)
-    return EvalContext(log, resolved, logged, expected, direct, direct_fit, unit, unit_segment, sim, n_top, profile,
-                       fitted_on.outcome_model if fitted_on is not None else outcome_model, fitted_on)
+    return EvalContext(log, resolved, logged, expected, positions, direct, direct_fit, unit, unit_segment, sim, n_top,
+                       profile, fitted_on.outcome_model if fitted_on is not None else outcome_model, fitted_on)
 
 
 def _logged_x(ctx: EvalContext, learned: LearnedOutcome) -> tuple[np.ndarray, np.ndarray]:
     """The learned model's value of the logged rankings `[R]`, and each network's `[F,R]`."""
-    curve, positions = ctx.resolved.position_curve, ctx.log.positions
+    curve, positions = ctx.resolved.position_curve, ctx.logged_positions
     exam = np.where((positions >= 0) & (positions < len(curve)), curve[np.clip(positions, 0, len(curve) - 1)], 0.0)
     return (learned.baseline + (exam * learned.item_value).sum(1),
             learned.fold_baseline + (exam[None] * learned.fold_item_value).sum(2))

@@ -16,8 +16,8 @@ from mtf_core.evaluate.estimators import DR, NCIS, SNIPS, IPS, OPEInputs
 from mtf_core.evaluate.ratios import ImportanceRatios, importance_ratio
 from mtf_core.evaluate.rerank import expected_under, label_thresholds, learned_under, rerank_metrics, unit_aucs
 from mtf_core.evaluate.truth import truth_with_unit_terms
-from mtf_core.diagnostics import estimator_verdicts, fusion_reordered, overlap_diagnostics
-from mtf_core.profile import fusion_note
+from mtf_core.diagnostics import estimator_verdicts, overlap_diagnostics
+from mtf_core.profile import fusion_note, fusion_reordered
 from mtf_core.reward import penalty, weighted_sum
 from mtf_core.store import iter_chunks
 from mtf_core import threads
@@ -306,8 +306,7 @@ def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[di
         dm, dr = rows.get("dm"), rows.get("dr")
         inside = (dm is not None and dr is not None and None not in (dm["value"], dr["ci_low"], dr["ci_high"])
                   and dr["ci_low"] <= dm["value"] <= dr["ci_high"])  # type: ignore[operator]
-        verdicts = estimator_verdicts(diag, ratios.smoothing_bias_to_se, inside,
-                                      fusion_agreement=ctx.profile.fusion_agreement)
+        verdicts = estimator_verdicts(diag, ratios.smoothing_bias_to_se, inside)
         for estimator, row in rows.items():
             row["verdict"] = verdicts.get(estimator)
             row["ess"] = diag["ess"]

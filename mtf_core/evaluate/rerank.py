@@ -17,9 +17,9 @@ from mtf_core.evaluate.context import EvalContext
 from mtf_core.fusion import fuse
 from mtf_core.store import LogData, iter_chunks
 
-__all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "expected_under", "expected_under_each",
-           "learned_under", "rerank_metrics", "label_thresholds", "unit_score_order", "unit_aucs", "gauc",
-           "streamed_rerank"]
+__all__ = ["ndcg_at_k", "RerankResult", "rerank_core", "top_signals", "slate_depth", "expected_under",
+           "expected_under_each", "learned_under", "rerank_metrics", "label_thresholds", "unit_score_order",
+           "unit_aucs", "gauc", "streamed_rerank"]
 
 
 def ndcg_at_k(fused: torch.Tensor, gains: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,7 +65,7 @@ def rerank_core(scores: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor,
         fused = fuse(scores, weights, form, bias=bias, mask=mask)
     else:
         fused = torch.where(mask, fused.to(scores.dtype), float("-inf"))
-    expected = top_signals(fused, scores, mask, curve)  # while this chunk's scores are still in cache
+    expected = top_signals(fused, scores, mask, curve, slate_depth(shown))  # while the chunk's scores are in cache
     # No slot after the last one ever shown matters. (max(0) is torch's fastest column reduction of a bool
     # tensor on CPU: 3x sum(0), 6x any(0).)
     used = torch.nonzero(shown.max(0).values)
@@ -106,18 +106,30 @@ def _ideal_dcg(gains: torch.Tensor, discount: torch.Tensor) -> torch.Tensor:
     return ideal
 
 
-def top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
+def top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, curve: torch.Tensor,
+                depth: torch.Tensor | None = None) -> torch.Tensor:
     """Direct-method signals `[R,K]` of the top L = len(curve) candidates under fused scores `[R,N]`:
     sum over the top L of curve[rank] * s_k (padding contributes nothing). Fused scores `[R,D,N]` (D rankings
-    of each request's candidates) give `[R,D,K]`."""
+    of each request's candidates) give `[R,D,K]`. With `depth` `[R]` (`slate_depth`), a request's ranking is
+    valued down to that rank only."""
     rankings = fused if fused.dim() == 3 else fused.unsqueeze(1)  # (R, D, N)
     n_top = min(curve.shape[0], rankings.shape[2])
     top = torch.topk(rankings, n_top, dim=2).indices
     # padding only ever reaches a short request's top
     exam = curve[:n_top].to(scores.dtype) * mask.unsqueeze(1).expand_as(rankings).gather(2, top)
+    if depth is not None:
+        exam = exam * (torch.arange(n_top) < depth[:, None, None])
     slot_exam = torch.zeros(rankings.shape, dtype=scores.dtype).scatter_(2, top, exam)
     signals = torch.bmm(slot_exam, scores)
     return signals if fused.dim() == 3 else signals.squeeze(1)
+
+
+def slate_depth(shown: torch.Tensor) -> torch.Tensor:
+    """How far down each request's ranking `[R]` is valued: as many candidates as it showed. Users who
+    scrolled past 3 items examined 3; valuing a target's top L there, beside the 3 the logged action is
+    valued by, put DM and DR 8% above an on-policy mean that IPS had exactly (a log whose requests showed
+    2-6 of 20 candidates), and called both trustworthy."""
+    return shown.sum(1)
 
 
 def _top_l_sums(ctx: EvalContext, weights: np.ndarray, form: str, bias: np.ndarray | None,
@@ -135,7 +147,8 @@ def _top_l_sums(ctx: EvalContext, weights: np.ndarray, form: str, bias: np.ndarr
             fused = fuse(scores, torch.from_numpy(weights[rows]), form, bias=b, mask=mask)
         else:
             fused = torch.where(mask, torch.from_numpy(order[rows]).to(scores.dtype), float("-inf"))
-        out.append(top_signals(fused, values_of(rows, scores), mask, curve).double().numpy())
+        depth = slate_depth(torch.from_numpy(log.positions[rows] >= 0))
+        out.append(top_signals(fused, values_of(rows, scores), mask, curve, depth).double().numpy())
     return np.concatenate(out)
 
 
@@ -157,7 +170,8 @@ def expected_under_each(ctx: EvalContext, weights: np.ndarray, rows: np.ndarray 
         scores, mask = torch.from_numpy(log.scores[at]), torch.from_numpy(log.mask[at])
         w = torch.from_numpy(np.ascontiguousarray(np.moveaxis(weights[:, chunk], 0, -1))).to(scores.dtype)
         fused = torch.where(mask.unsqueeze(1), torch.bmm(scores, w).transpose(1, 2), float("-inf"))  # (r, D, N)
-        out[:, chunk] = top_signals(fused, scores, mask, curve).double().numpy().transpose(1, 0, 2)
+        depth = slate_depth(torch.from_numpy(log.positions[at] >= 0))
+        out[:, chunk] = top_signals(fused, scores, mask, curve, depth).double().numpy().transpose(1, 0, 2)
     return out
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mtf_core.evaluate import EvalContext, prepare, top_signals
+from mtf_core.evaluate import EvalContext, prepare, slate_depth, top_signals
 from mtf_core.fusion import fuse, rank_positions
 from mtf_core.policies.base import StateBatch
 from mtf_core.reward import RewardSpec
@@ -187,7 +187,7 @@ def composite_reward(data: TrainingData, rows: torch.Tensor, weights: torch.Tens
     fused = fuse(scores, flat_w, form, bias=flat_bias, mask=mask)
     reward = torch.zeros(b * g)
     if prior or rules:
-        expected = top_signals(fused, scores, mask, data.curve)  # (B*G, K)
+        expected = top_signals(fused, scores, mask, data.curve, slate_depth(rep(data.shown)))  # (B*G, K)
         seg = data.segment[rows].repeat_interleave(g)
         if prior:
             reward = reward + data.intercept[seg] + data.slope[seg] * (expected @ data.coefficients)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from mtf_core.errors import LogError
-from mtf_core.diagnostics import fusion_reordered
 from mtf_core.evaluate import EvalContext, point_value, prepare, target_actions, time_split
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.policies.batchrl import BatchRLConfig, BatchRLTrainer
@@ -28,7 +27,6 @@ from mtf_core.policies.integrated import IntegratedConfig, IntegratedTrainer
 from mtf_core.policies.objective import TrainingData, build_training_data
 from mtf_core.policies.parallel import LOCAL, DataParallel, unwrap
 from mtf_core.policies.static import StaticConfig, StaticTrainer
-from mtf_core.profile import fusion_note
 from mtf_core.reward import RewardSpec
 from mtf_core.store import LogData
 from mtf_core import threads
@@ -347,10 +345,6 @@ def train(config: TrainConfig, log: LogData, reward: RewardSpec,
     unwrap(trainer.policy).eval()
     best = validator.best_value if validator.best_step is not None else None
     notes = ([budget_note] if budget_note else []) + (trainer.notes() if hasattr(trainer, "notes") else [])
-    agreement = data.ctx.profile.fusion_agreement
-    if fusion_reordered(agreement) and validator.best_step is not None:
-        notes.append(f"the held-out {validator.estimator.upper()} that chose the best step rests on the direct model, "
-                     f"and {fusion_note(agreement)}")  # type: ignore[arg-type]
     if "user_sample" in log.meta:
         notes.insert(0, f"trained on a {float(log.meta['user_sample']):.0%} sample of the log's users "
                         f"({len(np.unique(log.user_id)):,} users, {log.n_requests:,} requests; hash of user_id "
