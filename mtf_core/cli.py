@@ -741,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", required=True, help="static | cem | grade | batchrl | integrated | enhanced")
     p.add_argument("--reward", help="RewardSpec JSON (default: equal normalised signals + stickiness)")
     p.add_argument("--steps", type=int, help="training steps (the algorithm's main loop length; CEM: iterations; "
-                                              "IntegratedRL: steps per round)")
+                                              "IntegratedRL: steps per round; GRADE: GRPO steps, after its "
+                                              "warm start of warm_start_steps, and the step count includes both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an algorithm setting, e.g. --set group_size=16 (repeat)")
@@ -854,8 +855,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                "best_validation": result.best_value, "validation_estimator": result.validation_estimator,
                "stopped_early": result.stopped_early, "notes": result.notes})
     else:
+        of = f" of {result.history[-1][0] + 1}" if result.history else ""
         best = (f", best held-out {result.validation_estimator.upper()} {result.best_value:.4f} at step "
-                f"{result.best_step}"
+                f"{result.best_step}{of}"
                 + (" (stopped early)" if result.stopped_early else "")) if result.best_step is not None else ""
         print(f"run {run_id} {result.status}: {args.algo} in {result.seconds:.1f}s{best} "
               f"(evaluate with --policy run:{run_id})")
