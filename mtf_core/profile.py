@@ -60,6 +60,9 @@ class LogProfile:
     explanation: str
     fusion_agreeing: int = 0  # requests whose shown ranking the logged weights' fusion reproduces
     fusion_checked: int = 0  # requests with logged weights and a shown candidate (`fusion_agreement`)
+    shown_mean: float = 0.0  # candidates shown per request: how deep rankings are valued (`rerank.slate_depth`)
+    shown_min: int = 0
+    shown_max: int = 0
 
     @property
     def fusion_agreement(self) -> float | None:
@@ -155,7 +158,10 @@ def action_positions(log: LogData, profile: LogProfile, chunk: int = 100_000) ->
 
 
 def profile_log(log: LogData) -> LogProfile:
-    """Classify how `log`'s weights were logged (module docstring)."""
+    """Classify how `log`'s weights were logged (module docstring), and how many candidates its requests
+    showed."""
+    depth = log.shown.sum(1)
+    shown = (float(depth.mean()), int(depth.min()), int(depth.max())) if log.n_requests else (0.0, 0, 0)
     known = np.isfinite(log.logging_logp)
     share = float(known.mean()) if log.n_requests else 0.0
     random_exposure = str(log.meta.get("random_exposure", "")).lower() in ("true", "1", "yes")
@@ -168,7 +174,7 @@ def profile_log(log: LogData) -> LogProfile:
         if random_exposure:
             why += ("; labels come from random exposure (meta flag random_exposure): every shown candidate's "
                     "labels are free of exposure bias, so re-ranking metrics of the shown candidates are unbiased")
-        return LogProfile("no fusion weights logged", share, {}, random_exposure, model_based, why)
+        return LogProfile("no fusion weights logged", share, {}, random_exposure, model_based, why, 0, 0, *shown)
     unknown = ~known
     counts, shares = _distinct_vectors(log.weights[unknown], log.segment[unknown], len(log.segments))
     per_segment = {name: int(c) for name, c in zip(log.segments, counts)}
@@ -201,7 +207,7 @@ def profile_log(log: LogData) -> LogProfile:
     agreeing, checked = fusion_agreement(log)
     if checked and fusion_reordered(agreeing / checked):
         why += "; " + fusion_note(agreeing / checked)
-    return LogProfile(mode, share, per_segment, random_exposure, supports, why, agreeing, checked)
+    return LogProfile(mode, share, per_segment, random_exposure, supports, why, agreeing, checked, *shown)
 
 
 def fusion_reordered(agreement: float | None) -> bool:

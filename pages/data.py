@@ -142,6 +142,8 @@ st.caption(profile.explanation[:1].upper() + profile.explanation[1:] + ".")
 if profile.fusion_agreement is not None:
     st.caption(f"The logged weights' fusion of the logged scores reproduces the shown ranking in "
                f"{profile.fusion_agreement:.1%} of {profile.fusion_checked:,} requests.")
+st.caption(f"Candidates shown per request: {profile.shown_mean:.2f} on average ({profile.shown_min} to "
+           f"{profile.shown_max}); every ranking is valued down to its own request's depth.")
 if profile.mode == "A/B buckets":
     arms = cached_ab_readout(path, mtime, current_reward(log).to_json())
     st.plotly_chart(plots.forest_plot(arms.rename(columns={"arm": "policy"}), "segment",

@@ -148,6 +148,8 @@ def test_a_ranking_is_valued_down_to_as_many_candidates_as_its_request_showed(co
     depth = log.shown.sum(1)
     assert depth.min() == 2 and depth.max() == log.n_shown
     ctx = prepare(log, RewardSpec.default(log.task_names), outcome_model="linear")
+    assert (ctx.profile.shown_min, ctx.profile.shown_max) == (2, log.n_shown)
+    assert ctx.profile.shown_mean == pytest.approx(depth.mean())
     result = evaluate_policy(ctx, target_actions(None, log, "logging"), n_boot=20, with_truth=False)
     overall = {row["estimator"]: row["value"] for row in result.ope if row["segment"] is None}
     for estimator in ("dm", "dr"):
