@@ -1,4 +1,5 @@
-"""A fast writer of large synthetic logs (random scores and labels) for the memory figure."""
+"""A fast writer of large synthetic logs (random scores ranked by their logged weights' fusion, labels drawn
+from the scores) for the memory and streamed figures."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def write_synthetic_log(path: Path, n_requests: int, n_candidates: int = 20, n_s
     rng = np.random.default_rng(seed)
     n_users = max(1, n_requests // 20)
     tables = {"users": {"user_id": np.arange(1, n_users + 1), "segment": np.array(["all"] * n_users, dtype=object)},
-              "requests": _requests(rng, 0, 0), "impressions": _impressions(rng, 0, 0, n_candidates, n_shown),
+              "requests": _requests(rng, 0, 0),
+              "impressions": _impressions(rng, 0, 0, n_candidates, n_shown, np.zeros((0, 5))),
               "sessions": {"session_id": np.arange(1, n_users + 1), "user_id": np.arange(1, n_users + 1),
                            "n_requests": np.full(n_users, 20, dtype=np.int32), "returned": np.zeros(n_users, bool)}}
     write_log(path, tables, TASKS, {"source": "synthetic benchmark log"}, force=True)
@@ -30,7 +32,7 @@ def write_synthetic_log(path: Path, n_requests: int, n_candidates: int = 20, n_s
         for start in range(0, n_requests, chunk):
             size = min(chunk, n_requests - start)
             req = _requests(rng, start, size, n_users)  # noqa: F841 - read by DuckDB below
-            imp = _impressions(rng, start, size, n_candidates, n_shown)  # noqa: F841
+            imp = _impressions(rng, start, size, n_candidates, n_shown, _weights(req))  # noqa: F841
             import pyarrow as pa
 
             req_t = pa.table(req)  # noqa: F841
@@ -60,14 +62,25 @@ def _requests(rng: np.random.Generator, start: int, size: int, n_users: int = 1)
             "logging_policy": np.array(["synthetic"] * size, dtype=object)}
 
 
-def _impressions(rng: np.random.Generator, start: int, size: int, n: int, n_shown: int) -> dict[str, np.ndarray]:
+def _weights(requests: dict[str, np.ndarray]) -> np.ndarray:
+    return np.stack([requests[f"w_t{j}"] for j in range(5)], axis=1)
+
+
+def _impressions(rng: np.random.Generator, start: int, size: int, n: int, n_shown: int, weights: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """Each request's candidates in the order its logged weights' fusion ranks them, the first L shown: the
+    log of a ranker whose fusion is what users saw (fusion agreement 100%), written in the order loading
+    reads without sorting."""
     rows = size * n
     position = np.tile(np.where(np.arange(n) < n_shown, np.arange(n), -1), size).astype(np.int32)
     shown = position >= 0
     out: dict[str, np.ndarray] = {"request_id": np.repeat(np.arange(start + 1, start + size + 1), n),
                                   "item_id": np.tile(np.arange(1, n + 1), size), "position": position}
+    scores = rng.random((size, n, 5), dtype=np.float32)
+    fused = np.matmul(scores, weights.astype(np.float32)[..., None])[..., 0]
+    scores = np.take_along_axis(scores, np.argsort(-fused, axis=1, kind="stable")[..., None], axis=1)
     for j in range(5):
-        s = rng.random(rows, dtype=np.float32).astype(np.float64)
+        s = scores[..., j].reshape(-1).astype(np.float64)
         out[f"s_t{j}"] = s
         out[f"y_t{j}"] = np.where(shown, (rng.random(rows) < s).astype(np.float64), np.nan)
     return out
@@ -114,8 +127,9 @@ def write_synthetic_lake(path: Path, n_requests: int, n_candidates: int = 20, n_
         write("sessions", shard, {"session_id": users, "user_id": users,
                                   "n_requests": np.full(len(users), 20, dtype=np.int32),
                                   "returned": np.zeros(len(users), dtype=bool)})
-        write("requests", shard, _requests(rng, start, size, n_users))
-        impressions = _impressions(rng, start, size, n_candidates, n_shown)
+        requests = _requests(rng, start, size, n_users)
+        write("requests", shard, requests)
+        impressions = _impressions(rng, start, size, n_candidates, n_shown, _weights(requests))
         write("impressions", shard, {k: (v.astype(np.float32) if k[:2] in ("s_", "y_") else v)
                                      for k, v in impressions.items()})
     return path

@@ -23,8 +23,9 @@ scores are not those the ranker used, it falls. The direct model values every ac
 included (`action_positions`), by the ranking its fusion produces: like IPS, SNIPS and NCIS, DM and DR then
 treat the weights as the action of the whole system, later stages included. (They once valued the logged
 action by the ranking users saw instead, and under a later stage that reordered half the slates DM and DR
-drifted +0.34 to +0.55 above the truth over 20 simulator seeds; valued by its fusion, within 0.03.) The
-re-ranking metrics still describe the fused ranking, which is not what users saw.
+drifted +0.34 to +0.55 above the truth over 20 simulator seeds; valued by its fusion, DM lies within 0.13 of
+it and DR within 0.03 on the targets the log supports.) The re-ranking metrics still describe the fused
+ranking, which is not what users saw.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ __all__ = ["LogProfile", "profile_log", "fusion_agreement", "fusion_agreeing_row
 MODES = ("known density", "mixed", "stochastic, density unknown", "deterministic", "A/B buckets",
          "no fusion weights logged")
 MAX_BUCKETS = 10
+"""At most this many distinct vectors per segment, each carrying at least 1% of the segment's requests, read
+as an A/B test; more varied weights without a density are read as a stochastic policy of unknown density."""
 REORDERED_BELOW = 0.99
 """A fusion agreement below this share is reported (`fusion_note`): the re-ranking metrics then describe a
 ranking that a later stage changed before users saw it."""
-"""At most this many distinct vectors per segment, each carrying at least 1% of the segment's requests, read
-as an A/B test; more varied weights without a density are read as a stochastic policy of unknown density."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def _distinct_vectors(weights: np.ndarray, segment: np.ndarray, n_segments: int)
 _FUSION_TOLERANCE = 1e-5  # relative: a ranker that fused in float32 ties where float64 would not
 
 
-def _logged_fusion(log: LogData, rows: slice) -> np.ndarray:
+def _logged_fusion(log: LogData, rows: slice | np.ndarray) -> np.ndarray:
     """The logged weights' sum fusion of the logged scores `[r,N]` (per-item weights where logged), NaN on
     padding; float32, the scores' own precision, well inside the agreement's tolerance."""
     scores = log.scores[rows]

@@ -140,7 +140,7 @@ def test_snips_of_the_logging_policy_is_the_logged_mean(tiny_log):
 def test_a_ranking_is_valued_down_to_as_many_candidates_as_its_request_showed(corrupt):
     """Users who stop scrolling early: half the requests show only their top 2-4 candidates. On-policy, DM and
     DR are then the logged mean, as IPS is. (Valuing a target's top L beside the logged top few put DM and DR
-    8% above that mean on a simulator log, both called trustworthy.) And a target's expected signals stop
+    7% above that mean here.) And a target's expected signals stop
     at each request's own depth, as a loop over requests finds."""
     labels = ", ".join(f"y_{t} = NULL" for t in TINY.tasks)
     log = load_log(corrupt(f"UPDATE impressions SET position = NULL, {labels} WHERE request_id % 2 = 0 "

@@ -151,7 +151,7 @@ def prepare(log: LogData, spec: RewardSpec, fitted_on: EvalContext | None = None
                 else resolve_reward(spec, log.task_names, log.labels, shown, expected, curve))
     profile = profile_log(log)
     positions = action_positions(log, profile)
-    if positions is not log.positions:  # a later stage reordered some rankings: value the logged action's own
+    if positions is not log.positions:  # a later stage reordered some rankings: value the logged action's own ranking
         expected = expected_signals(log.scores, positions, curve)
     feedback = log.label_totals()
     logged = request_reward(resolved, feedback, log.continued, log.returned, log.weights, expected)

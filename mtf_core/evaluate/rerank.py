@@ -125,10 +125,10 @@ def top_signals(fused: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, c
 
 
 def slate_depth(shown: torch.Tensor) -> torch.Tensor:
-    """How far down each request's ranking `[R]` is valued: as many candidates as it showed. Users who
-    scrolled past 3 items examined 3; valuing a target's top L there, beside the 3 the logged action is
-    valued by, put DM and DR 8% above an on-policy mean that IPS had exactly (a log whose requests showed
-    2-6 of 20 candidates), and called both trustworthy."""
+    """How far down each request's ranking `[R]` is valued: as many candidates as it showed. A user who
+    stopped after 3 items examined 3, whatever the policy. Valuing a target's whole top L there, beside the 3
+    the logged action is valued by, put DM and DR +1.1 to +1.5 (12%) above the truth over 20 simulator seeds
+    where half the users stop early, and they were called trustworthy 155 times, covering the truth once."""
     return shown.sum(1)
 
 
