@@ -128,24 +128,25 @@ def fusion_agreeing_rows(log: LogData, chunk: int = 100_000) -> tuple[np.ndarray
     return agree, known
 
 
-def fusion_agreement(log: LogData) -> tuple[int, int]:
+def fusion_agreement(log: LogData, rows: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, int]:
     """(requests whose shown ranking the logged weights' fusion reproduces, requests checked):
-    `fusion_agreeing_rows` counted."""
-    agree, known = fusion_agreeing_rows(log)
+    `fusion_agreeing_rows` (or `rows`, what it returned) counted."""
+    agree, known = rows if rows is not None else fusion_agreeing_rows(log)
     return int(agree.sum()), int(known.sum())
 
 
-def action_positions(log: LogData, profile: LogProfile, chunk: int = 100_000) -> np.ndarray:
+def action_positions(log: LogData, rows: tuple[np.ndarray, np.ndarray], chunk: int = 100_000) -> np.ndarray:
     """The positions `[R,N]` of the ranking each request's logged action produces, down to as many candidates
     as it showed: what the direct model values as the logged action, with the function it values any
     target's by (`rerank.top_signals` at `rerank.slate_depth`). Where the logged weights' fusion reproduces
     the shown ranking, or no weights were logged, that is the shown ranking (`log.positions`, as it is).
     Where a later stage reordered what the fusion ranked, it is the fusion's: valuing there the ranking users
-    saw made DR's correction compare two different functions of the action, which left DR equal to DM."""
-    if profile.fusion_agreeing == profile.fusion_checked:
-        return log.positions
-    agree, known = fusion_agreeing_rows(log)
+    saw made DR's correction compare two different functions of the action, which left DR equal to DM.
+    `rows`: what `fusion_agreeing_rows` returned."""
+    agree, known = rows
     reordered = np.flatnonzero(known & ~agree)
+    if not len(reordered):
+        return log.positions
     positions = log.positions.copy()
     for part in iter_chunks(len(reordered), chunk):
         rows = reordered[part]
@@ -158,9 +159,9 @@ def action_positions(log: LogData, profile: LogProfile, chunk: int = 100_000) ->
     return positions
 
 
-def profile_log(log: LogData) -> LogProfile:
+def profile_log(log: LogData, fusion_rows: tuple[np.ndarray, np.ndarray] | None = None) -> LogProfile:
     """Classify how `log`'s weights were logged (module docstring), and how many candidates its requests
-    showed."""
+    showed. `fusion_rows`: `fusion_agreeing_rows(log)` where the caller has it already."""
     depth = log.shown.sum(1)
     shown = (float(depth.mean()), int(depth.min()), int(depth.max())) if log.n_requests else (0.0, 0, 0)
     known = np.isfinite(log.logging_logp)
@@ -205,7 +206,7 @@ def profile_log(log: LogData) -> LogProfile:
                "propensities estimated from the logged weights, and say so")
     if random_exposure:
         why += "; labels come from random exposure (meta flag random_exposure), so they are free of exposure bias"
-    agreeing, checked = fusion_agreement(log)
+    agreeing, checked = fusion_agreement(log, fusion_rows)
     if checked and fusion_reordered(agreeing / checked):
         why += "; " + fusion_note(agreeing / checked)
     return LogProfile(mode, share, per_segment, random_exposure, supports, why, agreeing, checked, *shown)

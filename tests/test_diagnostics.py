@@ -133,13 +133,13 @@ def test_a_log_whose_densities_do_not_describe_its_weights_gets_no_trustworthy_r
 
 def test_fusion_agreement_is_whole_on_the_simulator_and_lost_when_a_later_stage_reorders(tiny_log,
                                                                                           reordered_log_path):
-    from mtf_core.profile import action_positions, fusion_agreement, profile_log
+    from mtf_core.profile import action_positions, fusion_agreeing_rows, fusion_agreement, profile_log
     from mtf_core.reward import expected_signals
     from mtf_core.store import load_log
 
     agree, checked = fusion_agreement(tiny_log)
     assert checked == tiny_log.n_requests and agree == checked
-    assert action_positions(tiny_log, profile_log(tiny_log)) is tiny_log.positions
+    assert action_positions(tiny_log, fusion_agreeing_rows(tiny_log)) is tiny_log.positions
     log = load_log(reordered_log_path)
     reordered = profile_log(log)
     assert reordered.fusion_agreement is not None and reordered.fusion_agreement < 0.05
@@ -148,7 +148,7 @@ def test_fusion_agreement_is_whole_on_the_simulator_and_lost_when_a_later_stage_
     curve = 1.0 / (1.0 + np.arange(int(log.positions.max()) + 1))  # order matters
     assert not np.allclose(expected_signals(log.scores, log.positions, curve),
                            expected_signals(tiny_log.scores, tiny_log.positions, curve))
-    np.testing.assert_allclose(expected_signals(log.scores, action_positions(log, reordered), curve),
+    np.testing.assert_allclose(expected_signals(log.scores, action_positions(log, fusion_agreeing_rows(log)), curve),
                                expected_signals(tiny_log.scores, tiny_log.positions, curve), rtol=1e-5)
 
 
