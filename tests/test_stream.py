@@ -305,3 +305,21 @@ def test_a_lake_whose_shown_rankings_a_later_stage_reordered_streams_the_in_memo
     streamed = _assert_equal_figures(log, lake, static, spec, n_boot=50)
     assert any("reproduces the shown ranking in only" in note for note in streamed.notes)
     assert streamed.fusion_agreement is not None and streamed.fusion_agreement < 0.05
+
+
+def test_a_lake_whose_requests_show_different_numbers_of_candidates_streams_the_in_memory_figures(corrupt,
+                                                                                                   tmp_path):
+    """Half the requests cut to their top 2-4 shown candidates: every shard values each ranking down to its own
+    request's depth (`rerank.slate_depth`), as the whole log does, and the position curve pooled over the
+    shards is the whole log's."""
+    from tests.conftest import TINY
+
+    labels = ", ".join(f"y_{t} = NULL" for t in TINY.tasks)
+    path = corrupt(f"UPDATE impressions SET position = NULL, {labels} WHERE request_id % 2 = 0 "
+                   "AND position >= 2 + request_id % 3")
+    log = load_log(path)
+    assert log.shown.sum(1).min() == 2
+    lake = export_lake(path, tmp_path / "lake", shards=3)
+    spec = RewardSpec.default(log.task_names)
+    static = parse_static("click=0.2,like=0.3,finish=0.2,share=0.1,watch_time=0.2", log.task_names, log.segments)
+    _assert_equal_figures(log, lake, static, spec, n_boot=50)
