@@ -36,8 +36,8 @@ import numpy as np
 
 from mtf_core.store import LogData, iter_chunks
 
-__all__ = ["LogProfile", "profile_log", "fusion_agreement", "fusion_agreeing_rows", "action_positions", "fusion_note",
-           "fusion_reordered", "REORDERED_BELOW", "MODES", "MAX_BUCKETS"]
+__all__ = ["LogProfile", "profile_log", "logged_action", "fusion_agreement", "fusion_agreeing_rows", "action_positions",
+           "fusion_note", "fusion_reordered", "REORDERED_BELOW", "MODES", "MAX_BUCKETS"]
 
 MODES = ("known density", "mixed", "stochastic, density unknown", "deterministic", "A/B buckets",
          "no fusion weights logged")
@@ -157,6 +157,13 @@ def action_positions(log: LogData, rows: tuple[np.ndarray, np.ndarray], chunk: i
         depth = (log.positions[rows] >= 0).sum(1, keepdims=True)
         positions[rows] = np.where(log.mask[rows] & (rank < depth), rank, -1)
     return positions
+
+
+def logged_action(log: LogData) -> tuple["LogProfile", np.ndarray]:
+    """The log's profile and the positions of the ranking each request's logged action produces
+    (`action_positions`), from one pass of the fusion agreement: what every evaluation context starts from."""
+    fusion_rows = fusion_agreeing_rows(log)
+    return profile_log(log, fusion_rows), action_positions(log, fusion_rows)
 
 
 def profile_log(log: LogData, fusion_rows: tuple[np.ndarray, np.ndarray] | None = None) -> LogProfile:

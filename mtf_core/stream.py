@@ -62,7 +62,7 @@ from mtf_core.evaluate.rerank import expected_under, expected_under_each
 from mtf_core.lake import is_lake, lake_shards, open_lake
 from mtf_core.policies.base import FusionPolicy
 from mtf_core.policies.static import LoggingPolicy, dirichlet_from_moments
-from mtf_core.profile import action_positions, fusion_agreeing_rows, fusion_note, fusion_reordered, profile_log
+from mtf_core.profile import fusion_note, fusion_reordered, logged_action
 from mtf_core.reward import ResolvedReward, RewardSpec, expected_signals, penalty, request_reward, weighted_sum
 from mtf_core.schema import Task, quote_ident, read_tasks
 from mtf_core.simulate import SimConfig, logging_alpha, position_curve
@@ -353,9 +353,7 @@ def _shard_context(log: LogData, stats: LogStatistics, resolved: ResolvedReward)
     """The shard as an evaluation context on the whole log's reward and segment numbering."""
     code = np.searchsorted(stats.segments, np.asarray(log.segments, dtype=object).astype(str))
     log = dataclasses.replace(log, segment=code[log.segment], segments=stats.segments)
-    fusion_rows = fusion_agreeing_rows(log)
-    profile = profile_log(log, fusion_rows)
-    positions = action_positions(log, fusion_rows)
+    profile, positions = logged_action(log)
     expected = expected_signals(log.scores, positions, resolved.position_curve)
     feedback = log.label_totals()
     logged = request_reward(resolved, feedback, log.continued, log.returned, log.weights, expected)

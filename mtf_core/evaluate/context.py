@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from mtf_core.errors import LogError
-from mtf_core.profile import LogProfile, action_positions, fusion_agreeing_rows, profile_log
+from mtf_core.profile import LogProfile, logged_action
 from mtf_core import propensity
 from mtf_core.propensity import Propensities
 from mtf_core.evaluate.direct import LEARNED_LABEL, LINEAR_LABEL, DirectFitData, DirectModel, DirectView, fit_direct
@@ -149,9 +149,7 @@ def prepare(log: LogData, spec: RewardSpec, fitted_on: EvalContext | None = None
     expected = expected_signals(log.scores, log.positions, curve)
     resolved = (fitted_on.resolved if fitted_on is not None
                 else resolve_reward(spec, log.task_names, log.labels, shown, expected, curve))
-    fusion_rows = fusion_agreeing_rows(log)
-    profile = profile_log(log, fusion_rows)
-    positions = action_positions(log, fusion_rows)
+    profile, positions = logged_action(log)
     if positions is not log.positions:  # a later stage reordered some rankings: value the logged action's own ranking
         expected = expected_signals(log.scores, positions, curve)
     feedback = log.label_totals()
