@@ -62,11 +62,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        "2 <= --candidates <= 1000 and 1 <= --shown <= --candidates")
     if not 0 <= args.seed < 2**63:
         raise LogError("generate: --seed must lie in [0, 2**63)")
+    if args.scroll_by_appeal and not args.short_scroll_share > 0:
+        raise LogError("generate: --scroll-by-appeal says how the users of --short-scroll-share scroll; give a share "
+                       "above 0")
     try:
         config = SimConfig(n_users=args.users, seed=args.seed, n_candidates=args.candidates, n_shown=args.shown,
                            logging_concentration=args.concentration, logging_mode=args.logging,
                            exploration_share=args.exploration_share, per_item_share=args.per_item_share,
-                           later_stage_share=args.later_stage_share, short_scroll_share=args.short_scroll_share)
+                           later_stage_share=args.later_stage_share, short_scroll_share=args.short_scroll_share,
+                           scroll_by_appeal=args.scroll_by_appeal)
     except ValueError as exc:
         raise LogError(f"generate: {exc} (--exploration-share must lie in (0, 1], --per-item-share, "
                        "--later-stage-share and --short-scroll-share in [0, 1], --short-scroll-share needs "
@@ -629,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-scroll-share", type=float, default=0.0,
                    help="share of requests whose user stops scrolling early (sees the top 1..shown-1 slots), "
                         "under every policy")
+    p.add_argument("--scroll-by-appeal", action="store_true",
+                   help="with --short-scroll-share: those users go on past each slot with a probability that "
+                        "grows with the finish rate of the item there, so how deep they see depends on the ranking")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_generate)
 

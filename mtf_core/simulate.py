@@ -109,6 +109,11 @@ class SimConfig:
     """The share of requests (under every policy) whose user stops scrolling early: they see the top d slots of
     the slate, d uniform in 1..n_shown-1, and nothing below, whatever the ranking. Logged requests then show
     different numbers of candidates, as in production."""
+    scroll_by_appeal: bool = False
+    """With `short_scroll_share`: those users decide slot by slot instead, going on past each slot with
+    probability `scroll_floor + (1 - scroll_floor) *` the finish rate of the item there, so how deep they see
+    depends on the ranking (a policy that puts engaging items on top is seen deeper), as in a cascade model."""
+    scroll_floor: float = 0.5
     position_decay: float = 0.8
     segment_names: tuple[str, ...] = ("new", "casual", "core", "power")
     segment_shares: tuple[float, ...] = (0.2, 0.35, 0.3, 0.15)
@@ -179,6 +184,7 @@ class SimConfig:
             "later_stage_share": 0.0 <= self.later_stage_share <= 1.0,
             "short_scroll_share": 0.0 <= self.short_scroll_share <= 1.0 and (self.short_scroll_share == 0
                                                                             or self.n_shown >= 2),
+            "scroll_floor": 0.0 <= self.scroll_floor <= 1.0,
             "segment tables": all(len(t) == s for t in (self.segment_shares, self.logging_weights, self.satisfaction,
                                                           self.task_gain, self.task_offset, self.continue_base,
                                                           self.return_base, self.score_bias_segment,
@@ -310,6 +316,7 @@ class _StepDraws:
     per_item_gamma_u: np.ndarray  # (S, N, K), or (S, 0, 0) when no request is perturbed per item
     later_stage_u: np.ndarray  # (S,) a later stage reorders the request's slate when below its share
     scroll_u: np.ndarray  # (S,) the user stops scrolling early when below its share (and how early)
+    scroll_slot_u: np.ndarray  # (S, n_shown) with scroll_by_appeal: whether the user goes on past each slot
 
 
 def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraws:
@@ -331,6 +338,8 @@ def _draws(config: SimConfig, n_sessions: int, day: int, step: int) -> _StepDraw
                           else np.zeros((n_sessions, 0, 0))),
         later_stage_u=rng.random(n_sessions) if config.later_stage_share > 0 else np.ones(n_sessions),
         scroll_u=rng.random(n_sessions) if config.short_scroll_share > 0 else np.ones(n_sessions),
+        scroll_slot_u=(rng.random((n_sessions, config.n_shown)) if config.short_scroll_share > 0
+                       and config.scroll_by_appeal else np.zeros((n_sessions, 0))),
     )
 
 
@@ -577,7 +586,8 @@ def _run(config: SimConfig, policy: PolicyFn | None, form: str = "sum",
                 positions = _later_stage(positions, world.item_popularity[items], config.n_shown,
                                          d.later_stage_u[idx] < config.later_stage_share)
             if config.short_scroll_share > 0:
-                positions = _short_scroll(positions, d.scroll_u[idx], config)
+                appeal = probs[..., 2] if config.scroll_by_appeal else None
+                positions = _short_scroll(positions, d.scroll_u[idx], config, appeal, d.scroll_slot_u[idx])
             y = _feedback(config, world, items, probs, positions, d.feedback_u[idx], d.watch_z[idx])
             shown = positions < config.n_shown
             feedback_sum = np.nan_to_num(y).sum(1)
@@ -635,11 +645,20 @@ def _later_stage(positions: np.ndarray, popularity: np.ndarray, n_shown: int, re
     return out
 
 
-def _short_scroll(positions: np.ndarray, scroll_u: np.ndarray, config: SimConfig) -> np.ndarray:
-    """Positions `[S, N]` where the users of the requests whose `scroll_u` falls below the share stop at depth
-    d = 1 + floor(scroll_u / share * (n_shown - 1)): the slots from d on move past the slate, unshown."""
-    share = config.short_scroll_share
-    depth = np.where(scroll_u < share, 1 + np.floor(scroll_u / share * (config.n_shown - 1)), config.n_shown)
+def _short_scroll(positions: np.ndarray, scroll_u: np.ndarray, config: SimConfig, appeal: np.ndarray | None = None,
+                  slot_u: np.ndarray | None = None) -> np.ndarray:
+    """Positions `[S, N]` where the users of the requests whose `scroll_u` falls below the share stop at a depth
+    d: the slots from d on move past the slate, unshown. d = 1 + floor(scroll_u / share * (n_shown - 1)),
+    whatever the ranking; or, with `appeal` `[S, N]` (each candidate's finish rate) and `slot_u` `[S, n_shown]`,
+    1 + the number of slots in a row the user goes on past (`SimConfig.scroll_by_appeal`)."""
+    share, n_shown = config.short_scroll_share, config.n_shown
+    if appeal is None:
+        early = 1 + np.floor(scroll_u / share * (n_shown - 1))
+    else:
+        at_slot = np.take_along_axis(appeal, np.argsort(positions, axis=1)[:, :n_shown - 1], axis=1)
+        goes_on = slot_u[:, :n_shown - 1] < config.scroll_floor + (1.0 - config.scroll_floor) * at_slot
+        early = 1 + np.cumprod(goes_on, axis=1).sum(1)
+    depth = np.where(scroll_u < share, early, n_shown)
     return np.where(positions >= depth[:, None], positions + config.n_candidates, positions)
 
 

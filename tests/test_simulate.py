@@ -235,11 +235,12 @@ def test_a_later_stage_reorders_the_shown_slates_under_every_policy(tmp_path):
     np.testing.assert_array_equal(plain.weights[first(plain)], log.weights[first(log)])
 
 
-def test_users_who_stop_scrolling_early_see_fewer_slots_under_every_policy(tmp_path):
+@pytest.mark.parametrize("by_appeal", [False, True], ids=["by chance", "by appeal"])
+def test_users_who_stop_scrolling_early_see_fewer_slots_under_every_policy(tmp_path, by_appeal):
     """With `short_scroll_share`, that share of requests shows only its top 1..n_shown-1 slots, whatever the
     ranking: the log's requests show different numbers of candidates, the fusion still reproduces every shown
     ranking, the online replay of the logging policy (the truth) meets the same users, and the weights drawn
-    are those of the log without it."""
+    are those of the log without it; by appeal too (`scroll_by_appeal`)."""
     from mtf_core.profile import fusion_agreement
     from mtf_core.simulate import _short_scroll
     from mtf_core.store import load_log
@@ -252,11 +253,12 @@ def test_users_who_stop_scrolling_early_see_fewer_slots_under_every_policy(tmp_p
                                   [[0, 5, 6, 7], [6, 0, 1, 7], [1, 0, 7, 2]])
 
     base = SimConfig(n_users=100, sessions_per_user=2, n_items=600, seed=4)
-    config = dataclasses.replace(base, short_scroll_share=0.5)
+    config = dataclasses.replace(base, short_scroll_share=0.5, scroll_by_appeal=by_appeal)
     log = load_log(generate(config, str(tmp_path / "scrolled.duckdb")))
     depth = log.shown.sum(1)
     assert set(np.unique(depth)) == set(range(1, base.n_shown + 1))
-    assert 0.4 < (depth < base.n_shown).mean() < 0.6
+    # by chance, every user of the share stops early; by appeal, some of them go on to the end
+    assert (0.2 if by_appeal else 0.4) < (depth < base.n_shown).mean() < 0.6
     agree, checked = fusion_agreement(log)
     assert agree == checked == log.n_requests
     out = run_online(config, None)
@@ -264,3 +266,21 @@ def test_users_who_stop_scrolling_early_see_fewer_slots_under_every_policy(tmp_p
     plain = load_log(generate(base, str(tmp_path / "plain.duckdb")))
     first = lambda x: (x.step == 0) & (x.session_id <= base.n_users)  # noqa: E731 (every user's first request)
     np.testing.assert_array_equal(plain.weights[first(plain)], log.weights[first(log)])
+
+
+def test_users_who_scroll_by_appeal_see_deeper_where_engaging_items_come_first():
+    """With `scroll_by_appeal`, a user in the short-scroll share goes on past a slot when its uniform falls
+    below floor + (1 - floor) * the finish rate of the item there: the same user and uniforms see deeper
+    under a ranking that puts the engaging items first."""
+    from mtf_core.simulate import _short_scroll
+
+    config = SimConfig(n_candidates=4, n_shown=3, short_scroll_share=0.5, scroll_by_appeal=True, scroll_floor=0.5)
+    appeal = np.array([[0.9, 0.9, 0.0, 0.0]] * 2)  # go on with probability 0.95 past items 0, 1; 0.5 past 2, 3
+    slot_u = np.array([[0.7, 0.7, 0.0]] * 2)
+    engaging_first, dull_first = np.array([[0, 1, 2, 3]]), np.array([[2, 3, 0, 1]])
+    positions = np.concatenate([engaging_first, dull_first])
+    cut = _short_scroll(positions, np.array([0.1, 0.1]), config, appeal, slot_u)
+    np.testing.assert_array_equal(cut, [[0, 1, 2, 7], [6, 7, 0, 5]])  # depth 3 (to the end) against depth 1
+    # outside the share nobody stops early, whatever the appeal
+    kept = _short_scroll(positions, np.array([0.9, 0.9]), config, appeal, slot_u)
+    np.testing.assert_array_equal(kept < config.n_shown, positions < config.n_shown)
