@@ -52,15 +52,18 @@ def _stochastic(log: LogData, mean: tuple[float, ...], total: float) -> LoggingP
     return LoggingPolicy(log.task_names, log.segments, alpha)
 
 
-LOGGING = ("dirichlet", "mixed", "estimated", "reordered", "scrolled")
+LOGGING = ("dirichlet", "mixed", "estimated", "reordered", "scrolled", "appeal")
 """How the study's logs were logged: every request with its density; production traffic plus a 20%
 exploration share with its density (the mixture correction); Dirichlet logging with `logging_logp` dropped
 (propensities estimated from the logged weights); Dirichlet logging in a feed where a later stage reorders
 half the slates after the fusion (`SimConfig.later_stage_share`, the truth under the same stage); or Dirichlet
 logging where half the users stop scrolling early, so requests show 1 to 6 candidates
-(`SimConfig.short_scroll_share`, the truth under the same users)."""
+(`SimConfig.short_scroll_share`, the truth under the same users); or Dirichlet logging in a cascade feed,
+where every user goes on past a slot with the finish rate of the item there, so that how deep they see
+depends on the ranking (`SimConfig.scroll_by_appeal`; 2 slots seen on average, as in KuaiRand's sample)."""
 REORDERED_SHARE = 0.5
 SCROLLED_SHARE = 0.5
+APPEAL_SHARE, APPEAL_FLOOR = 1.0, 0.0
 
 
 def _log(seed: int, n_users: int, folder: Path, logging: str = "dirichlet") -> LogData:
@@ -68,9 +71,10 @@ def _log(seed: int, n_users: int, folder: Path, logging: str = "dirichlet") -> L
     if not path.exists():
         mode = "mixed" if logging == "mixed" else "dirichlet"
         later = REORDERED_SHARE if logging == "reordered" else 0.0
-        scrolled = SCROLLED_SHARE if logging == "scrolled" else 0.0
+        scrolled = {"scrolled": SCROLLED_SHARE, "appeal": APPEAL_SHARE}.get(logging, 0.0)
         generate(SimConfig(n_users=n_users, seed=seed, logging_mode=mode, exploration_share=0.2,
-                           later_stage_share=later, short_scroll_share=scrolled), str(path))
+                           later_stage_share=later, short_scroll_share=scrolled,
+                           scroll_by_appeal=logging == "appeal", scroll_floor=APPEAL_FLOOR), str(path))
         if logging == "estimated":
             con = duckdb.connect(str(path))
             try:
@@ -114,6 +118,7 @@ def run_study(seeds: range | list[int], n_users: int = 400, n_boot: int = 200, f
                                  "ci_low": row["ci_low"], "ci_high": row["ci_high"], "verdict": row.get("verdict"),
                                  "truth": truth, "ess": d.get("ess"), "ess_share": d.get("ess_share"),
                                  "mean_ratio": d.get("mean_ratio"), "support_coverage": d.get("support_coverage"),
+                                 "depth_shift": (d.get("depth_shift") or {}).get("shift"),
                                  "concentration": info.get("concentration"),
                                  "smoothing_bias": info.get("smoothing_bias"),
                                  "standard_error": info.get("standard_error")})
@@ -141,7 +146,8 @@ def _streamed_rows(log: LogData, lake: Path, policy: object, name: str, n_boot: 
              "estimator": row["estimator"], "value": row["value"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
              "verdict": row.get("verdict"), "truth": truth, "ess": d.get("ess"), "ess_share": d.get("ess_share"),
              "mean_ratio": d.get("mean_ratio"), "support_coverage": d.get("support_coverage"),
-             "concentration": info.get("concentration"), "smoothing_bias": info.get("smoothing_bias"),
+             "depth_shift": (d.get("depth_shift") or {}).get("shift"), "concentration": info.get("concentration"),
+             "smoothing_bias": info.get("smoothing_bias"),
              "standard_error": info.get("standard_error")}
             for row in result.ope if row["segment"] is None]
 
@@ -192,7 +198,8 @@ def main() -> None:
     parser.add_argument("--logging", choices=LOGGING, default="dirichlet",
                         help="logs with every density, an exploration share, no density (estimated), every "
                              "density in a feed whose later stage reorders half the slates, or every density "
-                             "where half the users stop scrolling early")
+                             "where half the users stop scrolling early, or every density in a cascade feed whose "
+                             "users scroll on past engaging items (appeal)")
     parser.add_argument("--outcome-model", choices=OUTCOME_MODELS, default="auto", help="DM's and DR's model")
     parser.add_argument("--streamed", action="store_true",
                         help="also evaluate every target streamed, on each log as a Parquet lake")

@@ -204,6 +204,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from mtf_core.profile import depth_text
     from mtf_core.store import log_info
 
     info = log_info(args.log)
@@ -230,8 +231,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if profile.get("fusion_agreement") is not None:  # type: ignore[union-attr]
             print(f"  the logged weights' fusion reproduces the shown ranking in {profile['fusion_agreement']:.1%} "  # type: ignore[index]
                   f"of {profile['fusion_checked']:,} requests")  # type: ignore[index]
-        print(f"  candidates shown per request: {profile['shown_mean']:.2f} on average ({profile['shown_min']} to "  # type: ignore[index]
-              f"{profile['shown_max']}); every ranking is valued down to its own request's depth")  # type: ignore[index]
+        print("  " + depth_text(profile["shown_mean"], profile["shown_min"], profile["shown_max"]))  # type: ignore[index,arg-type]
     else:
         print(f"weights logged: unknown ({profile['error']})")  # type: ignore[index]
     return EXIT_OK

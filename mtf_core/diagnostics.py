@@ -29,6 +29,9 @@ Verdicts, per estimator (thresholds in THRESHOLDS, shown in the app and the READ
 - NCIS `trustworthy`: as SNIPS, and the cap removes at most 1% of the ratio mass;
 - DM `trustworthy` only when it is checked by data: DR is trustworthy and DM lies inside DR's interval.
   Otherwise a model-based figure is `use with care`, or `not supported` where the target leaves the log;
+- DM and DR at most `use with care` where how deep users scroll measurably responds to the target
+  (`depth_shift`, `evaluate.depth`: an interval that excludes zero and a shift over 1% of mean depth): both
+  take each request's depth as given;
 - anything else: `use with care`.
 The calibration test in tests/test_calibration.py holds these verdicts to their word: over many simulator
 seeds, an interval called trustworthy covers the truth at least 90% of the time.
@@ -42,12 +45,12 @@ import numpy as np
 
 __all__ = ["TRUSTWORTHY", "CARE", "NOT_SUPPORTED", "THRESHOLDS", "RATIO_SUMS", "overlap_diagnostics",
            "ratio_sums", "add_ratio_sums", "diagnostics_from_sums", "estimator_verdicts",
-           "draw_ratio_limit", "overlap_summary", "verdicts_text", "thresholds_text"]
+           "draw_ratio_limit", "depth_shift_text", "overlap_summary", "verdicts_text", "thresholds_text"]
 
 TRUSTWORTHY, CARE, NOT_SUPPORTED = "trustworthy", "use with care", "not supported by this log"
 THRESHOLDS = {
     "trustworthy": {"ess_min": 300.0, "support_coverage_min": 0.90, "clipped_mass_share_max": 0.01,
-                    "mean_ratio_tolerance": 0.10, "smoothing_bias_to_se_max": 0.25},
+                    "mean_ratio_tolerance": 0.10, "smoothing_bias_to_se_max": 0.25, "depth_shift_max": 0.01},
     "not_supported": {"ess_below": 30.0, "ess_share_below": 0.01, "support_coverage_below": 0.50},
     "coverage_ratio_share_of_n": 0.01,
 }
@@ -100,10 +103,13 @@ def overlap_diagnostics(ratio: np.ndarray, cap: float, draw_ratio: np.ndarray | 
 
 
 def estimator_verdicts(diag: Mapping[str, object], smoothing_bias_to_se: float | None,
-                       dm_inside_dr: bool | None, coverage_required: bool = False) -> dict[str, str]:
+                       dm_inside_dr: bool | None, coverage_required: bool = False,
+                       depth_moves: bool = False) -> dict[str, str]:
     """A verdict per estimator from one scope's diagnostics (see the module docstring). With
     `coverage_required`, no estimate is trustworthy without a measured support coverage (a streamed
-    evaluation, which has the ratios' sums but no draws from the target to measure it with)."""
+    evaluation, which has the ratios' sums but no draws from the target to measure it with). With
+    `depth_moves` (`evaluate.depth.DepthShift.moves`), DM and DR, which take each request's depth as given,
+    are at most "use with care"."""
     t, low = THRESHOLDS["trustworthy"], THRESHOLDS["not_supported"]
     ess, ess_share = float(diag["ess"]), float(diag["ess_share"])  # type: ignore[arg-type]
     coverage = diag.get("support_coverage")
@@ -120,7 +126,7 @@ def estimator_verdicts(diag: Mapping[str, object], smoothing_bias_to_se: float |
     ratios_ok = overlap_ok and balanced
     verdicts = {"ips": TRUSTWORTHY if ratios_ok else CARE,
                 "snips": TRUSTWORTHY if ratios_ok else CARE,
-                "dr": TRUSTWORTHY if ratios_ok else CARE,
+                "dr": TRUSTWORTHY if ratios_ok and not depth_moves else CARE,
                 "ncis": TRUSTWORTHY if ratios_ok and cap_ok else CARE}
     verdicts["dm"] = TRUSTWORTHY if verdicts["dr"] == TRUSTWORTHY and dm_inside_dr else CARE
     return verdicts
@@ -131,15 +137,26 @@ def verdicts_text(verdicts: Mapping[str, object]) -> str:
     return ", ".join(f"{k.upper()} {v}" for k, v in verdicts.items())
 
 
+def depth_shift_text(shift: Mapping[str, float] | None) -> str:
+    """"+4.1% [+1.2%, +7.0%]": how much deeper users would see under the policy (`evaluate.depth`), for people;
+    "n/a" where every request is as deep or the logged weights leave nothing to measure it with."""
+    if not shift:
+        return "n/a"
+    return f"{shift['shift']:+.1%} [{shift['low']:+.1%}, {shift['high']:+.1%}]"
+
+
 def overlap_summary(diag: Mapping[str, object]) -> str:
     """One line: the verdict per estimator and the figures behind it."""
     verdicts = diag.get("verdicts") or {}
     coverage = diag.get("support_coverage")
+    depth = diag.get("depth_shift")
     return (verdicts_text(verdicts)  # type: ignore[arg-type]
             + f" (ESS {float(diag['ess']):.0f} = {float(diag['ess_share']):.1%} of requests, "  # type: ignore[arg-type]
             f"mean ratio {float(diag['mean_ratio']):.3f}, max {float(diag['max_ratio']):.3g}, "  # type: ignore[arg-type]
             f"support coverage {'n/a' if coverage is None else f'{float(coverage):.1%}'}, "  # type: ignore[arg-type]
-            f"NCIS cap removes {float(diag['clipped_mass_share']):.1%} of the ratio mass)")  # type: ignore[arg-type]
+            f"NCIS cap removes {float(diag['clipped_mass_share']):.1%} of the ratio mass"  # type: ignore[arg-type]
+            + (f", depth seen under the policy {depth_shift_text(depth)}" if depth else "")  # type: ignore[arg-type]
+            + ")")
 
 
 def thresholds_text() -> str:
@@ -150,7 +167,9 @@ def thresholds_text() -> str:
             "the logged densities do not describe the logged weights, or the policy goes where the log does not) "
             f"and, for a fixed weight vector, a kernel smoothing bias within {t['smoothing_bias_to_se_max']:.0%} "
             f"of the standard error; NCIS also a cap that removes at most {t['clipped_mass_share_max']:.0%} "
-            f"of the ratio mass; DM only where DR is trustworthy and agrees with it. Not supported: fewer than "
+            f"of the ratio mass; DM only where DR is trustworthy and agrees with it; DM and DR neither where how "
+            f"deep users scroll measurably responds to the policy (by more than {t['depth_shift_max']:.0%}: they take "
+            "each request's depth as given). Not supported: fewer than "
             f"{n['ess_below']:.0f} effective requests, an ESS share below {n['ess_share_below']:.0%} or support "
             f"coverage below {n['support_coverage_below']:.0%}. Support coverage is "
             "the share of the policy's own probability mass where no single logged request would carry more than 1% "

@@ -37,7 +37,7 @@ import numpy as np
 from mtf_core.store import LogData, iter_chunks
 
 __all__ = ["LogProfile", "profile_log", "logged_action", "fusion_agreement", "fusion_agreeing_rows", "action_positions",
-           "fusion_note", "fusion_reordered", "REORDERED_BELOW", "MODES", "MAX_BUCKETS"]
+           "fusion_note", "fusion_reordered", "depth_text", "REORDERED_BELOW", "MODES", "MAX_BUCKETS"]
 
 MODES = ("known density", "mixed", "stochastic, density unknown", "deterministic", "A/B buckets",
          "no fusion weights logged")
@@ -222,6 +222,15 @@ def profile_log(log: LogData, fusion_rows: tuple[np.ndarray, np.ndarray] | None 
 def fusion_reordered(agreement: float | None) -> bool:
     """Whether so few of a log's shown rankings follow from its logged fusion that `fusion_note` applies."""
     return agreement is not None and agreement < REORDERED_BELOW
+
+
+def depth_text(shown_mean: float, shown_min: int, shown_max: int) -> str:
+    """How many candidates requests show and what the figures make of it, in words."""
+    text = f"candidates shown per request: {shown_mean:.2f} on average ({shown_min} to {shown_max})"
+    if shown_min == shown_max:
+        return text
+    return (text + "; every ranking is valued down to its own request's depth, taken as given whatever the ranking "
+            "(evaluate checks, where the weights were explored, whether a policy would move it)")
 
 
 def fusion_note(agreement: float) -> str:

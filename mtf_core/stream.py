@@ -54,10 +54,11 @@ from mtf_core.evaluate import context, ratios
 from mtf_core.evaluate.actions import N_DM_SAMPLES, interior_weights, target_actions
 from mtf_core.evaluate.bootstrap import N_BOOT, finite_or_none
 from mtf_core.evaluate.context import EvalContext
+from mtf_core.evaluate.depth import DepthShift, DepthSums, depth_shifts, depth_sums, target_mean_weights
 from mtf_core.evaluate.direct import (DirectFitData, DirectModel, fit_from_user_stats, intervals_from_units,
                                      model_numerators)
 from mtf_core.evaluate.estimators import IPS, NCIS, SNIPS, OPEInputs
-from mtf_core.evaluate.policy_value import metric_rows, ranking_metric_terms
+from mtf_core.evaluate.policy_value import depth_note, metric_rows, ranking_metric_terms
 from mtf_core.evaluate.rerank import expected_under, expected_under_each
 from mtf_core.lake import is_lake, lake_shards, open_lake
 from mtf_core.policies.base import FusionPolicy
@@ -384,6 +385,8 @@ class ShardTerms:
     """A deterministic target's kernel-smoothed ratios at every concentration of the grid."""
     fusion: tuple[int, int] = (0, 0)
     """`LogProfile.fusion_agreeing` and `fusion_checked` of the shard."""
+    depth: DepthSums | None = None
+    """What the target's shift of how deep users see rests on (`evaluate.depth`), where it has ratios."""
 
 
 @dataclass(frozen=True)
@@ -474,7 +477,7 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     x_target = weighted_sum(expected, resolved.coefficients)
     pen_target = penalty(resolved, actions.weights, expected)
     rho = np.zeros(ctx.log.n_requests)  # no importance-weighted part: DR's columns reduce to DM's
-    ratio_terms, sums = [], None
+    ratio_terms, sums, mean_weights = [], None, actions.weights
     if weighted:  # the target's own density of each logged action over the logged one
         logp = target_actions(policy, ctx.log, label, stochastic=True, n_draws=0).logp_logged
         assert logp is not None
@@ -490,6 +493,7 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
         if drawn is not None:
             draws, target_logp = drawn
             sums = np.c_[sums, _coverage_counts(ctx.log, stats, draws, target_logp)]
+            mean_weights = draws.mean(0)
             signals = [expected_under(ctx, d) for d in draws]
             x_target = np.mean([weighted_sum(e, resolved.coefficients) for e in signals], axis=0)
             pen_target = np.mean([penalty(resolved, d, e) for d, e in zip(draws, signals)], axis=0)
@@ -502,8 +506,13 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     if not weighted and stats.densities_logged and not actions.ope_note and actions.weights.ndim == 2:
         kernel = _kernel_terms(ctx, stats, actions.weights, x, x_target, pen_target,
                                np.random.default_rng([seed, zlib.crc32(shard.encode()), 1]))
+    depth = None
+    if sums is not None or kernel is not None:
+        target = target_mean_weights(mean_weights, None, ctx.log.mask)
+        depth = depth_sums(ctx.log.shown.sum(1), ctx.log.weights, target, ctx.log.segment, len(stats.segments),
+                           ctx.unit, n)
     return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard, kernel,
-                      (ctx.profile.fusion_agreeing, ctx.profile.fusion_checked))
+                      (ctx.profile.fusion_agreeing, ctx.profile.fusion_checked), depth)
 
 
 def _dr_columns(ctx: EvalContext, rho: np.ndarray, x: np.ndarray, x_target: np.ndarray, pen_target: np.ndarray,
@@ -652,6 +661,7 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     kernel_parts: dict[str, KernelTerms] = {}  # without their per-user arrays, which wait on disk
     kernel_files: list[tuple[np.ndarray, Path]] = []
     agreeing = checked = 0
+    depth_parts: dict[str, DepthSums] = {}
     if engine == "ray":
         parts = _ray_terms(shards, work, address, say)
     else:
@@ -661,6 +671,8 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
             at = np.searchsorted(stats.users, part.users)
             fit_stats[at], evaluated[at] = part.fit_stats, part.evaluated
             agreeing, checked = agreeing + part.fusion[0], checked + part.fusion[1]
+            if part.depth is not None:
+                depth_parts[part.shard] = part.depth
             if not figures:
                 figures = [(row, np.zeros(n_users), np.zeros(n_users)) for row, _, _ in part.figures]
             for (_, num, den), (_, num_s, den_s) in zip(figures, part.figures):
@@ -716,8 +728,11 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
                         "ci_high": finite_or_none(high[j]) if value is not None else None})
     bias_to_se = None if kernel is None else kernel.smoothing_bias_to_se
     agreement = agreeing / checked if checked else None
+    # added in shard order, as the ratio sums, so that every engine gives the same figures
+    depth = [depth_parts[s] for s in shards if s in depth_parts]
+    shifts = depth_shifts(sum(depth[1:], depth[0])) if depth else None
     diagnostics, by_segment = _streamed_diagnostics([ratio_parts[s] for s in shards if s in ratio_parts],
-                                                    stats.segments, ope, bias_to_se)
+                                                    stats.segments, ope, bias_to_se, shifts)
     say(1.0, "done")
     if kernel is not None:
         note = ("streamed: re-ranking metrics and DM (linear direct model) at the policy's deterministic action; "
@@ -755,6 +770,9 @@ def streamed_evaluation(lake: str | os.PathLike[str], policy: FusionPolicy, labe
     notes = [note]
     if fusion_reordered(agreement):
         notes.append(fusion_note(agreement))
+    moved = depth_note(None if shifts is None else shifts[0])
+    if moved:
+        notes.append(moved)
     return StreamedEvaluation(str(lake), label, stats.n_requests, n_users, len(shards), metrics, ope,
                               time.perf_counter() - start, notes, engine, diagnostics, by_segment,
                               None if kernel is None else kernel.describe(), agreement)
@@ -790,7 +808,9 @@ def _with_draws(ratio_part: np.ndarray) -> bool:
 
 
 def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], ope: list[dict[str, object]],
-                          bias_to_se: float | None = None) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
+                          bias_to_se: float | None = None,
+                          shifts: tuple[DepthShift | None, list[DepthShift | None]] | None = None
+                          ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
     """Overlap diagnostics overall and per segment from the shards' ratio sums and coverage counts (added in
     shard order, so that every engine gives the same figures), and each estimate's verdict written into its
     row (`_diagnostics` of the in-memory evaluation, less the p99 ratio; no estimate is trustworthy without
@@ -808,6 +828,7 @@ def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], op
     for sums in per_segment[1:]:
         overall = add_ratio_sums(overall, sums)
     covered = sum(part[:, n_sums:] for part in parts) if all(_with_draws(part) for part in parts) else None
+    depth = [None] * (len(segments) + 1) if shifts is None else [shifts[0], *shifts[1]]
     out = []
     for s, (name, sums) in enumerate([(None, overall), *zip(segments, per_segment)]):
         coverage = None
@@ -819,7 +840,10 @@ def _streamed_diagnostics(parts: list[np.ndarray], segments: tuple[str, ...], op
         dm, dr = rows.get("dm"), rows.get("dr")
         inside = (dm is not None and dr is not None and None not in (dm["value"], dr["ci_low"], dr["ci_high"])
                   and dr["ci_low"] <= dm["value"] <= dr["ci_high"])  # type: ignore[operator]
-        verdicts = estimator_verdicts(diag, bias_to_se, inside, coverage_required=True)
+        shift = depth[s]
+        verdicts = estimator_verdicts(diag, bias_to_se, inside, coverage_required=True,
+                                      depth_moves=shift is not None and shift.moves)
+        diag["depth_shift"] = None if shift is None else shift.to_json()
         for estimator, row in rows.items():
             row["verdict"], row["ess"] = verdicts.get(estimator), diag["ess"]
         diag["verdicts"] = {k: v for k, v in verdicts.items() if k in rows}

@@ -6,7 +6,7 @@ import streamlit as st
 from mtf_core import plots
 from mtf_core.compare import (estimator_label, headroom_shares, metric_frame, ope_frame, paired_lifts, per_user_truth,
                                ranking_metric_label)
-from mtf_core.diagnostics import thresholds_text, verdicts_text
+from mtf_core.diagnostics import depth_shift_text, thresholds_text, verdicts_text
 from mtf_core.errors import LogError
 from mtf_core.headroom import ORACLE_LABEL
 from mtf_core.selection import CRITERIA, regret, select
@@ -108,7 +108,8 @@ if any(r.policy == ORACLE_LABEL for r in results):
 
 st.subheader("Can these estimates be trusted?")
 diag_rows = [{"policy": r.policy, **r.diagnostics, "segment": r.diagnostics.get("segment") or "all users",
-              "verdicts": verdicts_text(r.diagnostics.get("verdicts") or {})}
+              "verdicts": verdicts_text(r.diagnostics.get("verdicts") or {}),
+              "depth_shift": depth_shift_text(r.diagnostics.get("depth_shift"))}
              for r in results if r.diagnostics]
 if diag_rows:
     show_table(pd.DataFrame(diag_rows), width="stretch", hide_index=True)

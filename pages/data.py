@@ -10,7 +10,7 @@ from mtf_core import plots
 from mtf_core.access import check_path_allowed, check_upload_size
 from mtf_core.errors import LogError
 from mtf_core.overview import log_overview, scale_warning, score_scales
-from mtf_core.profile import profile_log
+from mtf_core.profile import depth_text, profile_log
 from mtf_core.schema import IDENTIFIER, validate
 from mtf_core.store import import_uploads, log_info, open_log
 from ui.common import (KEY_LOG, ROOT, cached_ab_readout, current_log, current_log_path, current_reward, ensure_demo,
@@ -142,8 +142,8 @@ st.caption(profile.explanation[:1].upper() + profile.explanation[1:] + ".")
 if profile.fusion_agreement is not None:
     st.caption(f"The logged weights' fusion of the logged scores reproduces the shown ranking in "
                f"{profile.fusion_agreement:.1%} of {profile.fusion_checked:,} requests.")
-st.caption(f"Candidates shown per request: {profile.shown_mean:.2f} on average ({profile.shown_min} to "
-           f"{profile.shown_max}); every ranking is valued down to its own request's depth.")
+shown = depth_text(profile.shown_mean, profile.shown_min, profile.shown_max)
+st.caption(shown[:1].upper() + shown[1:] + ".")
 if profile.mode == "A/B buckets":
     arms = cached_ab_readout(path, mtime, current_reward(log).to_json())
     st.plotly_chart(plots.forest_plot(arms.rename(columns={"arm": "policy"}), "segment",

@@ -11,6 +11,7 @@ from mtf_core.evaluate import context
 from mtf_core.evaluate.actions import TargetActions
 from mtf_core.evaluate.bootstrap import N_BOOT, bootstrap_ratio, finite_or_none
 from mtf_core.evaluate.context import EvalContext
+from mtf_core.evaluate.depth import DepthShift, depth_shifts, depth_sums, target_mean_weights
 from mtf_core.evaluate.direct import DirectView, ModelTerms, direct_value, model_based_intervals
 from mtf_core.evaluate.estimators import DR, NCIS, SNIPS, IPS, OPEInputs
 from mtf_core.evaluate.ratios import ImportanceRatios, importance_ratio
@@ -154,7 +155,8 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
     ratios = importance_ratio(ctx, actions, seed, dm_target=linear.value)
     ope, unit_terms = _off_policy(ctx, view, ratios, target, n_boot, seed + 1)
     _label_sources(ctx, ope, actions.is_logging, view)
-    diagnostics, by_segment = _diagnostics(ctx, ratios, ope)
+    shifts = _depth_shifts(ctx, actions) if ratios is not None else None
+    diagnostics, by_segment = _diagnostics(ctx, ratios, ope, shifts)
     report(0.7, "off-policy estimates done")
     threads.refresh()
     truth = None
@@ -165,7 +167,8 @@ def evaluate_policy(ctx: EvalContext, actions: TargetActions, k: int | None = No
         unit_terms["truth_per_user"] = np.stack([per_user, np.ones_like(per_user)], 1)
     report(1.0, "done")
     return EvaluationResult(log.path, actions.label, ctx.resolved.to_dict(), log.n_requests, metrics, ope, truth,
-                            _notes(ctx, actions, ratios), None if ratios is None else ratios.describe(),
+                            _notes(ctx, actions, ratios, None if shifts is None else shifts[0]),
+                            None if ratios is None else ratios.describe(),
                             None if ratios is None else ratios.values, diagnostics, by_segment, target.value,
                             unit_terms, ctx.unit_segment, n_boot, seed + 1,
                             sample or f"all {log.n_requests:,} requests", view.describe(), ctx.profile.to_json())
@@ -285,9 +288,20 @@ def _draw_ratios(ctx: EvalContext, ratios: ImportanceRatios) -> np.ndarray | Non
     return np.exp(np.clip(ratios.target_logp_draws - logging_logp, -700, 700))
 
 
-def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[dict[str, object]]
+def _depth_shifts(ctx: EvalContext, actions: TargetActions) -> tuple[DepthShift | None, list[DepthShift | None]]:
+    """How the target would move how deep users see, overall and per segment (`evaluate.depth`)."""
+    log = ctx.log
+    target = target_mean_weights(actions.weights, actions.samples, log.mask)
+    sums = depth_sums(log.shown.sum(1), log.weights, target, log.segment, len(log.segments), ctx.unit,
+                      len(ctx.unit_segment))
+    return depth_shifts(sums)
+
+
+def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[dict[str, object]],
+                 shifts: tuple[DepthShift | None, list[DepthShift | None]] | None = None
                  ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
-    """Overlap diagnostics overall and per segment; writes each estimator's verdict into its ope rows."""
+    """Overlap diagnostics overall and per segment, with the target's depth shift (`shifts`, overall and per
+    segment); writes each estimator's verdict into its ope rows."""
     log = ctx.log
     if ratios is None:
         for row in ope:
@@ -297,8 +311,9 @@ def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[di
     cap = NCIS().clip
     scopes: list[tuple[str | None, np.ndarray]] = [(None, np.ones(log.n_requests, dtype=bool))]
     scopes += [(name, log.segment == s) for s, name in enumerate(log.segments)]
+    depth = [None] * len(scopes) if shifts is None else [shifts[0], *shifts[1]]
     out = []
-    for name, keep in scopes:
+    for (name, keep), shift in zip(scopes, depth):
         diag = overlap_diagnostics(ratios.values[keep], cap, None if draw_ratio is None else draw_ratio[:, keep])
         if ratios.kind == "logged":
             diag["support_coverage"] = 1.0
@@ -306,7 +321,9 @@ def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[di
         dm, dr = rows.get("dm"), rows.get("dr")
         inside = (dm is not None and dr is not None and None not in (dm["value"], dr["ci_low"], dr["ci_high"])
                   and dr["ci_low"] <= dm["value"] <= dr["ci_high"])  # type: ignore[operator]
-        verdicts = estimator_verdicts(diag, ratios.smoothing_bias_to_se, inside)
+        verdicts = estimator_verdicts(diag, ratios.smoothing_bias_to_se, inside,
+                                      depth_moves=shift is not None and shift.moves)
+        diag["depth_shift"] = None if shift is None else shift.to_json()
         for estimator, row in rows.items():
             row["verdict"] = verdicts.get(estimator)
             row["ess"] = diag["ess"]
@@ -325,7 +342,19 @@ def _model_note(view: DirectView) -> str:
             f"{fits}")
 
 
-def _notes(ctx: EvalContext, actions: TargetActions, ratios: ImportanceRatios | None) -> list[str]:
+def depth_note(shift: DepthShift | None) -> str | None:
+    """What a measurable depth shift means for DM and DR, for people (None where depth does not move)."""
+    if shift is None or not shift.moves:
+        return None
+    return (f"how deep users scroll responds to this policy: the logged exploration predicts "
+            f"{abs(shift.shift):.1%} {'more' if shift.shift > 0 else 'fewer'} candidates seen under it "
+            f"[{shift.low:+.1%}, {shift.high:+.1%}]; DM and DR take each request's depth as given and miss what "
+            "that change is worth, so neither is called trustworthy; IPS, SNIPS and NCIS read the reward users "
+            "gave and do not")
+
+
+def _notes(ctx: EvalContext, actions: TargetActions, ratios: ImportanceRatios | None,
+           shift: DepthShift | None = None) -> list[str]:
     model = _model_note(ctx.direct_view)
     agreement = ctx.profile.fusion_agreement
     if fusion_reordered(agreement):
@@ -335,6 +364,9 @@ def _notes(ctx: EvalContext, actions: TargetActions, ratios: ImportanceRatios | 
                 "(model-based) is shown", model]
     notes = [] if ctx.propensities.source == "logged" or actions.is_logging else [ctx.propensities.note]
     notes.append(model)
+    depth = depth_note(shift)
+    if depth:
+        notes.append(depth)
     if ratios.kind != "kernel":
         return notes
     return notes + [f"the policy is deterministic: its importance ratios smooth it with a Dirichlet kernel of "
