@@ -28,6 +28,7 @@ from mtf_core.diagnostics import THRESHOLDS
 
 __all__ = ["DepthShift", "DepthSums", "depth_sums", "depth_shifts", "target_mean_weights"]
 
+
 @dataclass(frozen=True)
 class DepthShift:
     """The target's predicted change of mean depth, relative to the logged mean depth, with its 95% interval."""
