@@ -62,19 +62,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        "2 <= --candidates <= 1000 and 1 <= --shown <= --candidates")
     if not 0 <= args.seed < 2**63:
         raise LogError("generate: --seed must lie in [0, 2**63)")
-    if args.scroll_by_appeal and not args.short_scroll_share > 0:
-        raise LogError("generate: --scroll-by-appeal says how the users of --short-scroll-share scroll; give a share "
-                       "above 0")
+    if (args.scroll_by_appeal or args.scroll_floor is not None) and not (args.scroll_by_appeal
+                                                                         and args.short_scroll_share > 0):
+        raise LogError("generate: --scroll-by-appeal (and its --scroll-floor) says how the users of "
+                       "--short-scroll-share scroll; give both --scroll-by-appeal and a share above 0")
     try:
         config = SimConfig(n_users=args.users, seed=args.seed, n_candidates=args.candidates, n_shown=args.shown,
                            logging_concentration=args.concentration, logging_mode=args.logging,
                            exploration_share=args.exploration_share, per_item_share=args.per_item_share,
                            later_stage_share=args.later_stage_share, short_scroll_share=args.short_scroll_share,
-                           scroll_by_appeal=args.scroll_by_appeal)
+                           scroll_by_appeal=args.scroll_by_appeal,
+                           **({} if args.scroll_floor is None else {"scroll_floor": args.scroll_floor}))
     except ValueError as exc:
         raise LogError(f"generate: {exc} (--exploration-share must lie in (0, 1], --per-item-share, "
-                       "--later-stage-share and --short-scroll-share in [0, 1], --short-scroll-share needs "
-                       "--shown >= 2, --concentration > 0)") from exc
+                       "--later-stage-share, --short-scroll-share and --scroll-floor in [0, 1], --short-scroll-share "
+                       "needs --shown >= 2, --concentration > 0)") from exc
     update, close = _progress_bar("simulating")
     start = time.perf_counter()
     try:
@@ -636,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scroll-by-appeal", action="store_true",
                    help="with --short-scroll-share: those users go on past each slot with a probability that "
                         "grows with the finish rate of the item there, so how deep they see depends on the ranking")
+    p.add_argument("--scroll-floor", type=float, default=None,
+                   help="with --scroll-by-appeal: the chance of going on past an item nobody finishes (past an item "
+                        "with finish rate f: floor + (1 - floor) * f; default 0.5)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_generate)
 

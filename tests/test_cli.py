@@ -155,6 +155,29 @@ def test_generate_per_item_share_is_checked(tmp_path):
     assert proc.returncode == 2 and "per_item_share" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--scroll-by-appeal"], "give both --scroll-by-appeal and a share above 0"),
+    (["--short-scroll-share", "1", "--scroll-floor", "0.2"], "give both --scroll-by-appeal and a share above 0"),
+    (["--short-scroll-share", "1", "--scroll-by-appeal", "--scroll-floor", "2"], "scroll_floor"),
+])
+def test_generate_scrolling_by_appeal_is_checked(tmp_path, args, says):
+    proc = run("generate", "--out", str(tmp_path / "x.duckdb"), "--users", "10", *args)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_a_cascade_feed_shows_fewer_candidates_where_its_users_scroll_less(tmp_path):
+    """`--scroll-floor` is the chance of going on past an item nobody finishes: lower, shallower requests."""
+    depths = []
+    for floor in ("0", "0.9"):
+        out = tmp_path / f"floor{floor}.duckdb"
+        proc = run("generate", "--out", str(out), "--users", "60", "--short-scroll-share", "1", "--scroll-by-appeal",
+                   "--scroll-floor", floor)
+        assert proc.returncode == 0, proc.stderr
+        depths.append(json.loads(run("info", str(out), "--json").stdout)["profile"]["shown_mean"])
+    assert depths[0] < depths[1] < 6
+
+
 def test_info_profiles_the_log_and_abtest_reads_out_only_ab_logs(generated, tmp_path):
     proc = run("info", str(generated), "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["profile"]["mode"] == "known density"
