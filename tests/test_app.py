@@ -115,6 +115,8 @@ def test_compare_two_runs_and_build_the_report():
     fit = next(e for e in at.expander if "its fit on held-out users" in e.label.replace("\\", ""))
     assert "DM and DR rest on the" in fit.label
     assert {"linear", "learned"} <= set(fit.dataframe[0].value.columns)  # R² of both models, per segment
+    trust = next(df.value for df in at.dataframe if "verdicts" in df.value.columns)
+    assert set(trust["depth_shift"]) == {"n/a"}  # every demo request shows 6: nothing for a policy to move
     report = AppTest.from_file(str(ROOT / "pages/report.py"), default_timeout=TIMEOUT)
     report.session_state["mtf_comparison"] = at.session_state["mtf_comparison"]
     report.session_state["mtf_comparison_for"] = at.session_state["mtf_comparison_for"]
