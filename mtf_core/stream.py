@@ -54,7 +54,7 @@ from mtf_core.evaluate import context, ratios
 from mtf_core.evaluate.actions import N_DM_SAMPLES, interior_weights, target_actions
 from mtf_core.evaluate.bootstrap import N_BOOT, finite_or_none
 from mtf_core.evaluate.context import EvalContext
-from mtf_core.evaluate.depth import DepthShift, DepthSums, depth_shifts, depth_sums, target_mean_weights
+from mtf_core.evaluate.depth import DepthShift, DepthSums, depth_shifts, log_depth_sums, target_mean_weights
 from mtf_core.evaluate.direct import (DirectFitData, DirectModel, fit_from_user_stats, intervals_from_units,
                                      model_numerators)
 from mtf_core.evaluate.estimators import IPS, NCIS, SNIPS, OPEInputs
@@ -477,7 +477,7 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
     x_target = weighted_sum(expected, resolved.coefficients)
     pen_target = penalty(resolved, actions.weights, expected)
     rho = np.zeros(ctx.log.n_requests)  # no importance-weighted part: DR's columns reduce to DM's
-    ratio_terms, sums, mean_weights = [], None, actions.weights
+    ratio_terms, sums, draws = [], None, None
     if weighted:  # the target's own density of each logged action over the logged one
         logp = target_actions(policy, ctx.log, label, stochastic=True, n_draws=0).logp_logged
         assert logp is not None
@@ -493,7 +493,6 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
         if drawn is not None:
             draws, target_logp = drawn
             sums = np.c_[sums, _coverage_counts(ctx.log, stats, draws, target_logp)]
-            mean_weights = draws.mean(0)
             signals = [expected_under(ctx, d) for d in draws]
             x_target = np.mean([weighted_sum(e, resolved.coefficients) for e in signals], axis=0)
             pen_target = np.mean([penalty(resolved, d, e) for d, e in zip(draws, signals)], axis=0)
@@ -507,10 +506,8 @@ def _shard_terms(lake: str | os.PathLike[str], shard: str, policy: FusionPolicy,
         kernel = _kernel_terms(ctx, stats, actions.weights, x, x_target, pen_target,
                                np.random.default_rng([seed, zlib.crc32(shard.encode()), 1]))
     depth = None
-    if sums is not None or kernel is not None:
-        target = target_mean_weights(mean_weights, None, ctx.log.mask)
-        depth = depth_sums(ctx.log.shown.sum(1), ctx.log.weights, target, ctx.log.segment, len(stats.segments),
-                           ctx.unit, n)
+    if sums is not None or kernel is not None:  # where the target has ratios, as in memory
+        depth = log_depth_sums(ctx.log, target_mean_weights(actions.weights, draws, ctx.log.mask), ctx.unit, n)
     return ShardTerms(users, fit, evaluated, terms, ratio_terms, sums, shard, kernel,
                       (ctx.profile.fusion_agreeing, ctx.profile.fusion_checked), depth)
 

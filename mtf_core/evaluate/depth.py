@@ -25,8 +25,9 @@ import numpy as np
 import scipy.sparse
 
 from mtf_core.diagnostics import THRESHOLDS
+from mtf_core.store import LogData
 
-__all__ = ["DepthShift", "DepthSums", "depth_sums", "depth_shifts", "target_mean_weights"]
+__all__ = ["DepthShift", "DepthSums", "depth_sums", "log_depth_sums", "depth_shifts", "target_mean_weights"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,12 @@ def depth_sums(depth: np.ndarray, logged: np.ndarray, target: np.ndarray, segmen
         per_segment += by_segment @ np.stack([np.ones_like(y), y, y * y], axis=1)
     return DepthSums(b.sum(0).reshape(p, p), a.sum(0), a.T @ a, (b.T @ a).reshape(p, p, p),
                      (b.T @ b).reshape(p, p, p, p), gap, per_segment)
+
+
+def log_depth_sums(log: LogData, target: np.ndarray, unit: np.ndarray, n_units: int) -> DepthSums:
+    """`depth_sums` of every request of a log (its depth: the candidates it showed) for the target's mean
+    weights `[R,K]`, with the log's own segment numbering."""
+    return depth_sums(log.shown.sum(1), log.weights, target, log.segment, len(log.segments), unit, n_units)
 
 
 def depth_shifts(sums: DepthSums) -> tuple[DepthShift | None, list[DepthShift | None]]:

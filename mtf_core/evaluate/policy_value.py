@@ -11,7 +11,7 @@ from mtf_core.evaluate import context
 from mtf_core.evaluate.actions import TargetActions
 from mtf_core.evaluate.bootstrap import N_BOOT, bootstrap_ratio, finite_or_none
 from mtf_core.evaluate.context import EvalContext
-from mtf_core.evaluate.depth import DepthShift, depth_shifts, depth_sums, target_mean_weights
+from mtf_core.evaluate.depth import DepthShift, depth_shifts, log_depth_sums, target_mean_weights
 from mtf_core.evaluate.direct import DirectView, ModelTerms, direct_value, model_based_intervals
 from mtf_core.evaluate.estimators import DR, NCIS, SNIPS, IPS, OPEInputs
 from mtf_core.evaluate.ratios import ImportanceRatios, importance_ratio
@@ -290,11 +290,8 @@ def _draw_ratios(ctx: EvalContext, ratios: ImportanceRatios) -> np.ndarray | Non
 
 def _depth_shifts(ctx: EvalContext, actions: TargetActions) -> tuple[DepthShift | None, list[DepthShift | None]]:
     """How the target would move how deep users see, overall and per segment (`evaluate.depth`)."""
-    log = ctx.log
-    target = target_mean_weights(actions.weights, actions.samples, log.mask)
-    sums = depth_sums(log.shown.sum(1), log.weights, target, log.segment, len(log.segments), ctx.unit,
-                      len(ctx.unit_segment))
-    return depth_shifts(sums)
+    target = target_mean_weights(actions.weights, actions.samples, ctx.log.mask)
+    return depth_shifts(log_depth_sums(ctx.log, target, ctx.unit, len(ctx.unit_segment)))
 
 
 def _diagnostics(ctx: EvalContext, ratios: ImportanceRatios | None, ope: list[dict[str, object]],
