@@ -71,6 +71,13 @@ def _regressors(weights: np.ndarray, segment: np.ndarray, n_segments: int) -> np
     return np.concatenate([np.eye(n_segments)[segment], weights[:, :-1]], axis=1)
 
 
+def _indicator(group: np.ndarray, n_groups: int) -> scipy.sparse.csr_matrix:
+    """Groups by rows `[n_groups, len(group)]`, 1 where a row is in the group: per-group sums as one sparse
+    product, not a scatter-add per element."""
+    return scipy.sparse.csr_matrix((np.ones(len(group)), (group, np.arange(len(group)))),
+                                   shape=(n_groups, len(group)))
+
+
 def target_mean_weights(weights: np.ndarray, samples: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
     """A target's mean weights per request `[R,K]`: the mean of its draws `[G,R,K]` where it has them, else its
     action `[R,K]` (per-item weights `[R,N,K]`: their mean over the request's candidates)."""
@@ -96,12 +103,9 @@ def depth_sums(depth: np.ndarray, logged: np.ndarray, target: np.ndarray, segmen
         seg, u = segment[rows][known], unit[rows][known]
         y = depth[rows][known].astype(np.float64)
         x = _regressors(logged[rows][known], seg, n_segments)
-        # Per-user sums as one sparse product (users by requests), not a scatter-add per element.
-        users = scipy.sparse.csr_matrix((np.ones(len(u)), (u, np.arange(len(u)))), shape=(n_units, len(u)))
+        users, by_segment = _indicator(u, n_units), _indicator(seg, n_segments)
         a += users @ (x * y[:, None])
         b += users @ (x[:, :, None] * x[:, None, :]).reshape(len(x), p * p)
-        by_segment = scipy.sparse.csr_matrix((np.ones(len(seg)), (seg, np.arange(len(seg)))),
-                                             shape=(n_segments, len(seg)))
         gap += by_segment @ (_regressors(target[rows][known], seg, n_segments) - x)
         per_segment += by_segment @ np.stack([np.ones_like(y), y, y * y], axis=1)
     return DepthSums(b.sum(0).reshape(p, p), a.sum(0), a.T @ a, (b.T @ a).reshape(p, p, p),
